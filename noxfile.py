@@ -1,0 +1,125 @@
+"""Test sessions for the am workspace (uv is the venv backend).
+
+    uv run nox                      # default: lint, each package alone, the whole CPU suite, gpu
+    uv run nox -s isolated          # every package in a venv holding only it and its dependencies
+    uv run nox -s "isolated(package='am-moe')"
+    uv run nox -s tests             # all packages + top-level tests/, with coverage
+    uv run nox -s gpu               # the gpu extras and `-m gpu` tests; skips without CUDA
+    uv run nox -s lint
+
+Versions come from uv.lock in every session (`uv export --frozen`), so a
+session tests what a user installing from the lock gets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "isolated", "tests", "gpu"]
+
+ROOT = Path(__file__).parent
+PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
+TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3", "pytest-cov>=5"]
+
+
+def _package_import_name(package: str) -> str:
+    return package.replace("-", "_")
+
+
+def _install_locked(session: nox.Session, *export_args: str, editable: bool = False) -> None:
+    """Install the locked requirements that `uv export` gives for export_args.
+
+    Workspace members are built as wheels unless `editable` (coverage maps to src/ then).
+    """
+    req = Path(session.create_tmp()) / "requirements.txt"
+    flags = [] if editable else ["--no-editable"]
+    out = subprocess.run(
+        ["uv", "export", "--frozen", "--no-hashes", "--no-header", *flags, *export_args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    req.write_text(out)
+    session.install("-r", str(req))
+
+
+def _pytest(session: nox.Session, *paths: str, cov: list[str] | None = None) -> None:
+    args = ["pytest", *paths, "-p", "no:cacheprovider"]
+    for name in cov or []:
+        args += [f"--cov={name}", "--cov-append", "--cov-report="]
+    session.run(*args, *session.posargs, env={"OMP_NUM_THREADS": "2"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff>=0.8")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def isolated(session: nox.Session, package: str) -> None:
+    """One package alone: its wheel, its locked dependencies, pytest; then its tests.
+
+    Siblings it does not declare are absent, so an undeclared import fails here.
+    """
+    _install_locked(session, "--package", package, "--no-dev")
+    session.install(*TEST_TOOLS)
+    # Run from a temporary directory so the import comes from the installed wheel,
+    # not from the source tree.
+    session.chdir(session.create_tmp())
+    session.run(
+        "python", "-c", f"import {_package_import_name(package)} as m; print(m.__file__)"
+    )
+    session.run(
+        "pytest",
+        str(ROOT / "packages" / package / "tests"),
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(ROOT),
+        "-c",
+        str(ROOT / "pyproject.toml"),
+        *session.posargs,
+        env={"OMP_NUM_THREADS": "2"},
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole CPU suite: every package's tests and the top-level tests/, with coverage.
+
+    Each package's tests run in their own pytest process (test module names repeat
+    across packages, and spawned ranks import them by name); coverage is appended.
+    """
+    _install_locked(session, "--all-packages", "--group", "dev", editable=True)
+    session.env["COVERAGE_FILE"] = str(Path(session.create_tmp()) / ".coverage")
+    names = [_package_import_name(p) for p in PACKAGES]
+    for package in PACKAGES:
+        _pytest(session, f"packages/{package}/tests", cov=names)
+    _pytest(session, "tests", cov=names)
+    session.run("coverage", "report", "--skip-empty", "--precision=1")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """GPU extras and the tests marked `gpu`. Skips with a reason on machines without CUDA."""
+    if shutil.which("nvidia-smi") is None or subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True
+    ).returncode:
+        session.skip("no CUDA device (nvidia-smi absent or found no GPU): gpu tests not run")
+    _install_locked(session, "--all-packages", "--group", "dev", "--all-extras")
+    for package in PACKAGES:
+        # Not every package has GPU tests: "no tests collected" (5) is fine per package.
+        session.run(
+            "pytest", f"packages/{package}/tests", "-m", "gpu", *session.posargs, success_codes=[0, 5]
+        )

@@ -1,0 +1,117 @@
+"""Multi-process test harness: run a function on N gloo ranks on CPU.
+
+Every `am` package depends on am-dtype, so the harness lives here and each
+package's distributed tests use the same real collectives (no mocks). A rank
+that raises makes `run_distributed` raise with that rank's traceback; every
+process group gets a timeout so a collective bug fails fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on localhost right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    queue: Any,
+    timeout_s: float,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    # Ranks share two cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks.
+
+    `fn` must be importable (module level) and its return value picklable.
+    Returns the per-rank results in rank order; raises RuntimeError carrying
+    the traceback of every rank that failed.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout_s))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failures: list[str] = []
+    deadline = time.monotonic() + timeout_s * 2
+    while len(results) + len(failures) < world_size:
+        try:
+            rank, ok, payload = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            # A rank that dies without reporting (segfault, OOM kill) would otherwise hang us.
+            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                why = f"ranks {dead} died" if dead else f"no result within {timeout_s * 2:.0f}s"
+                raise RuntimeError(f"distributed run failed: {why}") from None
+            continue
+        if ok:
+            results[rank] = payload
+        else:
+            failures.append(f"rank {rank}:\n{payload}")
+    for p in procs:
+        p.join(timeout=timeout_s)
+        if p.is_alive():
+            p.kill()
+    if failures:
+        raise RuntimeError("distributed run failed\n" + "\n".join(failures))
+    bad_exit = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, None)]
+    if bad_exit:
+        raise RuntimeError(f"ranks exited abnormally (rank, exitcode): {bad_exit}")
+    return [results[r] for r in range(world_size)]
