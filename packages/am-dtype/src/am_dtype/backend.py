@@ -131,14 +131,7 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         if self.enable_deepep is not None:
-            wanted = "deepep" if self.enable_deepep else "torch"
-            warnings.warn(
-                f"BackendConfig.enable_deepep is deprecated; use dispatcher={wanted!r}",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            if self.enable_deepep or self.dispatcher in ("deepep", "hybridep"):
-                self.dispatcher = wanted
+            self._apply_legacy_enable_deepep()
         for field_name, choices in (
             ("attn", ATTN_CHOICES),
             ("linear", LINEAR_CHOICES),
@@ -163,12 +156,28 @@ class BackendConfig:
             )
         if self.fake_gate_noise < 0:
             raise ValueError(f"BackendConfig.fake_gate_noise={self.fake_gate_noise} must be >= 0")
-        self.gate_precision = resolve_dtype(self.gate_precision, name="BackendConfig.gate_precision")
+        self.gate_precision = resolve_dtype(
+            self.gate_precision, name="BackendConfig.gate_precision"
+        )
         if self.te_fp8 is not None and not HAVE_TE:
             raise ImportError(
                 "BackendConfig.te_fp8 enables Transformer Engine FP8, but 'transformer_engine' is "
                 "not installed; install the 'te' extra or set te_fp8=None"
             )
+
+    def _apply_legacy_enable_deepep(self) -> None:
+        # True selects DeepEP unless a DeepEP-based dispatcher (deepep, hybridep) is already
+        # chosen; False turns a DeepEP-based dispatcher back into the torch one.
+        deepep_based = self.dispatcher in ("deepep", "hybridep")
+        if self.enable_deepep and not deepep_based:
+            self.dispatcher = "deepep"
+        elif not self.enable_deepep and deepep_based:
+            self.dispatcher = "torch"
+        warnings.warn(
+            f"BackendConfig.enable_deepep is deprecated; use dispatcher={self.dispatcher!r}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (dtype as its string name), for logging and recipes."""
@@ -198,8 +207,13 @@ def initialize_linear_module(
             raise ImportError("linear_impl='te' needs transformer_engine; install the 'te' extra")
         import transformer_engine.pytorch as te
 
+        from am_dtype.fp8 import _patch_te_modules
+
+        _patch_te_modules()
         return te.Linear(in_features, out_features, bias=bias, device=device, params_dtype=dtype)
-    raise ValueError(f"linear_impl={linear_impl!r} is not supported; accepted: {list(LINEAR_CHOICES)}")
+    raise ValueError(
+        f"linear_impl={linear_impl!r} is not supported; accepted: {list(LINEAR_CHOICES)}"
+    )
 
 
 def initialize_rms_norm_module(
@@ -226,6 +240,9 @@ def initialize_rms_norm_module(
             raise ImportError("rms_norm_impl='te' needs transformer_engine; install the 'te' extra")
         import transformer_engine.pytorch as te
 
+        from am_dtype.fp8 import _patch_te_modules
+
+        _patch_te_modules()
         return te.RMSNorm(dim, eps=eps, device=device, params_dtype=dtype)
     raise ValueError(
         f"rms_norm_impl={rms_norm_impl!r} is not supported; accepted: {list(RMS_NORM_CHOICES)}"

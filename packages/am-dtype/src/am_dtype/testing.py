@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -55,12 +56,53 @@ def _worker(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         result = fn(rank, world_size, *args)
+        # Fail here, with a traceback, rather than in the queue's feeder thread (silently).
+        pickle.dumps(result)
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _failure(why: str, failures: dict[int, str]) -> RuntimeError:
+    tracebacks = "".join(f"\nrank {r}:\n{tb}" for r, tb in sorted(failures.items()))
+    return RuntimeError(f"distributed run failed: {why}{tracebacks}")
+
+
+def _collect(
+    procs: list[Any], queue: Any, timeout_s: float
+) -> tuple[dict[int, Any], dict[int, str]]:
+    """Gather every rank's report; raise if a rank dies silently or time runs out."""
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s * 2
+    while len(results) + len(failures) < len(procs):
+        try:
+            rank, ok, payload = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            # A rank that exits without reporting (segfault, OOM kill) would otherwise hang us.
+            dead = [
+                i
+                for i, p in enumerate(procs)
+                if p.exitcode is not None and i not in results and i not in failures
+            ]
+            if dead and not queue.empty():
+                continue  # its report arrived just after the timeout
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                why = (
+                    f"ranks {dead} exited without reporting (exit codes "
+                    f"{[procs[i].exitcode for i in dead]})"
+                    if dead
+                    else f"no result within {timeout_s * 2:.0f}s"
+                )
+                raise _failure(why, failures) from None
+            continue
+        (results if ok else failures)[rank] = payload
+    return results, failures
 
 
 def run_distributed(
@@ -73,7 +115,7 @@ def run_distributed(
 
     `fn` must be importable (module level) and its return value picklable.
     Returns the per-rank results in rank order; raises RuntimeError carrying
-    the traceback of every rank that failed.
+    the traceback of every rank that failed (and naming ranks that died).
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
@@ -86,31 +128,13 @@ def run_distributed(
     ]
     for p in procs:
         p.start()
-    results: dict[int, Any] = {}
-    failures: list[str] = []
-    deadline = time.monotonic() + timeout_s * 2
-    while len(results) + len(failures) < world_size:
-        try:
-            rank, ok, payload = queue.get(timeout=1.0)
-        except queue_mod.Empty:
-            # A rank that dies without reporting (segfault, OOM kill) would otherwise hang us.
-            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                why = f"ranks {dead} died" if dead else f"no result within {timeout_s * 2:.0f}s"
-                raise RuntimeError(f"distributed run failed: {why}") from None
-            continue
-        if ok:
-            results[rank] = payload
-        else:
-            failures.append(f"rank {rank}:\n{payload}")
+    results, failures = _collect(procs, queue, timeout_s)
     for p in procs:
         p.join(timeout=timeout_s)
         if p.is_alive():
             p.kill()
     if failures:
-        raise RuntimeError("distributed run failed\n" + "\n".join(failures))
+        raise _failure(f"ranks {sorted(failures)} raised", failures)
     bad_exit = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, None)]
     if bad_exit:
         raise RuntimeError(f"ranks exited abnormally (rank, exitcode): {bad_exit}")

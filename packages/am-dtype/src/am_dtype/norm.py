@@ -1,0 +1,138 @@
+"""RMSNorm that stores its weight in the model dtype and computes in fp32.
+
+In bf16 the mean of squares loses most of its mantissa over a wide hidden
+dimension, and the normalized activations feed every layer, so the norm is
+computed in fp32 and only the result is cast back. The weight stays in the
+model dtype so FSDP2 sees one dtype per parameter group.
+
+The forward goes through `torch.compile` (one fused kernel instead of five
+elementwise passes). Compilation happens lazily on the first call; if it
+fails (no compiler, unsupported platform) a single warning is logged and the
+eager path is used from then on. `Float32RMSNorm.compile_forward` (class or
+instance) decides: True always compiles, False never does, None (the default)
+compiles for accelerator inputs only -- on CPU the first compile costs 10-20 s
+for little gain. The default comes from `AM_DTYPE_COMPILE_RMSNORM`
+("1"/"0"/"auto").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_SWITCH = {
+    "1": True, "true": True, "yes": True, "on": True,
+    "0": False, "false": False, "no": False, "off": False,
+    "auto": None, "": None,
+}  # fmt: skip
+
+
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eager reference: normalize `x` over its last dim in fp32, scale, return in x's dtype."""
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (x32 * inv_rms * weight.float()).to(x.dtype)
+
+
+class _LazyCompiled:
+    """`torch.compile` of a function on first call, with a one-time fallback to eager."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.failed = False
+
+    def __call__(self, *args: torch.Tensor | float) -> torch.Tensor:
+        # Inside an outer torch.compile the eager body is traced and fused there anyway.
+        if self.failed or torch.compiler.is_compiling():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=None)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            out = self.fn(*args)  # a genuine input error raises here, compiled path kept
+            self.failed = True
+            logger.warning(
+                "torch.compile of the fp32 RMSNorm failed (%s: %s); using the eager path",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            return out
+
+
+_compiled_rms_norm = _LazyCompiled(_rms_norm_fp32)
+
+
+def _float32_rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Compiled fp32 RMSNorm forward -- a standalone function to keep dynamo guards few.
+
+    Compiles on first call; falls back to eager (with one warning) if compilation fails.
+    """
+    return _compiled_rms_norm(x, weight, eps)
+
+
+def _compile_default() -> bool | None:
+    raw = os.environ.get("AM_DTYPE_COMPILE_RMSNORM", "auto")
+    key = raw.strip().lower()
+    if key not in _SWITCH:
+        raise ValueError(
+            f"AM_DTYPE_COMPILE_RMSNORM={raw!r} is not understood; accepted: {sorted(_SWITCH)}"
+        )
+    return _SWITCH[key]
+
+
+class Float32RMSNorm(nn.Module):
+    """RMSNorm with explicit fp32 computation for training stability.
+
+    The weight stays in `dtype` (e.g. bf16) for FSDP2 compatibility; the input
+    is upcast to fp32, normalized and scaled in fp32, and the output is cast
+    back to the input's dtype.
+    """
+
+    compile_forward: bool | None = _compile_default()
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"Float32RMSNorm dim={dim!r} must be a positive int")
+        if not eps > 0:
+            raise ValueError(f"Float32RMSNorm eps={eps!r} must be > 0")
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set the scale to ones (the identity scale)."""
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"Float32RMSNorm expects the last dim to be {self.dim}, got input shape "
+                f"{tuple(x.shape)}"
+            )
+        if self._use_compiled(x):
+            return _float32_rms_norm_fwd(x, self.weight, self.eps)
+        return _rms_norm_fp32(x, self.weight, self.eps)
+
+    def _use_compiled(self, x: torch.Tensor) -> bool:
+        if x.is_meta or self.compile_forward is False:
+            return False
+        return self.compile_forward is True or x.device.type != "cpu"
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, dtype={self.weight.dtype}"
