@@ -47,7 +47,10 @@ def _install_locked(session: nox.Session, *export_args: str, editable: bool = Fa
         text=True,
     ).stdout
     req.write_text(out)
-    session.install("-r", str(req))
+    # uv caches wheels built from local directories keyed on pyproject.toml only; force a
+    # rebuild of our own packages so a session never tests stale sources.
+    fresh = [arg for p in PACKAGES for arg in ("--refresh-package", p, "--reinstall-package", p)]
+    session.install("-r", str(req), *fresh)
 
 
 def _pytest(session: nox.Session, *paths: str, cov: list[str] | None = None) -> None:
@@ -77,9 +80,7 @@ def isolated(session: nox.Session, package: str) -> None:
     # Run from a temporary directory so the import comes from the installed wheel,
     # not from the source tree.
     session.chdir(session.create_tmp())
-    session.run(
-        "python", "-c", f"import {_package_import_name(package)} as m; print(m.__file__)"
-    )
+    session.run("python", "-c", f"import {_package_import_name(package)} as m; print(m.__file__)")
     session.run(
         "pytest",
         str(ROOT / "packages" / package / "tests"),
@@ -113,13 +114,19 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def gpu(session: nox.Session) -> None:
     """GPU extras and the tests marked `gpu`. Skips with a reason on machines without CUDA."""
-    if shutil.which("nvidia-smi") is None or subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True
-    ).returncode:
+    if (
+        shutil.which("nvidia-smi") is None
+        or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode
+    ):
         session.skip("no CUDA device (nvidia-smi absent or found no GPU): gpu tests not run")
     _install_locked(session, "--all-packages", "--group", "dev", "--all-extras")
     for package in PACKAGES:
         # Not every package has GPU tests: "no tests collected" (5) is fine per package.
         session.run(
-            "pytest", f"packages/{package}/tests", "-m", "gpu", *session.posargs, success_codes=[0, 5]
+            "pytest",
+            f"packages/{package}/tests",
+            "-m",
+            "gpu",
+            *session.posargs,
+            success_codes=[0, 5],
         )

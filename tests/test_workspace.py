@@ -11,15 +11,22 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
 IMPORT_NAMES = {p.name.replace("-", "_"): p.name for p in PACKAGES}
-GPU_MODULES = ("transformer_engine", "deep_ep", "grouped_gemm", "mamba_ssm", "causal_conv1d", "uccl")
+GPU_MODULES = (
+    "transformer_engine",
+    "deep_ep",
+    "grouped_gemm",
+    "mamba_ssm",
+    "causal_conv1d",
+    "uccl",
+)
 
 
 def _declared(package: Path) -> set[str]:
@@ -55,7 +62,9 @@ def test_imports_only_declared_siblings(package: Path) -> None:
 def test_package_layout(package: Path) -> None:
     import_name = package.name.replace("-", "_")
     readme = (package / "README.md").read_text()
-    assert f"pip install {package.name}" in readme, f"{package.name}/README.md lacks an install line"
+    assert f"pip install {package.name}" in readme, (
+        f"{package.name}/README.md lacks an install line"
+    )
     assert "```python" in readme, f"{package.name}/README.md lacks an example"
     assert list((package / "tests").glob("test_*.py")), f"{package.name} has no tests"
     init = (package / "src" / import_name / "__init__.py").read_text()
