@@ -1,0 +1,194 @@
+"""Nemotron-H on CPU: our model and Mamba2 mixer vs transformers, tokens/s and ratios.
+
+Usage: python bench/nemotron.py [--quick] [--repeats N] [--threads T] [--only mixer|model]
+
+Runs, in one process and on the same weights:
+  (a) the Mamba2 mixer alone: am_models_nemotron.Mamba2Mixer (pure-PyTorch chunked
+      SSD scan) vs transformers' NemotronHMamba2Mixer torch path;
+  (b) the whole model: am_models_nemotron.NemotronHForCausalLM vs transformers'
+      NemotronHForCausalLM (hidden 512, 8 layers "MEM*EM-E", 16 experts top-4,
+      batch 2 x seq 1024, fp32).
+Each measurement is the median of interleaved repeats (ours, theirs, ours, ...),
+so a busy machine slows both sides alike. Forward is timed under no_grad;
+forward+backward is one training step without the optimizer.
+Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def mamba_kwargs(quick: bool) -> dict:
+    return dict(
+        hidden_size=256 if quick else 512,
+        mamba_num_heads=8 if quick else 16,
+        mamba_head_dim=64,
+        ssm_state_size=64 if quick else 128,
+        n_groups=4 if quick else 8,
+        chunk_size=128,
+        conv_kernel=4,
+        dtype="float32",
+    )
+
+
+def model_config(quick: bool):
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=2048,
+        hybrid_override_pattern="MEM*EM-E",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1024 if not quick else 512,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256 if not quick else 128,
+        moe_shared_expert_intermediate_size=512 if not quick else 256,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=4096,
+        **mamba_kwargs(quick),
+    )
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each fn, calling them interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(title: str, tokens: int, t: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"  {'':26s}{'ours tok/s':>14s}{'transformers':>14s}{'speedup':>10s}")
+    for phase in ("forward", "forward+backward"):
+        ours, theirs = t[f"ours {phase}"], t[f"hf {phase}"]
+        print(f"  {phase:26s}{tokens / ours:14.0f}{tokens / theirs:14.0f}{theirs / ours:9.2f}x")
+
+
+def step_fns(name: str, module, inputs: Callable[[], dict], loss_fn) -> dict:
+    def fwd():
+        with torch.no_grad():
+            module(**inputs())
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        loss_fn(module(**inputs())).backward()
+
+    return {f"{name} forward": fwd, f"{name} forward+backward": fwd_bwd}
+
+
+def interleave(a: dict, b: dict) -> dict:
+    out = {}
+    for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True):
+        out[ka], out[kb] = va, vb
+    return out
+
+
+def bench_mixer(args) -> None:
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    from am_models_nemotron.mamba import Mamba2Mixer
+
+    cfg = NemotronHConfig(
+        layers_block_type=["linear_attention"], num_hidden_layers=1, **mamba_kwargs(args.quick)
+    )
+    torch.manual_seed(0)
+    hf = NemotronHMamba2Mixer(cfg, layer_idx=0).train()
+    ours = Mamba2Mixer(cfg, layer_idx=0).train()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    batch, seq = (1, 512) if args.quick else (2, 1024)
+    x = torch.randn(batch, seq, cfg.hidden_size)
+    with torch.no_grad():
+        err = (ours(x) - hf(x)).abs().max() / hf(x).abs().max()
+    fns = interleave(
+        step_fns("ours", ours, lambda: {"hidden_states": x}, lambda y: y.square().mean()),
+        step_fns("hf", hf, lambda: {"hidden_states": x}, lambda y: y.square().mean()),
+    )
+    t = median_times(fns, args.repeats)
+    report(
+        f"Mamba2 mixer (hidden {cfg.hidden_size}, {cfg.mamba_num_heads} heads x "
+        f"{cfg.mamba_head_dim}, state {cfg.ssm_state_size}, {cfg.n_groups} groups, chunk "
+        f"{cfg.chunk_size}; batch {batch} x seq {seq}, fp32; max rel diff {err:.1e})",
+        batch * seq,
+        t,
+    )
+
+
+def bench_model(args) -> None:
+    from transformers import NemotronHForCausalLM as Theirs
+
+    from am_models_nemotron import NemotronHForCausalLM as Ours
+
+    cfg = model_config(args.quick)
+    torch.manual_seed(0)
+    hf = Theirs(cfg).float().train()
+    ours = Ours.from_config(cfg).float().train()
+    missing = ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=False)
+    if missing.missing_keys:
+        raise RuntimeError(f"weights not carried over: {missing.missing_keys[:5]}")
+    batch, seq = (1, 512) if args.quick else (2, 1024)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        err = (ours(input_ids=ids).logits - ref).abs().max() / ref.abs().max()
+    inputs = lambda: {"input_ids": ids, "labels": ids}  # noqa: E731
+    fns = interleave(
+        step_fns("ours", ours, inputs, lambda out: out.loss),
+        step_fns("hf", hf, inputs, lambda out: out.loss),
+    )
+    t = median_times(fns, args.repeats)
+    pattern = "".join(getattr(cfg, "hybrid_override_pattern", ""))
+    report(
+        f"Whole model (hidden {cfg.hidden_size}, layers {pattern}, {cfg.n_routed_experts} experts "
+        f"top-{cfg.num_experts_per_tok}; batch {batch} x seq {seq}, fp32; max rel logit diff "
+        f"{err:.1e})",
+        batch * seq,
+        t,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--only", choices=("mixer", "model"), default=None)
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats (median)"
+    )
+    if args.only in (None, "mixer"):
+        bench_mixer(args)
+    if args.only in (None, "model"):
+        bench_model(args)
+
+
+if __name__ == "__main__":
+    main()

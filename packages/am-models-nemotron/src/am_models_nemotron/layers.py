@@ -1,0 +1,420 @@
+"""Nemotron-H building blocks: attention, dense relu2 MLP, the pre-norm block, the mixer table.
+
+Every block is `x + mixer(norm(x))`; the mixer is chosen per layer from the
+config's block pattern through `MIXER_BUILDERS`, which accepts both the
+transformers 5 names (`layers_block_type`: "linear_attention",
+"full_attention", "mlp", "moe") and the `hybrid_override_pattern`
+characters of released checkpoints ("M", "*", "-", "E").
+
+Attention has no positional embedding (Nemotron-H relies on its Mamba
+layers for order) and uses grouped-query heads. Its kernel is picked by
+`BackendConfig.attn` from `ATTENTION_BACKENDS`: "sdpa", "eager" and "flex"
+run on CPU; "te" (Transformer Engine) needs CUDA and the `te` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from am_dtype.backend import HAVE_TE, BackendConfig, initialize_linear_module
+from am_dtype.backend import initialize_rms_norm_module as _rms_norm
+
+# Canonical block type for every spelling accepted in a config.
+BLOCK_TYPE_ALIASES: dict[str, str] = {
+    "M": "mamba",
+    "mamba": "mamba",
+    "linear_attention": "mamba",
+    "*": "attention",
+    "attention": "attention",
+    "full_attention": "attention",
+    "-": "mlp",
+    "mlp": "mlp",
+    "E": "moe",
+    "moe": "moe",
+}
+
+# Canonical block type -> (HF layers_block_type name, pattern character).
+HF_BLOCK_NAMES: dict[str, tuple[str, str]] = {
+    "mamba": ("linear_attention", "M"),
+    "attention": ("full_attention", "*"),
+    "mlp": ("mlp", "-"),
+    "moe": ("moe", "E"),
+}
+
+
+def canonical_block_type(name: str) -> str:
+    """Map a `layers_block_type` name or pattern character to mamba/attention/mlp/moe."""
+    try:
+        return BLOCK_TYPE_ALIASES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown Nemotron-H block type {name!r}; accepted: {sorted(BLOCK_TYPE_ALIASES)}"
+        ) from None
+
+
+def resolve_block_types(config: Any, attr: str = "layers_block_type") -> list[str]:
+    """Canonical block types of every layer, from `layers_block_type` or the pattern string."""
+    pattern_attr = {
+        "layers_block_type": "hybrid_override_pattern",
+        "mtp_layers_block_type": "mtp_hybrid_override_pattern",
+    }[attr]
+    names = getattr(config, attr, None)
+    if names is None:
+        names = getattr(config, pattern_attr, None)
+    if names is None:
+        raise ValueError(f"config has neither {attr} nor {pattern_attr}")
+    return [canonical_block_type(n) for n in names]
+
+
+def model_dtype(config: Any) -> torch.dtype:
+    """Parameter dtype from `config.dtype` (a string or torch.dtype); bfloat16 when unset."""
+    from am_dtype.backend import resolve_dtype
+
+    # transformers 5 spells it `dtype` (reading `torch_dtype` there warns); v4 `torch_dtype`.
+    value = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+    return resolve_dtype(value, name="config.dtype") or torch.bfloat16
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU, Nemotron-H's MLP and expert activation."""
+    return torch.square(F.relu(x))
+
+
+class NemotronMLP(nn.Module):
+    """Dense non-gated MLP: down_proj(relu2(up_proj(x)))."""
+
+    def __init__(self, config: Any, backend: BackendConfig, intermediate_size: int | None = None):
+        super().__init__()
+        inter = intermediate_size or config.intermediate_size
+        dtype = model_dtype(config)
+        bias = config.mlp_bias
+        self.up_proj = initialize_linear_module(
+            backend.linear, config.hidden_size, inter, bias=bias, dtype=dtype
+        )
+        self.down_proj = initialize_linear_module(
+            backend.linear, inter, config.hidden_size, bias=bias, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(relu2(self.up_proj(x)))
+
+
+# --------------------------------------------------------------------------- attention kernels
+# q: [B, H, Q, Dh]; k, v: [B, Hkv, K, Dh]; mask: None (plain causal when Q == K, none when
+# Q == 1) or [B or 1, 1, Q, K] bool (True = may attend) / additive float.
+
+
+def _to_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    # Additive float masks use 0 for "attend" and a large negative value for "blocked".
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _explicit_mask(q_len: int, k_len: int, mask: torch.Tensor | None, device) -> torch.Tensor:
+    if mask is not None:
+        return _to_bool_mask(mask)
+    # Causal aligned to the end of the keys (queries are the last q_len positions).
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    return (torch.arange(k_len, device=device)[None, :] <= q_pos[:, None])[None, None]
+
+
+def _sdpa_attention(module, q, k, v, mask, scale):
+    q_len, k_len = q.shape[2], k.shape[2]
+    if mask is None and q_len != k_len and q_len != 1:
+        mask = _explicit_mask(q_len, k_len, None, q.device)
+    is_causal = mask is None and q_len == k_len and q_len > 1
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        dropout_p=module.dropout_p if module.training else 0.0,
+    )
+
+
+def _eager_attention(module, q, k, v, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+    elif mask is not None or q.shape[2] > 1:
+        allowed = _explicit_mask(q.shape[2], k.shape[2], mask, q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=module.dropout_p, training=module.training)
+    return torch.matmul(probs, v)
+
+
+def _flex_attention(module, q, k, v, mask, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    allowed = _explicit_mask(q.shape[2], k.shape[2], mask, q.device)
+    allowed = allowed.expand(q.shape[0], 1, q.shape[2], k.shape[2])
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        # torch's CPU FlexAttention has no backward; the same mask through SDPA is the same math.
+        _warn_once("attn='flex' on CPU with autograd runs the equivalent masked SDPA")
+        return _sdpa_attention(module, q, k, v, allowed, scale)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[b, 0, q_idx, kv_idx]
+
+    block_mask = create_block_mask(
+        mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device.type
+    )
+    return flex_attention(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import logging
+
+        logging.getLogger(__name__).warning(message)
+
+
+def _te_attention(module, q, k, v, mask, scale):
+    # TE takes [B, S, H, Dh] ("bshd") and builds its own causal mask.
+    if mask is not None:
+        raise ValueError(
+            "attn='te' builds its causal mask itself and does not take an explicit mask; "
+            "use attn='sdpa', 'flex' or 'eager' for padded or packed (cu_seqlens) batches"
+        )
+    out = module.te_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.view(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "sdpa": _sdpa_attention,
+    "eager": _eager_attention,
+    "flex": _flex_attention,
+    "te": _te_attention,
+}
+
+
+class NemotronAttention(nn.Module):
+    """Grouped-query self-attention without positional embedding (Nemotron-H)."""
+
+    def __init__(self, config: Any, layer_idx: int, backend: BackendConfig):
+        super().__init__()
+        if backend.attn not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"BackendConfig.attn={backend.attn!r} is not supported by Nemotron-H attention; "
+                f"accepted: {sorted(ATTENTION_BACKENDS)}"
+            )
+        self.layer_idx = layer_idx
+        self.attn_backend = backend.attn
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        self.scale = self.head_dim**-0.5
+        self.dropout_p = float(config.attention_dropout)
+        dtype, bias, hidden = model_dtype(config), config.attention_bias, config.hidden_size
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        lin = backend.linear
+        self.q_proj = initialize_linear_module(lin, hidden, q_dim, bias=bias, dtype=dtype)
+        self.k_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
+        self.v_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
+        self.o_proj = initialize_linear_module(lin, q_dim, hidden, bias=bias, dtype=dtype)
+        if backend.attn == "te":
+            self.te_attn = _build_te_attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: Any = None,
+    ) -> torch.Tensor:
+        """Attend over the sequence (and the cached keys/values when `kv_cache` is given)."""
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, self.layer_idx)
+        out = ATTENTION_BACKENDS[self.attn_backend](self, q, k, v, attention_mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+def _build_te_attention(num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+    if not HAVE_TE:
+        raise ImportError("attn='te' needs transformer_engine; install the 'te' extra of am-dtype")
+    import transformer_engine.pytorch as te
+
+    return te.DotProductAttention(
+        num_heads,
+        head_dim,
+        num_gqa_groups=num_kv_heads,
+        # Bottom-right alignment keeps decode rows (1 query, many cached keys) fully visible.
+        attn_mask_type="causal_bottom_right",
+        qkv_format="bshd",
+    )
+
+
+# --------------------------------------------------------------------------- the block
+
+
+@dataclass
+class BlockInputs:
+    """What the mixers of one forward need besides the hidden states.
+
+    attention_mask: attention mask (see ATTENTION_BACKENDS) or None for plain causal.
+    token_mask: [B, S] bool, True = real token (not padding), consumed by Mamba and MoE.
+    seq_idx: [B, S] int32 sequence index of packed (THD) tokens, consumed by Mamba.
+    cache: a NemotronHybridCache for incremental decoding, or None.
+    """
+
+    attention_mask: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    seq_idx: torch.Tensor | None = None
+    cache: Any = None
+
+
+def _build_mamba(config, layer_idx, backend, moe_config):
+    from am_models_nemotron.mamba import Mamba2Mixer
+
+    return Mamba2Mixer(config, layer_idx=layer_idx, backend=backend)
+
+
+def _build_attention(config, layer_idx, backend, moe_config):
+    return NemotronAttention(config, layer_idx, backend)
+
+
+def _build_mlp(config, layer_idx, backend, moe_config):
+    return NemotronMLP(config, backend)
+
+
+def _build_moe(config, layer_idx, backend, moe_config):
+    from dataclasses import replace
+
+    from am_moe.layers import MoE
+
+    if moe_config is None:
+        raise ValueError(f"layer {layer_idx} is a MoE block but no moe_config was given")
+    if backend.gate_precision is None:
+        # transformers' Nemotron-H router computes its logits in fp32 whatever the model dtype.
+        backend = replace(backend, gate_precision=torch.float32)
+    return MoE(moe_config, backend)
+
+
+def _call_mamba(mixer, x, inputs: BlockInputs, layer_idx: int):
+    state = inputs.cache.mamba_state(layer_idx) if inputs.cache is not None else None
+    return mixer(x, attention_mask=inputs.token_mask, seq_idx=inputs.seq_idx, state=state)
+
+
+def _call_attention(mixer, x, inputs: BlockInputs, layer_idx: int):
+    return mixer(x, attention_mask=inputs.attention_mask, kv_cache=inputs.cache)
+
+
+def _call_mlp(mixer, x, inputs: BlockInputs, layer_idx: int):
+    return mixer(x)
+
+
+def _call_moe(mixer, x, inputs: BlockInputs, layer_idx: int):
+    # am-moe's padding_mask is True at padding.
+    padding = None if inputs.token_mask is None else ~inputs.token_mask
+    return mixer(x, padding_mask=padding)
+
+
+# Canonical block type -> (builder, caller). One row per mixer kind.
+MIXER_BUILDERS: dict[str, tuple[Callable[..., nn.Module], Callable[..., torch.Tensor]]] = {
+    "mamba": (_build_mamba, _call_mamba),
+    "attention": (_build_attention, _call_attention),
+    "mlp": (_build_mlp, _call_mlp),
+    "moe": (_build_moe, _call_moe),
+}
+
+
+class NemotronBlock(nn.Module):
+    """Pre-norm residual block: `x + mixer(norm(x))` with the mixer named by `block_type`."""
+
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        block_type: str,
+        backend: BackendConfig,
+        moe_config: Any = None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block_type = canonical_block_type(block_type)
+        build, self._call = MIXER_BUILDERS[self.block_type]
+        self.norm = _rms_norm(
+            backend.rms_norm,
+            config.hidden_size,
+            eps=config.layer_norm_epsilon,
+            dtype=model_dtype(config),
+        )
+        self.mixer = build(config, layer_idx, backend, moe_config)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs | None = None) -> torch.Tensor:
+        inputs = inputs if inputs is not None else BlockInputs()
+        return x + self._call(self.mixer, self.norm(x), inputs, self.layer_idx)
+
+
+# --------------------------------------------------------------------------- initialization
+# transformers' NemotronH `_init_weights`: normal(0, initializer_range) for projections,
+# router and experts, ones for norms. Mamba2Mixer and am-moe's MoE carry their own recipes
+# (A_log / D / dt_bias, out_proj rescaling; gate, experts, shared experts, latent projections).
+
+
+def init_linear(module: nn.Module, std: float) -> None:
+    """normal(0, std) weight, zero bias."""
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_norm(module: nn.Module) -> None:
+    """RMSNorm weight to ones."""
+    nn.init.ones_(module.weight)
+
+
+def _init_projections(mixer: nn.Module, config: Any, buffer_device) -> None:
+    for module in mixer.modules():
+        if isinstance(module, nn.Linear):
+            init_linear(module, config.initializer_range)
+
+
+MIXER_INIT: dict[str, Callable[[nn.Module, Any, Any], None]] = {
+    "mamba": lambda mixer, config, device: mixer.init_weights(),
+    "attention": _init_projections,
+    "mlp": _init_projections,
+    "moe": lambda mixer, config, device: mixer.init_weights(device, config.initializer_range),
+}
+
+
+@torch.no_grad()
+def init_block_weights(block: nn.Module, config: Any, buffer_device=None) -> None:
+    """Initialize one (possibly checkpoint-wrapped) Nemotron block or MTP sub-layer in place."""
+    block = getattr(block, "_checkpoint_wrapped_module", block)
+    init_norm(block.norm)
+    MIXER_INIT[block.block_type](block.mixer, config, buffer_device)
+    for name in ("enorm", "hnorm", "final_layernorm"):  # MTP sub-layer extras
+        if hasattr(block, name):
+            init_norm(getattr(block, name))
+    if hasattr(block, "eh_proj"):
+        init_linear(block.eh_proj, config.initializer_range)

@@ -1,0 +1,664 @@
+"""Nemotron-H (Nemotron 3): a hybrid Mamba2 / attention / MLP / MoE causal language model.
+
+Architecture choices (numerics match transformers' `NemotronHForCausalLM`):
+
+- Block pattern: one block per entry of `config.layers_block_type`
+  ("linear_attention" = Mamba2, "full_attention", "mlp", "moe") or of the
+  legacy `hybrid_override_pattern` string ("M", "*", "-", "E").
+- Every block is pre-norm residual, `x + mixer(norm(x))`, RMSNorm computed
+  in fp32; a final RMSNorm follows the last block. No positional embedding:
+  attention is position-free, the Mamba2 layers carry order.
+- Attention: grouped-query heads, backends from `BackendConfig.attn`.
+- Mamba2: chunked SSD scan in PyTorch on CPU, mamba-ssm kernels on GPU;
+  packed sequences (`seq_idx` / `cu_seqlens`) never leak state across
+  sequence boundaries.
+- MLP and experts: non-gated squared ReLU. MoE through am-moe: sigmoid
+  router scores, `e_score_correction_bias` (kept fp32) used only to choose
+  experts, group-limited top-k, normalized weights times
+  `routed_scaling_factor`, one relu2 shared expert, optional latent
+  projection (`moe_latent_size`). Router logits are computed in fp32 (as
+  transformers does) unless `BackendConfig.gate_precision` says otherwise.
+- Untied LM head; the loss is next-token cross-entropy computed in fp32.
+- Generation: `NemotronHybridCache` (KV buffers + Mamba conv/SSM state), one
+  new token processed per decoding step.
+- Optional multi-token prediction heads (see `mtp.py`), held as `self.mtp`
+  and pinned to the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from am_dtype.backend import BackendConfig, initialize_linear_module, resolve_dtype
+from am_dtype.backend import initialize_rms_norm_module as _rms_norm
+from am_models_nemotron.cache import NemotronHybridCache
+from am_models_nemotron.layers import (
+    BlockInputs,
+    NemotronBlock,
+    init_block_weights,
+    init_linear,
+    init_norm,
+    model_dtype,
+    resolve_block_types,
+)
+from am_models_nemotron.mtp import IGNORE_INDEX, MTPConfig, NemotronMTP, mtp_embed_inputs, mtp_loss
+from am_models_nemotron.state_dict_adapter import NemotronHStateDictAdapter
+from am_moe.config import MoEConfig
+from am_moe.fsdp_mixin import MoEFSDPSyncMixin
+from am_utils.checkpointing import HFCheckpointingMixin
+
+
+@dataclass
+class NemotronHCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus declared MTP fields.
+
+    Declared (not set dynamically) so they survive layers that rebuild
+    ModelOutput instances from their declared fields, such as FSDP2's
+    mixed-precision output cast.
+    """
+
+    mtp_per_depth_h: list[torch.Tensor] | None = None
+    mtp_loss_scaling_factor: float | None = None
+
+
+def nemotron_moe_config(config: Any, overrides: dict | None = None) -> MoEConfig:
+    """The MoEConfig of a Nemotron-H config (sigmoid + correction bias, relu2, one shared expert)."""
+    values = dict(
+        n_routed_experts=config.n_routed_experts,
+        n_shared_experts=1,
+        n_activated_experts=config.num_experts_per_tok,
+        n_expert_groups=config.n_group,
+        n_limited_groups=config.topk_group,
+        train_gate=True,  # the router weight is trained, as in transformers
+        gate_bias_update_factor=0.0,
+        aux_loss_coeff=0.0,
+        score_func="sigmoid",
+        route_scale=config.routed_scaling_factor,
+        dim=config.hidden_size,
+        inter_dim=config.intermediate_size,
+        moe_inter_dim=config.moe_intermediate_size,
+        norm_topk_prob=config.norm_topk_prob,
+        router_bias=False,
+        expert_bias=config.mlp_bias,
+        expert_activation="relu2",
+        dtype=model_dtype(config),
+        shared_expert_gate=False,
+        shared_expert_inter_dim=config.moe_shared_expert_intermediate_size,
+        shared_expert_activation="relu2",
+        force_e_score_correction_bias=True,
+        moe_latent_size=getattr(config, "moe_latent_size", None),
+    )
+    unknown = set(overrides or {}) - set(values)
+    if unknown:
+        raise ValueError(
+            f"moe_overrides has unknown keys {sorted(unknown)}; accepted: {sorted(values)}"
+        )
+    values.update(overrides or {})
+    return MoEConfig(**values)
+
+
+def _token_mask(attention_mask, padding_mask) -> torch.Tensor | None:
+    """[B, K] bool, True = real token, from a 2D attention_mask (1 = real) or a padding_mask
+    (True = padding, the training-recipe convention); None when nothing is padded."""
+    if padding_mask is not None:
+        mask = ~padding_mask.bool()
+    elif attention_mask is not None and attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+    else:
+        return None
+    return None if bool(mask.all()) else mask
+
+
+def _seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, total] int32 index of the packed sequence each token belongs to."""
+    cu = cu_seqlens.reshape(-1).to(torch.long)
+    pos = torch.arange(total, device=cu.device)
+    return (torch.bucketize(pos, cu[1:], right=True)).to(torch.int32).unsqueeze(0)
+
+
+def build_attention_mask(
+    q_len: int,
+    kv_len: int,
+    token_mask: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """[B, 1, Q, K] bool mask (True = may attend), or None for plain causal attention.
+
+    Queries are the last `q_len` of `kv_len` positions. `token_mask` [B, K] (True = real)
+    blocks padded keys; `seq_idx` [B, Q] (packed sequences, Q == K) blocks
+    keys of other sequences. Rows with nothing to attend (padded queries)
+    attend everywhere, so they stay finite; their outputs are never used.
+    """
+    if token_mask is None and seq_idx is None:
+        return None
+    device = (token_mask if token_mask is not None else seq_idx).device
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    allowed = (torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None])[None, None]
+    if seq_idx is not None:
+        if q_len != kv_len:
+            raise ValueError(
+                "packed sequences (seq_idx / cu_seqlens) cannot be combined with a cache"
+            )
+        allowed = allowed & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
+    if token_mask is not None:
+        allowed = allowed & token_mask[:, None, None, -kv_len:]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class NemotronV3Model(nn.Module):
+    """NemotronV3 base model (without LM head): embeddings, hybrid blocks, final norm."""
+
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    def __init__(
+        self,
+        config: Any,
+        backend: BackendConfig | None = None,
+        moe_config: MoEConfig | None = None,
+        moe_overrides: dict | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.backend = backend or BackendConfig()
+        self.moe_config = moe_config or nemotron_moe_config(config, moe_overrides)
+        dtype = model_dtype(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): NemotronBlock(config, i, block_type, self.backend, self.moe_config)
+                for i, block_type in enumerate(resolve_block_types(config))
+            }
+        )
+        self.norm = _rms_norm(
+            self.backend.rms_norm, config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype
+        )
+        _keep_strict_fp32_buffers(self)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        causal_mask_mapping: dict[str, torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: NemotronHybridCache | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Hidden states [B, S, H] (or [T, H] for a THD input), normed on the last stage.
+
+        Pipeline stages: with `embed_tokens` None, `input_ids` carries the
+        upstream hidden states; with `norm` None the final norm is skipped.
+        kwargs: `padding_mask` [B, S] (True = padding), `seq_idx` [B, S] or `cu_seqlens` for
+        packed sequences; others are accepted and ignored.
+        """
+        h = self._embed_or_pass_through(input_ids, inputs_embeds)
+        thd = h.dim() == 2
+        if thd:
+            h = h.unsqueeze(0)
+        inputs = self._block_inputs(h, attention_mask, causal_mask_mapping, past_key_values, kwargs)
+        for block in self.layers.values():
+            h = block(h, inputs)
+        if past_key_values is not None:
+            past_key_values.advance(h.shape[1])
+        if self.norm is not None:
+            h = self.norm(h)
+        return h.squeeze(0) if thd else h
+
+    def _embed_or_pass_through(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids is None:
+            raise ValueError("NemotronV3Model.forward needs input_ids or inputs_embeds")
+        if self.embed_tokens is None:
+            if input_ids.is_floating_point():
+                return input_ids
+            raise ValueError(
+                "this pipeline stage has no embed_tokens: input_ids must be the upstream "
+                f"hidden states (floating point), got dtype {input_ids.dtype}"
+            )
+        return self.embed_tokens(input_ids)
+
+    def _block_inputs(self, h, attention_mask, causal_mask_mapping, cache, kwargs) -> BlockInputs:
+        token_mask = _token_mask(attention_mask, kwargs.get("padding_mask"))
+        attn_mask = (causal_mask_mapping or {}).get("full_attention")
+        if attn_mask is None and attention_mask is not None and attention_mask.dim() == 4:
+            attn_mask = attention_mask
+        seq_idx = kwargs.get("seq_idx")
+        if seq_idx is None and kwargs.get("cu_seqlens") is not None:
+            seq_idx = _seq_idx_from_cu_seqlens(kwargs["cu_seqlens"], h.shape[1]).to(h.device)
+        if seq_idx is not None and seq_idx.dim() == 1:
+            seq_idx = seq_idx.unsqueeze(0)
+        q_len = h.shape[1]
+        kv_len = q_len + (cache.get_seq_length() if cache is not None else 0)
+        if attn_mask is None:
+            attn_mask = build_attention_mask(q_len, kv_len, token_mask, seq_idx)
+        current = token_mask[:, -q_len:] if token_mask is not None else None
+        return BlockInputs(attn_mask, current, seq_idx, cache)
+
+    @torch.no_grad()
+    def initialize_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialize weights as transformers' NemotronH does; skips parts a PP split removed."""
+        std = self.config.initializer_range
+        with torch.device(buffer_device or _first_device(self)):
+            if self.embed_tokens is not None:
+                nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
+            if self.norm is not None:
+                init_norm(self.norm)
+            for block in self.layers.values():
+                init_block_weights(block, self.config, buffer_device)
+
+
+def _keep_strict_fp32_buffers(model: nn.Module) -> None:
+    """Make `e_score_correction_bias` fp32 even when built under a lower default dtype.
+
+    Router selection adds it to sigmoid scores in [0, 1]; in bf16 its small per-expert
+    offsets would round away (and transformers keeps it fp32 too).
+    """
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if name in NemotronV3Model._keep_in_fp32_modules_strict and buf is not None:
+                if buf.dtype != torch.float32:
+                    module._buffers[name] = buf.float()
+
+
+def _first_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoEFSDPSyncMixin):
+    """NemotronV3 model with language-modeling head, MTP heads and `.generate()` support.
+
+    `generate()` goes through transformers' GenerationMixin with a
+    `NemotronHybridCache`: O(1) work per decoded token for the Mamba layers
+    and one new KV slot per token for the attention layers.
+    """
+
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _pp_keep_self_forward = True
+    main_input_name = "input_ids"
+
+    def __init__(
+        self,
+        config: Any,
+        backend: BackendConfig | None = None,
+        mtp_loss_scaling_factor: float = 0.1,
+        num_nextn_predict_layers: int | None = None,
+        mtp_use_repeated_layer: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        self.config = config
+        self.backend = backend or BackendConfig()
+        self.model = NemotronV3Model(
+            config,
+            self.backend,
+            moe_config=kwargs.pop("moe_config", None),
+            moe_overrides=kwargs.pop("moe_overrides", None),
+        )
+        if kwargs:
+            raise TypeError(
+                f"NemotronHForCausalLM got unexpected keyword arguments {sorted(kwargs)}"
+            )
+        dtype = model_dtype(config)
+        self.lm_head = initialize_linear_module(
+            self.backend.linear, config.hidden_size, config.vocab_size, bias=False, dtype=dtype
+        )
+        self.mtp_config = MTPConfig.from_hf(
+            config, num_nextn_predict_layers, mtp_use_repeated_layer, mtp_loss_scaling_factor
+        )
+        self.mtp = (
+            NemotronMTP(config, self.mtp_config, self.backend, self.model.moe_config)
+            if self.mtp_config.enabled
+            else None
+        )
+        _keep_strict_fp32_buffers(self)
+        self.output_hidden_states = bool(getattr(config, "output_hidden_states", False))
+        if self.backend.enable_hf_state_dict_adapter:
+            self.state_dict_adapter = NemotronHStateDictAdapter(
+                config, self.model.moe_config, self.backend, dtype=dtype
+            )
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: Any, backend: BackendConfig | None = None, **kwargs: Any):
+        """Build a randomly initialized (or, under init_empty_weights, empty) model from a config."""
+        return cls(config, backend, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any):
+        """Load config and weights (transformers' or our on-disk layout) from a local directory.
+
+        Parameters are built in `dtype` (alias `torch_dtype`) when given, else in the
+        checkpoint config's dtype. Other keywords: see HFCheckpointingMixin.from_pretrained
+        (`config`, `strict`, `device`) and this class's constructor (`backend`, MTP options).
+        """
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype is not None and dtype != "auto":
+            from transformers import AutoConfig
+
+            config = kwargs.get("config") or AutoConfig.from_pretrained(
+                pretrained_model_name_or_path
+            )
+            config.dtype = resolve_dtype(dtype, name="dtype")
+            kwargs["config"] = config
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter (GenerationMixin needs it)."""
+        return _first_device(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the first parameter."""
+        return next(self.parameters()).dtype
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        *mtp_embed_inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        causal_mask_mapping: dict[str, torch.Tensor] | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: NemotronHybridCache | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Logits, optional loss (next-token CE + scaled MTP loss) and cache.
+
+        Off-PP returns `NemotronHCausalLMOutputWithPast`. As a pipeline stage
+        (see `_is_pipeline_parallel_stage`) it returns tensors: the first and
+        middle stages `(hidden, *mtp_embeds)`, the last stage
+        `(logits, *mtp_logits_per_depth)`; without MTP just the one tensor.
+        """
+        if kwargs.get("qkv_format") == "thd" and self.backend.attn == "te":
+            raise NotImplementedError(
+                "qkv_format='thd' with attn='te' is not implemented; pass packed sequences as "
+                "[1, T] with cu_seqlens or seq_idx using attn='sdpa', 'flex' or 'eager'"
+            )
+        if padding_mask is not None:
+            kwargs["padding_mask"] = padding_mask
+        if use_cache and past_key_values is None and not self._is_pipeline_parallel_stage():
+            first = inputs_embeds if inputs_embeds is not None else input_ids
+            past_key_values = NemotronHybridCache.for_model(self.model, first.shape[0])
+        h = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            causal_mask_mapping=causal_mask_mapping,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            cache_position=cache_position,
+            **kwargs,
+        )
+        if self._is_pipeline_parallel_stage():
+            return self._pp_stage_outputs(h, input_ids, mtp_embed_inputs)
+        per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels)
+        logits = self.lm_head(_keep_last(h, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+            if per_depth:
+                loss = loss + mtp_loss(
+                    per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor
+                )
+        want_hidden = output_hidden_states if output_hidden_states is not None else False
+        return NemotronHCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            hidden_states=(h,) if want_hidden or self.output_hidden_states else None,
+            mtp_per_depth_h=per_depth or None,
+            mtp_loss_scaling_factor=self.mtp_config.loss_scaling_factor if per_depth else None,
+        )
+
+    def _run_mtp(self, h, input_ids, embeds, cache, labels) -> list[torch.Tensor]:
+        if self.mtp is None or cache is not None:
+            return []
+        if not embeds:
+            if input_ids is None:
+                if labels is not None:
+                    raise ValueError("the MTP loss needs input_ids (or mtp_embed_inputs)")
+                return []
+            embeds = self._build_mtp_embed_inputs_for_pp(input_ids)
+        return self.mtp(h, tuple(embeds))
+
+    def _pp_stage_outputs(self, h, input_ids, embeds):
+        is_first = self.model.embed_tokens is not None
+        if self.mtp_config.enabled and is_first and not embeds:
+            embeds = self._build_mtp_embed_inputs_for_pp(input_ids)
+        if self.lm_head is None:
+            return (h, *embeds) if self.mtp_config.enabled else h
+        logits = self.lm_head(h)
+        if self.mtp is None:
+            return logits
+        return (logits, *[self.lm_head(hd) for hd in self.mtp(h, tuple(embeds))])
+
+    def _build_mtp_embed_inputs_for_pp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-depth embeddings of the tokens shifted left by d + 1, built where embed_tokens lives.
+
+        Returns a tuple of `num_nextn_predict_layers` tensors [B, S, H]; under
+        PP they travel with the hidden states through every stage.
+        """
+        if self.model.embed_tokens is None:
+            raise ValueError("_build_mtp_embed_inputs_for_pp needs embed_tokens (first PP stage)")
+        return mtp_embed_inputs(self.model.embed_tokens, input_ids, self.mtp_config.num_layers)
+
+    # ------------------------------------------------------------------ pipeline parallel
+    def _is_pipeline_parallel_stage(self) -> bool:
+        """True when a PP splitter trimmed this module (lm_head / embed_tokens None, layers removed)."""
+        if hasattr(self, "lm_head") and self.lm_head is None:
+            return True
+        inner = getattr(self, "model", None)
+        if inner is not None and hasattr(inner, "embed_tokens") and inner.embed_tokens is None:
+            return True
+        layers = getattr(inner, "layers", None) if inner is not None else None
+        return layers is not None and len(layers) != len(resolve_block_types(self.config))
+
+    def customize_pipeline_stage_modules(
+        self,
+        module_names_per_stage: list[list[str]],
+        layers_prefix: str,
+        text_model: nn.Module | None = None,
+    ) -> list[list[str]]:
+        """Pin the MTP head ("mtp") to the last stage's module list."""
+        if self.mtp is None or not module_names_per_stage:
+            return module_names_per_stage
+        out = [list(names) for names in module_names_per_stage]
+        for names in out[:-1]:
+            if "mtp" in names:
+                names.remove("mtp")
+        if "mtp" not in out[-1]:
+            out[-1].append("mtp")
+        return out
+
+    def get_pipeline_stage_metas(
+        self, is_first: bool, microbatch_size: int, seq_len: int, dtype: torch.dtype
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Meta tensors of this stage's (inputs, outputs); with MTP each carries 1 + D tensors."""
+        B, S, H = microbatch_size, seq_len, self.config.hidden_size
+        depth = self.mtp_config.num_layers
+
+        def hidden(width=H):
+            return torch.empty(B, S, width, dtype=dtype, device="meta")
+
+        extra = tuple(hidden() for _ in range(depth))
+        if is_first:
+            inputs = (torch.empty(B, S, dtype=torch.long, device="meta"),)
+        else:
+            inputs = (hidden(), *extra)
+        if self.lm_head is not None:
+            vocab = self.config.vocab_size
+            outputs = (hidden(vocab), *(hidden(vocab) for _ in range(depth)))
+        else:
+            outputs = (hidden(), *extra)
+        return inputs, outputs
+
+    # ------------------------------------------------------------------ generation
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The hybrid cache is built in prepare_inputs_for_generation, not by generate().
+        return False
+
+    def get_experts_implementation(self) -> dict:
+        """No transformers experts kernels to switch during decoding (am-moe owns the experts)."""
+        return {}
+
+    def set_experts_implementation(self, *_: Any, **__: Any) -> None:
+        """Accepted for GenerationMixin; am-moe experts have no transformers implementation switch."""
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: NemotronHybridCache | None = None,
+        cache_position: torch.LongTensor | None = None,
+        use_cache: bool | None = True,
+        **kwargs: Any,
+    ) -> dict:
+        """Prefill: new cache and the whole prompt. Decode: only the tokens not yet cached.
+
+        `next_sequence_length` (passed by transformers 5 generate) is the number of new
+        tokens; without it the tokens beyond the cache's length are the new ones.
+        """
+        first = not isinstance(past_key_values, NemotronHybridCache)
+        if first and use_cache:
+            batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+            past_key_values = NemotronHybridCache.for_model(self.model, batch)
+        inputs: dict[str, Any] = {
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values if use_cache else None,
+            "use_cache": use_cache,
+            "logits_to_keep": 1,
+        }
+        if first and inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        elif use_cache and not first:
+            new = kwargs.get("next_sequence_length")
+            if new is None:
+                new = input_ids.shape[1] - past_key_values.get_seq_length()
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - new :]
+        else:
+            inputs["input_ids"] = input_ids
+        return inputs
+
+    @staticmethod
+    def _make_causal_mask(
+        query_len: int, kv_len: int, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Additive [B, 1, Q, K] mask: lower-triangular for prefill, all zeros for a decode row."""
+        mask = torch.zeros(batch_size, 1, query_len, kv_len, dtype=dtype, device=device)
+        if query_len == 1:
+            return mask
+        q_pos = torch.arange(kv_len - query_len, kv_len, device=device)
+        blocked = torch.arange(kv_len, device=device)[None, :] > q_pos[:, None]
+        return mask.masked_fill(blocked, torch.finfo(dtype).min)
+
+    # ------------------------------------------------------------------ training utilities
+    def _blocks(self) -> list[tuple[nn.Module, str]]:
+        out = []
+        if self.model.layers is not None:
+            out += [(self.model.layers, name) for name in self.model.layers]
+        if self.mtp is not None:
+            out += [(self.mtp.layers, name) for name in self.mtp.layers]
+        return out
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None) -> None:
+        """Wrap every block (and MTP sub-layer) in a non-reentrant checkpoint wrapper. Idempotent."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            CheckpointWrapper,
+            checkpoint_wrapper,
+        )
+
+        for container, name in self._blocks():
+            if not isinstance(container[name], CheckpointWrapper):
+                container[name] = checkpoint_wrapper(
+                    container[name], checkpoint_impl=CheckpointImpl.NO_REENTRANT
+                )
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Unwrap blocks wrapped by gradient_checkpointing_enable."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        for container, name in self._blocks():
+            if isinstance(container[name], CheckpointWrapper):
+                container[name] = container[name]._checkpoint_wrapped_module
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        return any(isinstance(c[n], CheckpointWrapper) for c, n in self._blocks())
+
+    @torch.no_grad()
+    def initialize_weights(
+        self, buffer_device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        """Sample every weight in fp32, then cast to `dtype` (e_score_correction_bias stays fp32).
+
+        PP-aware: parts a pipeline split set to None (embed_tokens, norm,
+        lm_head, mtp) are skipped.
+        """
+        from am_dtype.cast import yield_fp32_model
+
+        with yield_fp32_model(self, restore_dtype=dtype):
+            self.model.initialize_weights(buffer_device=buffer_device)
+            with torch.device(buffer_device or self.device):
+                if self.lm_head is not None:
+                    init_linear(self.lm_head, self.config.initializer_range)
+                if self.mtp is not None:
+                    for layer in self.mtp.layers.values():
+                        init_block_weights(layer, self.config, buffer_device)
+
+
+def _keep_last(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return h if logits_to_keep == 0 else h[..., -logits_to_keep:, :]
+    return h[..., logits_to_keep, :]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 ignored."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
+        )
+    target = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+ModelClass = NemotronHForCausalLM

@@ -1,0 +1,209 @@
+"""Multi-token prediction (MTP) heads for Nemotron-H.
+
+transformers' NemotronH has no MTP forward (it drops `mtp.*` checkpoint keys
+on load), so the math is defined here, DeepSeek-V3 style, with the
+parameter layout of the released checkpoints (`mtp.layers.{i}.*`):
+
+- The heads predict further ahead than the main head: depth d (0-based)
+  predicts, at position t, the token at t + d + 2.
+- Each depth is a short stack of Nemotron blocks whose types come from
+  `config.mtp_layers_block_type` (e.g. attention then MoE). Sub-layer i of
+  depth d is `mtp.layers.{d * len(pattern) + i}`; with
+  `mtp_use_repeated_layer=True` one stack (`mtp.layers.0..len-1`) is shared
+  by every depth.
+- The first sub-layer of a depth fuses its inputs:
+  `eh_proj(cat[enorm(e_d), hnorm(h_{d-1})])`, where `e_d` is the embedding
+  of the input tokens shifted left by d + 1 (zeros past the end) and
+  `h_{-1}` is the main decoder's output after its final norm (as in
+  Megatron-Core's MTP, which the released heads were trained with). The last
+  sub-layer ends with `final_layernorm`; its output is `h_d`.
+- Logits of depth d are the shared `lm_head(h_d)`. The MTP loss is
+  `mtp_loss_scaling_factor * mean_d CE(logits_d, labels shifted by d + 2)`,
+  added to the main loss; positions whose target falls past the end or is
+  -100 are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from am_dtype.backend import BackendConfig, initialize_linear_module
+from am_dtype.backend import initialize_rms_norm_module as _rms_norm
+from am_models_nemotron.layers import (
+    BlockInputs,
+    NemotronBlock,
+    model_dtype,
+    resolve_block_types,
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MTPConfig:
+    """Number of MTP depths, their block pattern, weight sharing and loss scale."""
+
+    num_layers: int = 0
+    block_types: tuple[str, ...] = ("attention", "moe")
+    use_repeated_layer: bool = False
+    loss_scaling_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers={self.num_layers} must be >= 0")
+        if self.num_layers and not self.block_types:
+            raise ValueError("MTP needs at least one block type in mtp_layers_block_type")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_layers > 0
+
+    @property
+    def num_stacks(self) -> int:
+        """Distinct sub-layer stacks held in parameters (1 when shared across depths)."""
+        return 1 if self.use_repeated_layer else self.num_layers
+
+    @classmethod
+    def from_hf(
+        cls,
+        config: Any,
+        num_layers: int | None = None,
+        use_repeated_layer: bool = False,
+        loss_scaling_factor: float = 0.1,
+    ) -> MTPConfig:
+        """Read `num_nextn_predict_layers` and `mtp_layers_block_type` off an HF config."""
+        if num_layers is None:
+            num_layers = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+        types = resolve_block_types(config, "mtp_layers_block_type") if num_layers else []
+        return cls(num_layers, tuple(types), use_repeated_layer, loss_scaling_factor)
+
+
+class NemotronMTPSublayer(NemotronBlock):
+    """A Nemotron block plus the depth-entry fusion and/or depth-exit final norm."""
+
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        block_type: str,
+        backend: BackendConfig,
+        moe_config: Any,
+        has_fusion: bool,
+        has_final_norm: bool,
+    ):
+        super().__init__(config, layer_idx, block_type, backend, moe_config)
+        hidden, eps, dtype = config.hidden_size, config.layer_norm_epsilon, model_dtype(config)
+        if has_fusion:
+            self.enorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
+            self.hnorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
+            self.eh_proj = initialize_linear_module(
+                backend.linear, 2 * hidden, hidden, bias=False, dtype=dtype
+            )
+        if has_final_norm:
+            self.final_layernorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        inputs: BlockInputs | None = None,
+        embed_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if hasattr(self, "eh_proj"):
+            if embed_input is None:
+                raise ValueError("the first MTP sub-layer of a depth needs embed_input")
+            x = self.eh_proj(torch.cat([self.enorm(embed_input), self.hnorm(x)], dim=-1))
+        x = super().forward(x, inputs)
+        if hasattr(self, "final_layernorm"):
+            x = self.final_layernorm(x)
+        return x
+
+
+class NemotronMTP(nn.Module):
+    """All MTP depths; `forward` returns the per-depth hidden states h_d."""
+
+    def __init__(self, config: Any, mtp_config: MTPConfig, backend: BackendConfig, moe_config):
+        super().__init__()
+        self.mtp_config = mtp_config
+        n = len(mtp_config.block_types)
+        base = len(resolve_block_types(config))
+        self.layers = nn.ModuleDict()
+        for stack in range(mtp_config.num_stacks):
+            for i, block_type in enumerate(mtp_config.block_types):
+                idx = stack * n + i
+                self.layers[str(idx)] = NemotronMTPSublayer(
+                    config,
+                    base + idx,
+                    block_type,
+                    backend,
+                    moe_config,
+                    has_fusion=i == 0,
+                    has_final_norm=i == n - 1,
+                )
+
+    def depth_layers(self, depth: int) -> list[nn.Module]:
+        """Sub-layers that run at `depth` (the shared stack when layers repeat)."""
+        n = len(self.mtp_config.block_types)
+        stack = 0 if self.mtp_config.use_repeated_layer else depth
+        return [self.layers[str(stack * n + i)] for i in range(n)]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        embed_inputs: tuple[torch.Tensor, ...],
+        inputs: BlockInputs | None = None,
+    ) -> list[torch.Tensor]:
+        if len(embed_inputs) != self.mtp_config.num_layers:
+            raise ValueError(
+                f"MTP got {len(embed_inputs)} embedding inputs; expected "
+                f"num_nextn_predict_layers={self.mtp_config.num_layers}"
+            )
+        per_depth, h = [], hidden_states
+        for depth, embed in enumerate(embed_inputs):
+            for i, layer in enumerate(self.depth_layers(depth)):
+                h = layer(h, inputs, embed_input=embed if i == 0 else None)
+            per_depth.append(h)
+        return per_depth
+
+
+def roll_tokens_left(input_ids: torch.Tensor, shift: int, fill: int = 0) -> torch.Tensor:
+    """`input_ids` shifted left by `shift` along the sequence, the tail filled with `fill`."""
+    out = torch.full_like(input_ids, fill)
+    if shift < input_ids.shape[-1]:
+        out[..., : input_ids.shape[-1] - shift] = input_ids[..., shift:]
+    return out
+
+
+def mtp_embed_inputs(embed_tokens: nn.Module, input_ids: torch.Tensor, num_layers: int):
+    """Per-depth embeddings of the tokens shifted left by d + 1 (zeros past the end)."""
+    out = []
+    for depth in range(num_layers):
+        shifted = roll_tokens_left(input_ids, depth + 1)
+        emb = embed_tokens(shifted)
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+        valid[..., input_ids.shape[-1] - depth - 1 :] = False
+        out.append(emb * valid.unsqueeze(-1).to(emb.dtype))
+    return tuple(out)
+
+
+def mtp_loss(
+    per_depth_h: list[torch.Tensor],
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    scaling_factor: float,
+) -> torch.Tensor:
+    """`scaling_factor * mean over depths of CE(lm_head(h_d), labels shifted left by d + 2)`."""
+    losses = []
+    for depth, h in enumerate(per_depth_h):
+        target = roll_tokens_left(labels, depth + 2, fill=IGNORE_INDEX)
+        logits = lm_head(h).float()
+        losses.append(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        )
+    return scaling_factor * torch.stack(losses).mean()

@@ -1,0 +1,335 @@
+"""Pure-PyTorch Mamba2 kernels: causal depthwise conv, chunked SSD scan, decode steps, gated norm.
+
+These are the CPU default of `Mamba2Mixer` and the reference its GPU kernel
+path is tested against. All math is float32. Three pieces have hand-written
+backwards because autograd's generic ones dominate CPU time: the depthwise
+conv (F.conv1d's depthwise weight gradient is several times slower than four
+shifted products), the decay-masked in-chunk product (autograd makes about
+twice the passes over the [.., H, L, L] tensors) and the gated RMSNorm. The
+rest (chunk states, the chunk recurrence, state outputs) is plain autograd.
+
+Shape legend: Bt batch, S sequence, H SSM heads, P head dim, G B/C groups,
+R = H // G heads per group, N state size, L chunk length, K conv width,
+Ch conv channels. Head h reads group h // R (as `repeat_interleave` would).
+
+The scan follows the SSD decomposition of Mamba2 (Dao & Gu, 2024): per chunk
+an attention-like quadratic term with a decay mask, per chunk a final state,
+a short recurrence over chunk states, and the state-to-output term. Sequence
+boundaries of packed rows (`seq_idx`) zero every decay that crosses them, so
+no conv or SSM state leaks from one packed sequence into the next.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for every input dtype except float64 (kept, for gradcheck-grade tests)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- conv
+
+
+def conv_shift_masks(seq_idx: Tensor | None, width: int, dtype: torch.dtype) -> Tensor | None:
+    """[K-1, Bt, S, 1] masks: entry j-1 is 1 where position t and t-j belong to one sequence."""
+    if seq_idx is None:
+        return None
+    masks = torch.zeros(width - 1, *seq_idx.shape, 1, dtype=dtype, device=seq_idx.device)
+    for j in range(1, width):
+        masks[j - 1, :, j:, 0] = (seq_idx[:, j:] == seq_idx[:, :-j]).to(dtype)
+    return masks
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    """silu(depthwise causal conv) over [Bt, S, Ch] with taps w_KC [K, Ch] (contiguous rows).
+
+    Each tap is one fused multiply-add over the sequence shifted by K-1-k positions;
+    broadcasting a contiguous [Ch] row keeps these vectorized.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_KC, bias, shift_masks):
+        pre = _conv_shifted(x, w_KC, bias, shift_masks)
+        ctx.save_for_backward(x, w_KC, pre, shift_masks)
+        ctx.has_bias = bias is not None
+        return F.silu(pre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w_KC, pre, masks = ctx.saved_tensors
+        width = w_KC.shape[0]
+        grad_pre = torch.ops.aten.silu_backward(grad_out.contiguous(), pre)
+        grad_x = grad_pre * w_KC[width - 1]
+        grad_w = torch.empty_like(w_KC)
+        prod = torch.mul(grad_pre, x)  # reused as the product buffer of every tap
+        grad_w[width - 1] = prod.sum((0, 1))
+        for j in range(1, width):
+            g = grad_pre[:, j:]
+            if masks is not None:
+                g = torch.mul(g, masks[j - 1, :, j:], out=prod[:, j:])
+            grad_x[:, :-j].addcmul_(g, w_KC[width - 1 - j])
+            torch.mul(g, x[:, :-j], out=prod[:, j:])
+            prod[:, :j].zero_()
+            # Summing the whole contiguous buffer is far faster than summing a sliced view.
+            grad_w[width - 1 - j] = prod.sum((0, 1))
+        grad_b = grad_pre.sum((0, 1)) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _conv_shifted(x: Tensor, w_KC: Tensor, bias: Tensor | None, masks: Tensor | None) -> Tensor:
+    width = w_KC.shape[0]
+    out = x * w_KC[width - 1] if bias is None else torch.addcmul(bias, x, w_KC[width - 1])
+    for j in range(1, width):
+        src = x[:, :-j] if masks is None else x[:, :-j] * masks[j - 1, :, j:]
+        out[:, j:].addcmul_(src, w_KC[width - 1 - j])
+    return out
+
+
+def causal_conv1d_silu(
+    x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None = None
+) -> Tensor:
+    """silu(causal depthwise conv1d(x)) in float32 (float64 stays) for x [Bt, S, Ch], w [Ch, K].
+
+    Positions before 0 are zeros. With `seq_idx` [Bt, S] a position only sees
+    earlier positions of its own sequence.
+    """
+    dtype = compute_dtype(x)
+    masks = conv_shift_masks(seq_idx, weight.shape[1], dtype)
+    w_KC = weight.to(dtype).t().contiguous()
+    bias = None if bias is None else bias.to(dtype)
+    return _CausalConvSiLU.apply(x.to(dtype), w_KC, bias, masks)
+
+
+def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One decode step: shift x [Bt, Ch] into conv_state [Bt, Ch, K] in place.
+
+    Returns silu(conv) over the updated window, in float32.
+    """
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x.to(conv_state.dtype)
+    out = (conv_state.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return F.silu(out)
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def ssd_chunk_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan in float32. Returns (y [Bt, S, H, P], final state [Bt, H, P, N]).
+
+    x [Bt, S, H, P]; dt [Bt, S, H] already discretized (softplus, clamp, padding zeroed);
+    A [H] (negative); B, C [Bt, S, G, N]; D [H] skip; initial_state [Bt, H, P, N] is the
+    state before position 0 and belongs to the sequence of position 0; seq_idx [Bt, S]
+    (non-decreasing per row) resets the state at each change.
+    """
+    Bt, S, H, P = x.shape
+    G, N = B.shape[-2:]
+    if H % G:
+        raise ValueError(f"{H} heads are not divisible into {G} B/C groups")
+    L = chunk_size
+    pad = (-S) % L
+    nc = (S + pad) // L
+    cdt = compute_dtype(x)
+    x32, dt = x.to(cdt), dt.to(cdt)
+    xdt = _pad_seq(x32 * dt[..., None], pad).view(Bt, nc, L, H, P)
+    a_cs = _pad_seq(dt * A.to(cdt), pad).view(Bt, nc, L, H).transpose(2, 3).cumsum(-1)
+    # Group-major copies once, instead of one hidden copy inside every matmul that reads them.
+    B_c = _pad_seq(B.to(cdt), pad).view(Bt, nc, L, G, N).transpose(2, 3).contiguous()
+    C_c = _pad_seq(C.to(cdt), pad).view(Bt, nc, L, G, N).transpose(2, 3).contiguous()
+    seq = None if seq_idx is None else _pad_seq_idx(seq_idx, pad).view(Bt, nc, L)
+
+    y = _intra_chunk(xdt, a_cs, B_c, C_c, seq)
+    states = _chunk_states(xdt, a_cs, B_c, seq)
+    starts, final = _pass_states(states, a_cs[..., -1], initial_state, seq, x32.new_zeros)
+    y = _add_state_outputs(y, starts, a_cs, C_c, seq)
+    y = y.permute(0, 1, 3, 2, 4).reshape(Bt, nc * L, H, P)[:, :S]
+    if D is not None:
+        y = torch.addcmul(y, x32, D.to(cdt)[:, None])
+    return y, final
+
+
+def _pad_seq(t: Tensor, pad: int) -> Tensor:
+    if pad == 0:
+        return t
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+
+
+def _pad_seq_idx(seq_idx: Tensor, pad: int) -> Tensor:
+    # Padding continues the last sequence so it cannot reset the final state (its dt is 0).
+    if pad == 0:
+        return seq_idx
+    return torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+
+
+def _intra_chunk(xdt: Tensor, a_cs: Tensor, B_c: Tensor, C_c: Tensor, seq: Tensor | None) -> Tensor:
+    """Quadratic in-chunk term: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cs[l] - a_cs[s]) xdt[s]."""
+    L = a_cs.shape[-1]
+    keep = torch.ones(L, L, dtype=torch.bool, device=a_cs.device).tril()
+    if seq is not None:
+        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None]
+    scores = C_c @ B_c.transpose(-1, -2)  # [Bt, nc, G, L, L]
+    return _DecayedAttention.apply(scores, a_cs, xdt.transpose(2, 3), ~keep)
+
+
+class _DecayedAttention(torch.autograd.Function):
+    """y = (exp(segsum(a_cs)) * scores) @ v with a hand-written backward.
+
+    scores [Bt, nc, G, L, L] is shared by the R heads of a group; a_cs [Bt, nc, H, L];
+    v [Bt, nc, H, L, P]. Autograd through the elementwise chain makes about twice as
+    many passes over the [Bt, nc, H, L, L] tensors as this backward does.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, a_cs, v, drop):
+        Bt, nc, H, L = a_cs.shape
+        G = scores.shape[2]
+        decay = a_cs[..., :, None] - a_cs[..., None, :]
+        # Masking before exp keeps exp (and its gradient) finite above the diagonal.
+        decay.masked_fill_(drop, float("-inf")).exp_()
+        weights = (decay.view(Bt, nc, G, H // G, L, L) * scores[:, :, :, None]).view(decay.shape)
+        ctx.save_for_backward(scores, decay, weights, v)
+        return weights @ v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        scores, decay, weights, v = ctx.saved_tensors
+        Bt, nc, H, L, _ = decay.shape
+        G = scores.shape[2]
+        grad_w = grad_y @ v.transpose(-1, -2)
+        grad_v = weights.transpose(-1, -2) @ grad_y
+        grad_scores = (grad_w * decay).view(Bt, nc, G, H // G, L, L).sum(3)
+        grad_seg = grad_w.mul_(weights)  # d weights / d segsum = weights
+        grad_a = grad_seg.sum(-1) - grad_seg.sum(-2)
+        return grad_scores, grad_a, grad_v, None
+
+
+def _chunk_states(xdt: Tensor, a_cs: Tensor, B_c: Tensor, seq: Tensor | None) -> Tensor:
+    """State at each chunk's end from its own tokens only: [Bt, nc, H, P, N]."""
+    Bt, nc, L, H, P = xdt.shape
+    G, N = B_c.shape[2], B_c.shape[-1]
+    to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [Bt, nc, H, L]
+    if seq is not None:
+        to_end = to_end * (seq == seq[..., -1:]).to(to_end.dtype)[:, :, None]
+    xs = (xdt * to_end.transpose(2, 3)[..., None]).view(Bt, nc, L, G, (H // G) * P)
+    states = xs.permute(0, 1, 3, 4, 2) @ B_c  # [Bt, nc, G, R*P, N]
+    return states.view(Bt, nc, H, P, N)
+
+
+def _pass_states(
+    states: Tensor, chunk_decay_log: Tensor, initial: Tensor | None, seq: Tensor | None, zeros
+) -> tuple[Tensor, Tensor]:
+    """Recurrence over chunks: (state entering each chunk [Bt, nc, H, P, N], final state)."""
+    Bt, nc, H, P, N = states.shape
+    decay = torch.exp(chunk_decay_log)  # [Bt, nc, H]
+    if seq is not None:
+        prev_end = torch.cat([seq[:, :1, 0], seq[:, :-1, -1]], dim=1)
+        decay = decay * (seq[..., -1] == prev_end).to(decay.dtype)[..., None]
+    h = zeros(Bt, H, P, N) if initial is None else initial.to(states.dtype)
+    starts = []
+    # unbind, not states[:, c]: each indexing backward would allocate a full-size zero gradient.
+    for state_c, decay_c in zip(states.unbind(1), decay.unbind(1), strict=True):
+        starts.append(h)
+        h = torch.addcmul(state_c, h, decay_c[..., None, None])
+    return torch.stack(starts, dim=1), h
+
+
+def _add_state_outputs(
+    y: Tensor, starts: Tensor, a_cs: Tensor, C_c: Tensor, seq: Tensor | None
+) -> Tensor:
+    """Add each chunk's entering-state term exp(a_cs[l]) C_l . h_start to y [Bt, nc, H, L, P]."""
+    Bt, nc, H, P, N = starts.shape
+    G, L = C_c.shape[2], C_c.shape[3]
+    R = H // G
+    from_start = torch.exp(a_cs)  # [Bt, nc, H, L]
+    if seq is not None:
+        prev_end = torch.cat([seq[:, :1, :1], seq[:, :-1, -1:]], dim=1)
+        from_start = from_start * (seq == prev_end).to(from_start.dtype)[:, :, None]
+    # The R heads of a group share C: one [L, N] @ [N, R*P] product per group, no broadcasting.
+    out = C_c @ starts.view(Bt, nc, G, R * P, N).transpose(-1, -2)  # [Bt, nc, G, L, R*P]
+    out = out.view(Bt, nc, G, L, R, P).transpose(3, 4)
+    # In place on y: one fused pass, no [Bt, nc, H, L, P] temporary.
+    return (
+        y.view(Bt, nc, G, R, L, P).addcmul_(out, from_start.view(Bt, nc, G, R, L, 1)).view(y.shape)
+    )
+
+
+def ssd_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None
+) -> Tensor:
+    """One recurrent step, updating state [Bt, H, P, N] in place; returns y [Bt, H, P] in fp32.
+
+    x [Bt, H, P]; dt [Bt, H] discretized; B, C [Bt, G, N].
+    """
+    Bt, H, P, N = state.shape
+    G = B.shape[1]
+    x32, dt = x.float(), dt.float()
+    decay = torch.exp(dt * A.float())[..., None, None]
+    B_h = B.float()[:, :, None, None, :].expand(Bt, G, H // G, 1, N).reshape(Bt, H, 1, N)
+    new = state.float() * decay + (x32 * dt[..., None])[..., None] * B_h
+    state.copy_(new)
+    C_h = C.float()[:, :, None, :, None].expand(Bt, G, H // G, N, 1).reshape(Bt, H, N, 1)
+    y = (new @ C_h).squeeze(-1)
+    if D is not None:
+        y = y + x32 * D.float()[:, None]
+    return y
+
+
+# --------------------------------------------------------------------------- norm
+
+
+def gated_rms_norm(y: Tensor, gate: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
+    """weight * rmsnorm_per_group(y * silu(gate)) in float32 (Mamba2's norm_before_gate=False).
+
+    y, gate [..., D] with D a multiple of group_size; returns float32 [..., D].
+    """
+    cdt = compute_dtype(y)
+    return _GatedRMSNorm.apply(y.to(cdt), gate.to(cdt), weight.to(cdt), group_size, eps)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """Fused forward/backward of the gated group RMSNorm (about half autograd's passes)."""
+
+    @staticmethod
+    def forward(ctx, y, gate, weight, group_size, eps):
+        h = torch.mul(y, F.silu(gate)).unflatten(-1, (-1, group_size))
+        inv_rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
+        normed = h.mul_(inv_rms).flatten(-2)
+        ctx.save_for_backward(y, gate, weight, normed, inv_rms)
+        ctx.group_size = group_size
+        return normed * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        y, gate, weight, normed, inv_rms = ctx.saved_tensors
+        gs = ctx.group_size
+        buf = torch.mul(grad_out, normed)
+        grad_w = buf.sum(tuple(range(buf.dim() - 1)))
+        grad_n = grad_out * weight
+        dot = torch.mul(grad_n, normed, out=buf).unflatten(-1, (-1, gs)).mean(-1, keepdim=True)
+        grad_h = grad_n.unflatten(-1, (-1, gs)).addcmul_(
+            normed.unflatten(-1, (-1, gs)), dot, value=-1
+        )
+        grad_h = grad_h.mul_(inv_rms).flatten(-2)
+        grad_y = grad_h * F.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(y), gate)
+        return grad_y, grad_gate, grad_w, None, None

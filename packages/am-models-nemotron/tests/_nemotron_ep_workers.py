@@ -1,0 +1,69 @@
+"""Spawned-rank bodies for the expert-parallel tests (module level so spawn can import them)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from _nemotron_helpers import cpu_backend, rel_err
+from torch.distributed.device_mesh import init_device_mesh
+
+os.environ.setdefault("AM_DTYPE_COMPILE_RMSNORM", "0")
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        out[name] = g.to_local() if hasattr(g, "to_local") else g
+    return out
+
+
+def ep_matches_single_process(rank: int, world_size: int, checkpoint: str, ids: torch.Tensor):
+    """EP=world_size model on rank-local data vs. the whole batch on one unsharded model."""
+    from am_models_nemotron import NemotronHForCausalLM
+    from am_moe.parallelizer import apply_ep
+    from am_utils.checkpointing import read_hf_state_dict
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    reference = NemotronHForCausalLM.from_pretrained(checkpoint, backend=cpu_backend()).train()
+    losses = [reference(ids[i : i + 1], labels=ids[i : i + 1]).loss for i in range(world_size)]
+    ref_loss = torch.stack(losses).mean()
+    ref_loss.backward()
+    ref_grads = _grads(reference)
+
+    model = NemotronHForCausalLM.from_pretrained(checkpoint, backend=cpu_backend()).train()
+    apply_ep(model, mesh)
+    # EP-aware loading: this rank reads only its experts, as DTensor shards.
+    local = model.state_dict_adapter.from_hf(read_hf_state_dict(checkpoint), device_mesh=mesh)
+    first, last = rank * 2, rank * 2 + 2  # 4 experts over 2 ranks
+    up = local["model.layers.1.mixer.experts.gate_and_up_projs"]
+    assert up.to_local().shape[0] == 2
+    full_up = reference.model.layers["1"].mixer.experts.gate_and_up_projs.detach()
+    assert torch.equal(up.to_local(), full_up[first:last])
+    model.load_state_dict(local)
+
+    # Saving gathers the expert shards: the files equal the checkpoint we started from.
+    saved = os.path.join(checkpoint, "ep_saved")
+    model.save_pretrained(saved)
+    original, written = read_hf_state_dict(checkpoint), read_hf_state_dict(saved)
+    assert set(original) == set(written)
+    assert all(torch.equal(original[k], written[k]) for k in original)
+
+    loss = model(ids[rank : rank + 1], labels=ids[rank : rank + 1]).loss
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world_size
+    errors = {"loss": abs(mean_loss.item() - ref_loss.item())}
+    for name, grad in _grads(model).items():
+        if "experts." in name and "shared_experts" not in name:
+            # This rank's experts saw every rank's tokens: the sum of the per-rank losses' grads.
+            expected = ref_grads[name][first:last] * world_size
+        else:
+            dist.all_reduce(grad)
+            grad /= world_size
+            expected = ref_grads[name]
+        errors[name] = rel_err(grad, expected)
+    return errors
