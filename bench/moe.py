@@ -1,0 +1,327 @@
+"""Benchmark the am-moe routed experts against transformers' experts module on this CPU.
+
+One run prints:
+
+1. the machine's dense matmul rate (one large fp32 and bf16 matmul, GFLOP/s): the ceiling;
+2. forward and forward+backward of the routed experts at one shape (default: 4096 tokens,
+   dim 1024, expert hidden 512, 32 experts, top-4, relu2) for our "torch" and "torch_mm"
+   backends and for transformers' `NemotronHExperts` with the same weights and routing, in
+   its "grouped_mm" and "eager" implementations: milliseconds, tokens/s, GFLOP/s on the
+   active FLOPs, fraction of the ceiling, ratios to transformers, and the bytes each keeps
+   alive for backward;
+3. the expert-parallel byte volume (bench/moe_ep.py), when that file is present.
+
+Every implementation gets the same routing (indices and weights fixed up front), the same
+weights and the same upstream gradient. Timings are medians over repeats in which the cases
+are interleaved, so a burst of load from another process hits every case alike.
+
+    .venv/bin/python bench/moe.py            # full run (a few minutes on 2 cores)
+    .venv/bin/python bench/moe.py --quick    # small shape, few repeats (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from am_dtype.backend import BackendConfig
+from am_moe.config import MoEConfig
+from am_moe.experts import GroupedExperts
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Shape:
+    tokens: int
+    dim: int
+    inter: int
+    experts: int
+    topk: int
+
+    @property
+    def active_flops(self) -> float:
+        """Forward FLOPs of the routed experts: two matmuls per (token, chosen expert)."""
+        return 2.0 * self.tokens * self.topk * (2 * self.dim * self.inter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations under test: each is (forward callable, parameters) on shared inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _moe_config(shape: Shape, dtype: torch.dtype) -> MoEConfig:
+    return MoEConfig(
+        n_routed_experts=shape.experts,
+        n_shared_experts=0,
+        n_activated_experts=shape.topk,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        train_gate=True,
+        gate_bias_update_factor=0.0,
+        aux_loss_coeff=0.0,
+        score_func="sigmoid",
+        route_scale=1.0,
+        dim=shape.dim,
+        inter_dim=shape.dim,
+        moe_inter_dim=shape.inter,
+        norm_topk_prob=True,
+        expert_activation="relu2",
+        dtype=dtype,
+    )
+
+
+def _ours(shape: Shape, dtype: torch.dtype, impl: str, reference: GroupedExperts | None):
+    module = GroupedExperts(_moe_config(shape, dtype), BackendConfig(experts=impl))
+    if reference is None:
+        module.init_weights(init_std=0.02)
+    else:
+        module.load_state_dict(reference.state_dict())
+    mask = torch.ones(shape.tokens, dtype=torch.bool)
+
+    def forward(x, weights, indices):
+        return module(x, mask, weights, indices)
+
+    return module, forward
+
+
+def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExperts):
+    import transformers
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    config = transformers.NemotronHConfig(
+        hidden_size=shape.dim,
+        n_routed_experts=shape.experts,
+        num_experts_per_tok=shape.topk,
+        moe_intermediate_size=shape.inter,
+        mlp_hidden_act="relu2",
+    )
+    config._experts_implementation = impl
+    module = NemotronHExperts(config).to(dtype)
+    with torch.no_grad():
+        # Same weights: transformers stores [E, out, in], we store [E, in, out].
+        module.up_proj.copy_(ours.gate_and_up_projs.transpose(1, 2))
+        module.down_proj.copy_(ours.down_projs.transpose(1, 2))
+
+    def forward(x, weights, indices):
+        return module(x, indices, weights)
+
+    return module, forward
+
+
+def _build(shape: Shape, dtype: torch.dtype):
+    torch.manual_seed(0)
+    base, base_fwd = _ours(shape, dtype, "torch_mm", None)
+    impls = {"ours torch_mm": (base, base_fwd)}
+    impls["ours torch"] = _ours(shape, dtype, "torch", base)
+    impls["hf grouped_mm"] = _transformers(shape, dtype, "grouped_mm", base)
+    impls["hf eager"] = _transformers(shape, dtype, "eager", base)
+    return {
+        name: impls[name] for name in ("ours torch", "ours torch_mm", "hf eager", "hf grouped_mm")
+    }
+
+
+def _inputs(shape: Shape, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape.tokens, shape.dim, generator=g).to(dtype)
+    logits = torch.randn(shape.tokens, shape.experts, generator=g)
+    top = logits.sigmoid().topk(shape.topk, dim=-1)
+    weights = (top.values / top.values.sum(-1, keepdim=True)).to(dtype)
+    grad_out = torch.randn(shape.tokens, shape.dim, generator=g).to(dtype)
+    return x, weights, top.indices, grad_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(module, forward, inputs, backward: bool) -> Callable[[], None]:
+    x, weights, indices, grad_out = inputs
+
+    def run() -> None:
+        xr = x.detach().requires_grad_(True)
+        wr = weights.detach().requires_grad_(True)
+        y = forward(xr, wr, indices)
+        if backward:
+            y.backward(grad_out)
+
+    return run
+
+
+def _clear_grads(module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
+def _saved_bytes(forward, inputs) -> int:
+    """Bytes of distinct storages autograd keeps for backward after one forward."""
+    x, weights, indices, _ = inputs
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x.detach().requires_grad_(True), weights.detach().requires_grad_(True), indices)
+    return sum(storages.values())
+
+
+def _matmul(n: int, dtype: torch.dtype) -> Callable[[], None]:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return lambda: torch.mm(a, b)
+
+
+def _time_interleaved(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds per case; each repeat runs every case once, in a rotating order."""
+    for _, (fn, module) in cases.items():
+        fn()  # warm-up (allocator, thread pool)
+        if module is not None:
+            _clear_grads(module)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, module = cases[name]
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            if module is not None:
+                _clear_grads(module)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_agreement(impls, inputs, dtype) -> float:
+    x, weights, indices, _ = inputs
+    with torch.no_grad():
+        outs = [fwd(x, weights, indices).float() for _, fwd in impls.values()]
+    worst = max((o - outs[0]).abs().max().item() for o in outs[1:])
+    scale = outs[0].abs().max().item()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    if worst > tol * max(scale, 1.0):
+        raise RuntimeError(
+            f"implementations disagree: max |diff| {worst:.3g} (output scale {scale:.3g})"
+        )
+    return worst
+
+
+def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int) -> dict:
+    results: dict = {"ceiling": {}, "rows": []}
+    cases: dict[str, tuple] = {}
+    meta: dict[str, tuple] = {}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        cases[f"matmul {dname}"] = (_matmul(matmul_n, dtype), None)
+        impls = _build(shape, dtype)
+        inputs = _inputs(shape, dtype)
+        diff = _check_agreement(impls, inputs, dtype)
+        print(f"[{dname}] all four implementations agree: max |diff| {diff:.2e}")
+        for name, (module, fwd) in impls.items():
+            for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                key = f"{name} {dname} {mode}"
+                cases[key] = (_step(module, fwd, inputs, backward), module)
+                meta[key] = (name, dname, mode, _saved_bytes(fwd, inputs))
+    medians = _time_interleaved(cases, repeats)
+    for dname in dtypes:
+        results["ceiling"][dname] = 2.0 * matmul_n**3 / medians[f"matmul {dname}"] / 1e9
+    for key, (name, dname, mode, saved) in meta.items():
+        flops = shape.active_flops * (3 if mode == "fwd+bwd" else 1)
+        seconds = medians[key]
+        results["rows"].append(
+            dict(impl=name, dtype=dname, mode=mode, ms=seconds * 1e3, tok_s=shape.tokens / seconds,
+                 gflops=flops / seconds / 1e9, saved_mb=saved / 2**20)
+        )  # fmt: skip
+    return results
+
+
+def _rate(rows, impl, dtype, mode) -> float:
+    return next(
+        r["gflops"] for r in rows if (r["impl"], r["dtype"], r["mode"]) == (impl, dtype, mode)
+    )
+
+
+def report(results: dict, shape: Shape, threads: int, repeats: int) -> None:
+    rows, ceiling = results["rows"], results["ceiling"]
+    print(
+        f"\nshape: tokens={shape.tokens} dim={shape.dim} moe_inter={shape.inter} "
+        f"experts={shape.experts} top_k={shape.topk} relu2; threads={threads}; "
+        f"median of {repeats} interleaved repeats"
+    )
+    for dname, rate in ceiling.items():
+        print(f"ceiling: dense matmul {dname}: {rate:8.1f} GFLOP/s")
+    header = (
+        f"{'impl':15s} {'dtype':5s} {'mode':8s} {'ms':>9s} {'tokens/s':>10s} {'GFLOP/s':>8s} "
+        f"{'%ceil':>6s} {'/hf_eager':>9s} {'/hf_gmm':>8s} {'saved MB':>9s}"
+    )
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        eager = _rate(rows, "hf eager", r["dtype"], r["mode"])
+        gmm = _rate(rows, "hf grouped_mm", r["dtype"], r["mode"])
+        print(
+            f"{r['impl']:15s} {r['dtype']:5s} {r['mode']:8s} {r['ms']:9.1f} {r['tok_s']:10.0f} "
+            f"{r['gflops']:8.1f} {100 * r['gflops'] / ceiling[r['dtype']]:5.1f}% "
+            f"{r['gflops'] / eager:9.2f} {r['gflops'] / gmm:8.2f} {r['saved_mb']:9.1f}"
+        )
+    if "fp32" in ceiling:
+        fb = _rate(rows, "ours torch_mm", "fp32", "fwd+bwd")
+        fwd = _rate(rows, "ours torch_mm", "fp32", "fwd")
+        best_fwd = max(_rate(rows, "ours torch", "fp32", "fwd"), fwd)
+        eager_fwd = _rate(rows, "hf eager", "fp32", "fwd")
+        print(
+            f"\ngoal fwd+bwd >= 85% of fp32 ceiling: torch_mm {100 * fb / ceiling['fp32']:.1f}%\n"
+            f"goal fwd >= hf eager fwd: torch_mm {fwd / eager_fwd:.2f}x, "
+            f"best of ours {best_fwd / eager_fwd:.2f}x"
+        )
+
+
+def _run_ep_part(quick: bool) -> None:
+    path = Path(__file__).with_name("moe_ep.py")
+    if not path.exists():
+        print("\n(bench/moe_ep.py not present: expert-parallel byte volume skipped)")
+        return
+    spec = importlib.util.spec_from_file_location("bench_moe_ep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print("\n== expert parallelism: bytes sent per rank (bench/moe_ep.py) ==")
+    module.run_ep_volume(quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shape, 3 repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel part")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        shape, repeats, matmul_n = Shape(512, 256, 128, 8, 2), args.repeats or 3, 512
+    else:
+        shape, repeats, matmul_n = Shape(4096, 1024, 512, 32, 4), args.repeats or 7, 2048
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"--dtypes entry {d!r} is not supported; accepted: {list(DTYPES)}")
+    results = run(shape, dtypes, repeats, matmul_n)
+    report(results, shape, args.threads, repeats)
+    if not args.no_ep:
+        _run_ep_part(args.quick)
+
+
+if __name__ == "__main__":
+    main()
