@@ -9,7 +9,9 @@ Runs, in one process and on the same weights:
       NemotronHForCausalLM (hidden 512, 8 layers "MEM*EM-E", 16 experts top-4,
       batch 2 x seq 1024, fp32).
 Each measurement is the median of interleaved repeats (ours, theirs, ours, ...),
-so a busy machine slows both sides alike. Forward is timed under no_grad;
+so a busy machine slows both sides alike; on a shared CPU `--threads 1` gives the
+most repeatable ratios (OpenMP workers spin while a sibling thread is descheduled,
+which makes multi-threaded timings swing by several x). Forward is timed under no_grad;
 forward+backward is one training step without the optimizer.
 Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x.
 """
@@ -150,7 +152,10 @@ def bench_model(args) -> None:
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         err = (ours(input_ids=ids).logits - ref).abs().max() / ref.abs().max()
-    inputs = lambda: {"input_ids": ids, "labels": ids}  # noqa: E731
+
+    def inputs() -> dict:
+        return {"input_ids": ids, "labels": ids}
+
     fns = interleave(
         step_fns("ours", ours, inputs, lambda out: out.loss),
         step_fns("hf", hf, inputs, lambda out: out.loss),

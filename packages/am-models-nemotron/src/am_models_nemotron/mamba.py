@@ -5,12 +5,15 @@ Choices:
   `NemotronHMamba2Mixer` (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj),
   so checkpoints map 1:1.
 - in_proj gives [z | xBC | dt]; xBC goes through a causal depthwise conv + SiLU,
-  then the selective scan with dt = clamp(softplus(dt + dt_bias), min=time_step_min);
-  the output is normalized as weight * rmsnorm_per_group(y * silu(z)) (n_groups
-  groups) and projected back by out_proj.
+  then the selective scan with dt = clamp(softplus(dt + dt_bias), min=time_step_min)
+  (clamped in decode steps too, so decoding equals the full forward; transformers
+  clamps only its chunked path); the output is normalized as
+  weight * rmsnorm_per_group(y * silu(z)) (n_groups groups) and projected back by
+  out_proj. The torch path computes conv, scan and norm in float32 whatever the
+  parameter dtype.
 - Padding (`attention_mask` 0) is removed from the recurrence: the padded
   positions' conv inputs and dt are zeroed (dt = 0 means no decay and no input),
-  and their outputs are zero, so they change neither other positions nor the
+  and their scan outputs are zero, so they change neither other positions nor the
   state.
 - Packed rows (`seq_idx`) reset conv and SSM state at every sequence boundary.
 - `MambaState` carries decoding state; a forward given one reads it as the
