@@ -12,10 +12,16 @@ from am_moe.config import EXPERT_ACTIVATIONS, MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
 from am_moe.experts import GroupedExperts, apply_activation, run_experts
 
-# "torch_mm/grouped" and "torch_mm/padded": the fused single-device path with grouped
-# matmuls and with padded batched matmuls; "torch_mm/dispatch": the grouped-mm kernel behind
-# the dispatch -> run_experts -> combine contract (the expert-parallel path).
-CPU_IMPLS = ("torch", "torch_mm/grouped", "torch_mm/padded", "torch_mm/dispatch")
+# "torch_mm/<layout>": the fused single-device path with each CPU row layout;
+# "torch_mm/dispatch": the grouped-mm kernel behind the dispatch -> run_experts -> combine
+# contract (the expert-parallel path).
+CPU_IMPLS = (
+    "torch",
+    "torch_mm/split",
+    "torch_mm/padded",
+    "torch_mm/grouped",
+    "torch_mm/dispatch",
+)
 
 
 class _ContractDispatcher(LocalDispatcher):
@@ -52,7 +58,9 @@ def _experts(config, impl) -> GroupedExperts:
     module = GroupedExperts(config, BackendConfig(experts=impl.split("/")[0]))
     if impl.endswith("/dispatch"):
         module.dispatcher = _ContractDispatcher(config.n_routed_experts)
-    module.max_padding = 1e9 if impl.endswith("/padded") else 0.0
+    if impl.split("/")[-1] in ("split", "padded", "grouped"):
+        module.cpu_layout = impl.split("/")[-1]
+        module.max_padding = 1e9  # "padded" even when loads are uneven
     module.init_weights(torch.device("cpu"), init_std=0.3)
     if config.expert_bias:
         with torch.no_grad():
@@ -154,7 +162,7 @@ def test_masked_tokens_contribute_nothing(impl):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_all_tokens_masked(impl):
-    module = _experts(_config("swiglu"), impl)
+    module = _experts(_config("swiglu", bias=True), impl)
     x = torch.randn(4, 16, requires_grad=True)
     weights, indices = _routing(4, 6, 2)
     y = module(x, torch.zeros(4, dtype=torch.bool), weights, indices)
@@ -185,7 +193,7 @@ def test_fused_path_saves_less_for_backward():
         return sum(seen.values())
 
     contract = saved_activation_bytes("torch_mm/dispatch")
-    assert saved_activation_bytes("torch_mm/grouped") < 0.6 * contract
+    assert saved_activation_bytes("torch_mm/split") < 0.6 * contract
     assert saved_activation_bytes("torch_mm/padded") < 0.7 * contract
 
 
@@ -229,14 +237,36 @@ def test_run_experts_rejects_bad_names_and_counts():
         run_experts(x, torch.tensor([1, 1, 2]), w_up, w_down, "swiglu", "torch")
 
 
-def test_layout_choice_follows_balance():
-    from am_moe.experts import _GroupedRows, _PaddedRows, _routing_plan
+def test_split_layout_puts_the_common_load_in_one_batched_block():
+    from am_moe.experts import _GroupedRows, _PaddedRows, _routing_plan, _SplitRows
 
     mask = torch.ones(64, dtype=torch.bool)
-    balanced = torch.arange(128).view(64, 2) % 4
-    assert isinstance(_routing_plan(balanced, mask, 4, 0.125).rows, _PaddedRows)
-    skewed = torch.stack([torch.zeros(64, dtype=torch.long), torch.arange(64) % 3 + 1], dim=1)
-    assert isinstance(_routing_plan(skewed, mask, 4, 0.125).rows, _GroupedRows)
-    assert isinstance(_routing_plan(balanced, mask, 4, 0.0).rows, _PaddedRows)  # no waste at all
+    indices = torch.stack([torch.arange(64) % 4, (torch.arange(64) + 1) % 4], dim=1)
+    indices[:5, 1] = 0  # expert 0 gets 5 extra rows, the others 32 or fewer
+    plan = _routing_plan(indices, mask, 4, "split")
+    counts = torch.bincount(indices.flatten(), minlength=4)
+    assert isinstance(plan.rows, _SplitRows) and plan.rows.head == int(counts.min())
+    assert plan.src_R.numel() == 128  # no padding rows
+    # Every (token, k) pair lands on a distinct row holding that token.
+    assert plan.slot_N.unique().numel() == 128
+    assert torch.equal(plan.src_R[plan.slot_N], plan.pair_N // 2)
+    assert isinstance(_routing_plan(indices, mask, 4, "grouped").rows, _GroupedRows)
+    # "padded" pads to the largest load (36 of loads 36, 30, 31, 31: 144 rows for 128, 12.5%
+    # padding) only within max_padding; otherwise it splits.
+    assert isinstance(_routing_plan(indices, mask, 4, "padded", 0.1).rows, _SplitRows)
+    padded = _routing_plan(indices, mask, 4, "padded", 0.125)
+    assert isinstance(padded.rows, _PaddedRows) and padded.src_R.numel() == 144
+    with pytest.raises(ValueError, match="cpu_layout='diagonal'"):
+        _routing_plan(indices, mask, 4, "diagonal")
     with pytest.raises(ValueError, match="expert indices must lie in \\[0, 4\\)"):
-        _routing_plan(balanced + 1, mask, 4, 0.125)
+        _routing_plan(indices + 1, mask, 4, "split")
+
+
+@pytest.mark.parametrize("layout", ["split", "padded"])
+def test_split_and_padded_layouts_with_head_and_tail_rows(layout):
+    module = _experts(_config("swiglu", e=4, bias=True), f"torch_mm/{layout}")
+    indices = torch.stack([torch.arange(24) % 4, (torch.arange(24) + 1) % 4], dim=1)
+    indices[:5, 1] = 0  # loads 16, 10, 11, 11: a batched head of 10 rows per expert + a tail
+    weights = torch.rand(24, 2, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
+    _check_against_reference(module, x, weights, indices, torch.ones(24, dtype=torch.bool))

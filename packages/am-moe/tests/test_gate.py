@@ -277,16 +277,17 @@ def _cp_aux_worker(rank: int, world_size: int):
     piece = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     _, _, aux = gate(x[:, piece], mask[:, piece], cp_mesh=mesh)
     aux.backward()
-    return aux.item(), full.item(), gate.weight.grad, full_grad
+    return aux.item(), full.item(), gate.weight.grad.tolist(), full_grad.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_aux_loss_under_context_parallelism_matches_full_sequence():
-    """Each CP rank holds half of every sequence: same loss; mean of CP grads = full grad."""
+    """Each CP rank holds half of every sequence: same loss; CP grads sum to the full grad."""
     from am_dtype.testing import run_distributed
 
     results = run_distributed(_cp_aux_worker, 2)
     for aux, full, _, _ in results:
         assert aux == pytest.approx(full, rel=1e-6)
-    mean_grad = (results[0][2] + results[1][2]) / 2
-    torch.testing.assert_close(mean_grad, results[0][3], rtol=1e-5, atol=1e-7)
+    summed = torch.tensor(results[0][2]) + torch.tensor(results[1][2])
+    torch.testing.assert_close(summed, torch.tensor(results[0][3]), rtol=1e-5, atol=1e-7)

@@ -22,10 +22,11 @@ name (`BackendConfig.experts`):
   autograd function (`_LocalMoE`): the routing weight scales the N x F
   activation instead of the N x D output, and neither the gathered rows nor
   the unweighted outputs are kept for backward. On CPU, when the experts'
-  loads are within `GroupedExperts.max_padding` of each other, rows are laid
-  out in equal padded blocks and each projection is one `torch.bmm`
-  (`_PaddedRows`): one parallel region instead of one per expert, which
-  keeps its speed when other processes share the cores.
+  loads are within 12.5% of each other, rows are laid out in equal padded
+  blocks and each projection is one `torch.bmm` (`_PaddedRows`): one parallel
+  region instead of one per expert, which keeps its speed when other
+  processes share the cores; otherwise every expert's first min(load) rows
+  run as one `torch.bmm` and the rest as a grouped matmul (`_SplitRows`).
 - "gmm": grouped_gemm's GPU kernel (the `gmm` extra), imported only when used.
 - "te": accepted where Transformer Engine is installed; TE's grouped linear
   wants one weight module per expert, so on stacked weights it runs the
@@ -39,6 +40,7 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -90,6 +92,9 @@ def _relu2(h_NF2: Tensor, alpha: float, limit: float) -> Tensor:
     return torch.square(F.relu(h_NF2))
 
 
+# "quick_geglu" (the reference's name) and "swigluoai" (GPT-OSS's) are the same clamped
+# function of (gate, up); the reference's quick_geglu read gate/up from interleaved columns,
+# here every gated activation reads the gate half [:F] and the up half [F:].
 ACTIVATIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {
     "swiglu": _swiglu,
     "geglu": _geglu,
@@ -261,6 +266,43 @@ class _PaddedRows:
         return self._blocks(v_RB).sum(dim=1)
 
 
+class _SplitRows:
+    """Layout without padding: a head of L blocks of `head` rows (every expert's first
+    `head` rows, `head` = the smallest load) run as one batched matmul, then each expert's
+    remaining rows, grouped, run through `_GroupedRows`.
+
+    Balanced loads put most rows in the head: one parallel region does most of the work
+    (see `_PaddedRows`) and no FLOP is spent on padding.
+    """
+
+    def __init__(self, counts_L: Tensor, head: int, device: torch.device) -> None:
+        self.num_groups, self.head = counts_L.numel(), head
+        self.head_rows = self.num_groups * head
+        self.tail = _GroupedRows(counts_L - head, device)
+
+    def _head_blocks(self, v_RA: Tensor) -> Tensor:
+        return v_RA[: self.head_rows].view(self.num_groups, self.head, v_RA.shape[-1])
+
+    def mm(self, x_RA: Tensor, w_LAB: Tensor) -> Tensor:
+        out = x_RA.new_empty(x_RA.shape[0], w_LAB.shape[-1])
+        torch.bmm(self._head_blocks(x_RA), w_LAB, out=self._head_blocks(out))
+        if x_RA.shape[0] > self.head_rows:
+            out[self.head_rows :] = self.tail.mm(x_RA[self.head_rows :], w_LAB)
+        return out
+
+    def wgrad(self, a_RA: Tensor, b_RB: Tensor) -> Tensor:
+        out = self.tail.wgrad(a_RA[self.head_rows :], b_RB[self.head_rows :])
+        return out.baddbmm_(self._head_blocks(a_RA).transpose(1, 2), self._head_blocks(b_RB))
+
+    def per_row(self, b_LB: Tensor) -> Tensor:
+        head = b_LB.unsqueeze(1).expand(-1, self.head, -1).reshape(-1, b_LB.shape[-1])
+        return torch.cat([head, self.tail.per_row(b_LB)])
+
+    def segment_sum(self, v_RB: Tensor) -> Tensor:
+        tail = self.tail.segment_sum(v_RB[self.head_rows :])
+        return tail + self._head_blocks(v_RB).sum(dim=1)
+
+
 def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None):
     """(y_RD, h_RF2): y = (w_R *) act(x @ w_up[g] + b_up[g]) @ w_down[g] (+ w_R *) b_down[g].
 
@@ -344,16 +386,50 @@ class _GroupedMLP(torch.autograd.Function):
 @dataclass
 class _Plan:
     """Where each routed row comes from: token `src_R[r]`; real (token, k) pair `pair_N[n]`
-    sits at row `slot_N[n]` (None: row n). Padding rows point at token 0 with weight 0."""
+    sits at row `slot_N[n]` (None: row n). Padding rows point at token 0 with weight 0.
+
+    `token_rows` (CPU) is the [T, R] 0/1 matrix in CSR form with the rows of each token:
+    summing rows back per token is one sparse matmul, several times faster on CPU than
+    `index_add_` (which walks the indices serially). Sparse CSR matmul has no bf16 CPU
+    kernel, so other dtypes use `index_add_`.
+    """
 
     src_R: Tensor
     pair_N: Tensor
     slot_N: Tensor | None
     rows: _GroupedRows | _PaddedRows
+    token_rows: tuple[Tensor, Tensor] | None = None
+
+    def sum_per_token(self, y_RD: Tensor, num_tokens: int) -> Tensor:
+        """out[t] = sum of the rows of y_RD that belong to token t."""
+        if self.token_rows is None or y_RD.dtype not in (torch.float32, torch.float64):
+            return y_RD.new_zeros(num_tokens, y_RD.shape[1]).index_add_(0, self.src_R, y_RD)
+        crow, col = self.token_rows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            csr = torch.sparse_csr_tensor(
+                crow, col, y_RD.new_ones(col.numel()), (num_tokens, y_RD.shape[0]),
+                check_invariants=False,
+            )  # fmt: skip
+        return torch.sparse.mm(csr, y_RD)
 
 
-def _routing_plan(indices_TK, token_mask_T, num_experts: int, max_padding: float) -> _Plan:
-    """Sort the (token, k) pairs by expert; pad to equal blocks when that wastes little."""
+def _token_rows(keep: Tensor, pair_N: Tensor, slot_N: Tensor | None, k: int):
+    """(crow, col) of the CSR matrix mapping each token to its routed rows, token-major."""
+    n = pair_N.numel()
+    row_of_pair = torch.full_like(keep, -1, dtype=torch.long)
+    row_of_pair[pair_N] = torch.arange(n) if slot_N is None else slot_N
+    per_token = keep.view(-1, k).sum(dim=1)
+    crow = torch.cat([per_token.new_zeros(1), torch.cumsum(per_token, 0)])
+    return crow, row_of_pair[keep]
+
+
+def _routing_plan(
+    indices_TK, token_mask_T, num_experts: int, layout: str, max_padding: float = 0.125
+) -> _Plan:
+    """Sort the (token, k) pairs by expert and lay the rows out as `layout` (on CPU)."""
+    if layout not in CPU_LAYOUTS:
+        raise ValueError(f"cpu_layout={layout!r} is not supported; accepted: {list(CPU_LAYOUTS)}")
     flat_expert = indices_TK.reshape(-1)
     keep = token_mask_T.reshape(-1, 1).to(torch.bool).expand_as(indices_TK).reshape(-1)
     # Masked slots sort after every real expert and are cut off.
@@ -367,14 +443,30 @@ def _routing_plan(indices_TK, token_mask_T, num_experts: int, max_padding: float
     n = int(counts_L.sum())
     pair_N = order[:n]
     row_N = torch.div(pair_N, indices_TK.shape[-1], rounding_mode="floor")
-    capacity = int(counts_L.max()) if n else 0
-    if indices_TK.device.type != "cpu" or n == 0 or num_experts * capacity > (1 + max_padding) * n:
-        return _Plan(row_N, pair_N, None, _GroupedRows(counts_L, indices_TK.device))
-    group_N = sorted_key[:n]
-    starts_L = torch.cumsum(counts_L, 0) - counts_L
-    slot_N = group_N * capacity + torch.arange(n) - starts_L.index_select(0, group_N)
-    src_R = torch.zeros(num_experts * capacity, dtype=row_N.dtype).index_copy_(0, slot_N, row_N)
-    return _Plan(src_R, pair_N, slot_N, _PaddedRows(num_experts, capacity))
+    on_cpu = indices_TK.device.type == "cpu"
+    if not on_cpu or n == 0 or layout == "grouped":
+        plan = _Plan(row_N, pair_N, None, _GroupedRows(counts_L, indices_TK.device))
+    else:
+        group_N = sorted_key[:n]
+        rank_N = torch.arange(n) - (torch.cumsum(counts_L, 0) - counts_L).index_select(0, group_N)
+        capacity = int(counts_L.max())
+        if layout == "padded" and num_experts * capacity <= (1 + max_padding) * n:
+            rows, slot_N = _PaddedRows(num_experts, capacity), group_N * capacity + rank_N
+        else:
+            head = int(counts_L.min())
+            rows = _SplitRows(counts_L, head, indices_TK.device)
+            tail_start_L = torch.cumsum(counts_L - head, 0) - (counts_L - head)
+            in_tail = rows.head_rows + tail_start_L.index_select(0, group_N) + rank_N - head
+            slot_N = torch.where(rank_N < head, group_N * head + rank_N, in_tail)
+        src_R = torch.zeros(_num_rows(rows, n), dtype=row_N.dtype).index_copy_(0, slot_N, row_N)
+        plan = _Plan(src_R, pair_N, slot_N, rows)
+    if on_cpu:
+        plan.token_rows = _token_rows(keep, pair_N, plan.slot_N, indices_TK.shape[-1])
+    return plan
+
+
+def _num_rows(rows, n: int) -> int:
+    return rows.num_groups * rows.capacity if isinstance(rows, _PaddedRows) else n
 
 
 class _LocalMoE(torch.autograd.Function):
@@ -394,7 +486,7 @@ class _LocalMoE(torch.autograd.Function):
         x_RD = x_TD.index_select(0, plan.src_R)
         y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R)
         del x_RD
-        out_TD = torch.zeros_like(x_TD).index_add_(0, plan.src_R, y_RD)
+        out_TD = plan.sum_per_token(y_RD, x_TD.shape[0])
         ctx.save_for_backward(x_TD, h_RF2, w_R, w_up, w_down, b_down)
         ctx.plan, ctx.act, ctx.act_name = plan, act, act_name
         ctx.weights_meta = (weights_TK.shape, weights_TK.dtype)
@@ -415,7 +507,7 @@ class _LocalMoE(torch.autograd.Function):
         del g_RD, x_RD
         grad_x = None
         if g["x"] is not None:
-            grad_x = torch.zeros_like(x_TD).index_add_(0, plan.src_R, g["x"])
+            grad_x = plan.sum_per_token(g["x"], x_TD.shape[0])
         grad_weights = None
         if g["w_R"] is not None:
             shape, dtype = ctx.weights_meta
@@ -441,19 +533,25 @@ class _LocalMoE(torch.autograd.Function):
 
 
 def _run_loop(x_ND, counts_L, w_up, w_down, act, b_up, b_down):
+    # unbind once: its backward stacks the per-expert grads in one go, where indexing w[g]
+    # per expert would build (and sum) a full-size zero gradient for every expert.
+    ups, downs = w_up.unbind(0), w_down.unbind(0)
+    up_biases = b_up.unbind(0) if b_up is not None else None
+    down_biases = b_down.unbind(0) if b_down is not None else None
     outs = []
     start = 0
     for g, n in enumerate(counts_L.tolist()):
         if n == 0:
             continue
-        h = x_ND[start : start + n] @ w_up[g]
-        h = h if b_up is None else h + b_up[g]
-        y = act(h) @ w_down[g]
-        outs.append(y if b_down is None else y + b_down[g])
+        h = x_ND[start : start + n] @ ups[g]
+        h = h if up_biases is None else h + up_biases[g]
+        y = act(h) @ downs[g]
+        outs.append(y if down_biases is None else y + down_biases[g])
         start += n
     if not outs:
-        # Keep the graph connected so every expert weight still receives a (zero) grad.
-        return x_ND @ w_up[0, :, :0] @ w_down[0, :0, :]
+        # Keep the graph connected so every expert parameter still receives a (zero) grad.
+        params = [p for p in (w_up, w_down, b_up, b_down) if p is not None]
+        return x_ND @ w_up[0, :, :0] @ w_down[0, :0, :] + 0 * sum(p.sum() for p in params)
     return torch.cat(outs)
 
 
@@ -541,6 +639,12 @@ def _local(t: Tensor | None) -> Tensor | None:
     return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
+# Row layouts of the fused path on CPU: "padded" (one batched matmul over blocks padded to
+# the largest load; "split" instead when that would add more than `max_padding` rows),
+# "split" (batched head + grouped tail, no padding), "grouped". Measured at the benchmark
+# shape (32 experts, 2 threads): all three equal on an idle machine; under load and in bf16
+# (where CPU `_grouped_mm` is slow) "padded" is about 2x faster than the other two.
+CPU_LAYOUTS = ("padded", "split", "grouped")
 # Kernels with a fused gather -> experts -> weighted-sum path when no expert parallelism is on.
 _FUSED_LOCAL_IMPLS = frozenset({"torch_mm", "te"})
 
@@ -555,8 +659,8 @@ class GroupedExperts(nn.Module):
     (`_LocalMoE`); any other dispatcher goes through dispatch/run_experts/combine.
     """
 
-    # On CPU, balanced loads run as one batched matmul over equal padded blocks when padding
-    # adds at most this fraction of rows (see `_PaddedRows`); 0 always uses grouped matmuls.
+    # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
+    cpu_layout: str = "padded"
     max_padding: float = 0.125
 
     def __init__(self, config: MoEConfig, backend: BackendConfig) -> None:
@@ -612,7 +716,9 @@ class GroupedExperts(nn.Module):
     def _local_fused(self, x_TD, token_mask_T, weights_TK, indices_TK, weights) -> Tensor:
         if token_mask_T is None:
             token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
-        plan = _routing_plan(indices_TK, token_mask_T, self.n_routed_experts, self.max_padding)
+        plan = _routing_plan(
+            indices_TK, token_mask_T, self.n_routed_experts, self.cpu_layout, self.max_padding
+        )
         act = partial(
             ACTIVATIONS[self.expert_activation],
             alpha=self.activation_alpha,

@@ -113,7 +113,7 @@ class Gate(nn.Module):
         if self.norm_topk_prob and self.topk > 1:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.route_scale
-        if self.training and self.e_score_correction_bias is not None:
+        if self.training and self.bias_update_factor > 0:
             load = _expert_load(indices_TK, mask_T, self.n_experts)
             prev = self._load_since_update
             self._load_since_update = load if prev is None else prev + load
@@ -212,14 +212,18 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _cp_sum(probs_BE: Tensor, load_BE: Tensor, tokens_B: Tensor, cp_mesh: DeviceMesh):
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+    """Sum per-rank partial statistics over the CP ranks (DTensor Partial -> Replicate).
 
-    group = cp_mesh.get_group()
-    probs_BE = differentiable_all_reduce(probs_BE, group=group)
-    counts = torch.cat([load_BE, tokens_B.unsqueeze(-1)], dim=-1)
-    dist.all_reduce(counts, group=group)
-    return probs_BE, counts[:, :-1], counts[:, -1]
+    As in the reference, the backward hands each rank the gradient of its own tokens
+    only (no sum over ranks): summing parameter grads over CP ranks gives the full grad.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    def total(t: Tensor) -> Tensor:
+        return DTensor.from_local(t, device_mesh=cp_mesh, placements=[Partial()]).full_tensor()
+
+    counts = total(torch.cat([load_BE, tokens_B.unsqueeze(-1)], dim=-1))
+    return total(probs_BE), counts[:, :-1], counts[:, -1]
 
 
 class FakeBalancedGate(nn.Module):
