@@ -332,7 +332,11 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: Any, backend: BackendConfig | None = None, **kwargs: Any):
-        """Build a randomly initialized (or, under init_empty_weights, empty) model from a config."""
+        """Build the model from a config; call `initialize_weights` (or load weights) next.
+
+        The am-moe router and expert parameters are allocated uninitialized (torchtitan
+        style), so the model is ready to run only once weights are initialized or loaded.
+        """
         return cls(config, backend, **kwargs)
 
     @classmethod
