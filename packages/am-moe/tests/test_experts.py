@@ -270,3 +270,34 @@ def test_split_and_padded_layouts_with_head_and_tail_rows(layout):
     weights = torch.rand(24, 2, generator=torch.Generator().manual_seed(4))
     x = torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
     _check_against_reference(module, x, weights, indices, torch.ones(24, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("layout", ["padded", "split", "grouped"])
+def test_reused_cpu_buffers_never_leak_between_calls(activation, layout):
+    """Two forwards before either backward (two layers, or accumulation) with the shared
+    workspace: outputs are not overwritten by the second call and every gradient equals the
+    run with fresh buffers."""
+    config = _config(activation, e=4, k=2, bias=True)
+    torch.manual_seed(3)
+    xs = [torch.randn(t, config.dim) for t in (11, 7)]
+    routes = [_routing(x.shape[0], config.n_routed_experts, 2, seed=i) for i, x in enumerate(xs)]
+    results = []
+    for reuse in (True, False):
+        module = _experts(config, f"torch_mm/{layout}")
+        module.reuse_cpu_buffers = reuse
+        leaves, outs = [], []
+        for x, (w, i) in zip(xs, routes, strict=True):
+            x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            outs.append(module(x, torch.ones(x.shape[0], dtype=torch.bool), w, i))
+            leaves += [x, w]
+        snapshot = [o.detach().clone() for o in outs]
+        # Second call's scratch use must not have touched the first call's output.
+        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        for o, s in zip(outs, snapshot, strict=True):
+            assert torch.equal(o.detach(), s)
+        grads = [leaf.grad for leaf in leaves] + [p.grad for p in module.parameters()]
+        results.append((snapshot, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    for a, b in zip(out_a + grads_a, out_b + grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)

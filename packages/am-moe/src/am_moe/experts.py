@@ -40,6 +40,8 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,7 +225,8 @@ class _GroupedRows:
             self._group_N = torch.repeat_interleave(ids, self.counts_L.to(self.offs.device))
         return self._group_N
 
-    def mm(self, x_NA: Tensor, w_LAB: Tensor) -> Tensor:
+    def mm(self, x_NA: Tensor, w_LAB: Tensor, out: Tensor | None = None) -> Tensor:
+        # `out` is only a hint here: `torch._grouped_mm` has no out= form.
         return _gmm(x_NA, w_LAB, self.offs)
 
     def wgrad(self, a_NA: Tensor, b_NB: Tensor) -> Tensor:
@@ -253,8 +256,11 @@ class _PaddedRows:
     def _blocks(self, v_RA: Tensor) -> Tensor:
         return v_RA.view(self.num_groups, self.capacity, v_RA.shape[-1])
 
-    def mm(self, x_RA: Tensor, w_LAB: Tensor) -> Tensor:
-        return torch.bmm(self._blocks(x_RA), w_LAB).view(x_RA.shape[0], w_LAB.shape[-1])
+    def mm(self, x_RA: Tensor, w_LAB: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            return torch.bmm(self._blocks(x_RA), w_LAB).view(x_RA.shape[0], w_LAB.shape[-1])
+        torch.bmm(self._blocks(x_RA), w_LAB, out=self._blocks(out))
+        return out
 
     def wgrad(self, a_RA: Tensor, b_RB: Tensor) -> Tensor:
         return torch.bmm(self._blocks(a_RA).transpose(1, 2), self._blocks(b_RB))
@@ -283,8 +289,9 @@ class _SplitRows:
     def _head_blocks(self, v_RA: Tensor) -> Tensor:
         return v_RA[: self.head_rows].view(self.num_groups, self.head, v_RA.shape[-1])
 
-    def mm(self, x_RA: Tensor, w_LAB: Tensor) -> Tensor:
-        out = x_RA.new_empty(x_RA.shape[0], w_LAB.shape[-1])
+    def mm(self, x_RA: Tensor, w_LAB: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            out = x_RA.new_empty(x_RA.shape[0], w_LAB.shape[-1])
         torch.bmm(self._head_blocks(x_RA), w_LAB, out=self._head_blocks(out))
         if x_RA.shape[0] > self.head_rows:
             out[self.head_rows :] = self.tail.mm(x_RA[self.head_rows :], w_LAB)
@@ -303,43 +310,111 @@ class _SplitRows:
         return tail + self._head_blocks(v_RB).sum(dim=1)
 
 
-def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None):
+class _Workspace:
+    """Scratch buffers reused across calls, for the fused path's large transient tensors.
+
+    On CPU a fresh tensor of tens of MB comes from mmap and is zero-filled page by page on
+    first touch; at the benchmark shape that made a row gather ~9x slower than the same
+    gather into a reused buffer. A buffer handed out here must not outlive the call that
+    asked for it (never returned, never saved for backward); one set per thread, shared by
+    every MoE layer, each buffer as large as the largest request so far.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        key, n = (name, like.dtype, like.device), math.prod(shape)
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        """Free this thread's buffers."""
+        self._local.__dict__.pop("bufs", None)
+
+
+_WORKSPACE = _Workspace()
+
+
+@dataclass
+class _Scratch:
+    """The shared workspace as seen by one fused call (knows the activation's name)."""
+
+    act_name: str
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return _WORKSPACE.get(name, tuple(shape), like)
+
+
+def _relu2_into(h_RF: Tensor, out_RF: Tensor) -> Tensor:
+    torch.clamp_min(h_RF, 0, out=out_RF)
+    return out_RF.mul_(out_RF)
+
+
+def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None, ws=None):
     """(y_RD, h_RF2): y = (w_R *) act(x @ w_up[g] + b_up[g]) @ w_down[g] (+ w_R *) b_down[g].
 
     The routing weight, when given, scales the activation (R x F) rather than the output
-    (R x D): the same product, on half as many values for the usual F <= D.
+    (R x D): the same product, on half as many values for the usual F <= D. With a
+    workspace `ws` (`_scratch`) the activation and y_RD live in its buffers (y_RD reuses
+    x_RD's, which is dead once h is computed): the caller must consume y_RD before the
+    next call.
     """
     h_RF2 = rows.mm(x_RD, w_up)
     if b_up is not None:
         h_RF2 += rows.per_row(b_up)
-    a_RF = act(h_RF2)
+    if ws is not None and ws.act_name == "relu2":
+        a_RF = _relu2_into(h_RF2, ws.get("a", h_RF2.shape, h_RF2))
+    else:
+        a_RF = act(h_RF2)
     if w_R is not None:
         a_RF.mul_(w_R.unsqueeze(-1))
-    y_RD = rows.mm(a_RF, w_down)
+    y_RD = rows.mm(a_RF, w_down, out=None if ws is None else x_RD)
     if b_down is not None:
         bias_RD = rows.per_row(b_down)
         y_RD += bias_RD if w_R is None else bias_RD * w_R.unsqueeze(-1)
     return y_RD, h_RF2
 
 
-def _mlp_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R):
+def _relu2_with_grad_into(h_RF: Tensor, ws: _Scratch):
+    r_RF = torch.clamp_min(h_RF, 0, out=ws.get("r", h_RF.shape, h_RF))
+    a_RF = torch.mul(r_RF, r_RF, out=ws.get("a", h_RF.shape, h_RF))
+    return a_RF, lambda grad_a: grad_a.mul_(r_RF).mul_(2)
+
+
+def _mlp_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws=None):
     """Gradients of `_mlp_forward` for (x, w_up, w_down, b_up, b_down, w_R), by name.
 
-    `ctx.want` names the gradients needed; the activation is recomputed from h_RF2.
+    `ctx.want` names the gradients needed; the activation is recomputed from h_RF2. With a
+    workspace `ws` the R-row intermediates live in its buffers and grads["x"] reuses
+    g_RD's buffer (dead by then): the caller must consume it before the next call.
     """
     want = ctx.want
     grads = dict.fromkeys(("x", "w_up", "w_down", "b_up", "b_down", "w_R"))
-    a_RF, act_grad = _activation_with_grad(ctx.act, ctx.act_name)(h_RF2)
+    if ws is not None and ctx.act_name == "relu2":
+        a_RF, act_grad = _relu2_with_grad_into(h_RF2, ws)
+    else:
+        a_RF, act_grad = _activation_with_grad(ctx.act, ctx.act_name)(h_RF2)
+    grad_a_out = None if ws is None else ws.get("grad_a", a_RF.shape, a_RF)
     if want["w_down"]:
-        scaled_RF = a_RF if w_R is None else a_RF * w_R.unsqueeze(-1)
+        scaled_RF = a_RF
+        if w_R is not None:
+            scaled_RF = torch.mul(a_RF, w_R.unsqueeze(-1), out=grad_a_out)
         grads["w_down"] = rows.wgrad(scaled_RF, g_RD)
         del scaled_RF
     if want["b_down"]:
         grads["b_down"] = rows.segment_sum(g_RD if w_R is None else g_RD * w_R.unsqueeze(-1))
-    grad_a_RF = rows.mm(g_RD, w_down.transpose(-2, -1))
+    grad_a_RF = rows.mm(g_RD, w_down.transpose(-2, -1), out=grad_a_out)
     if w_R is not None:
         if want["w_R"]:
-            grads["w_R"] = torch.linalg.vecdot(grad_a_RF, a_RF)
+            if ws is not None and ctx.act_name == "relu2":
+                # a_RF is a workspace buffer, dead after this: no fresh R x F product.
+                grads["w_R"] = a_RF.mul_(grad_a_RF).sum(-1)
+            else:
+                grads["w_R"] = torch.linalg.vecdot(grad_a_RF, a_RF)
             if b_down is not None:
                 grads["w_R"] += torch.linalg.vecdot(g_RD, rows.per_row(b_down))
         grad_a_RF.mul_(w_R.unsqueeze(-1))
@@ -351,7 +426,7 @@ def _mlp_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R):
     if want["b_up"]:
         grads["b_up"] = rows.segment_sum(grad_h_RF2)
     if want["x"]:
-        grads["x"] = rows.mm(grad_h_RF2, w_up.transpose(-2, -1))
+        grads["x"] = rows.mm(grad_h_RF2, w_up.transpose(-2, -1), out=None if ws is None else g_RD)
     return grads
 
 
@@ -411,7 +486,10 @@ class _Plan:
                 crow, col, y_RD.new_ones(col.numel()), (num_tokens, y_RD.shape[0]),
                 check_invariants=False,
             )  # fmt: skip
-        return torch.sparse.mm(csr, y_RD)
+        # beta=0 ignores the uninitialised input and out= is that input: no zero-fill of a
+        # T x D tensor and no copy of it into a second one.
+        out_TD = y_RD.new_empty(num_tokens, y_RD.shape[1])
+        return torch.addmm(out_TD, csr, y_RD, beta=0, out=out_TD)
 
 
 def _token_rows(keep: Tensor, pair_N: Tensor, slot_N: Tensor | None, k: int):
@@ -478,17 +556,18 @@ class _LocalMoE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, w_up, w_down, b_up, b_down, plan, act, act_name):
+    def forward(ctx, x_TD, weights_TK, w_up, w_down, b_up, b_down, plan, act, act_name, reuse):
         w_N = weights_TK.reshape(-1).index_select(0, plan.pair_N).to(x_TD.dtype)
         w_R = w_N
         if plan.slot_N is not None:
             w_R = w_N.new_zeros(plan.src_R.numel()).index_copy_(0, plan.slot_N, w_N)
-        x_RD = x_TD.index_select(0, plan.src_R)
-        y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R)
+        ws = _Scratch(act_name) if reuse else None
+        x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
+        y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R, ws)
         del x_RD
         out_TD = plan.sum_per_token(y_RD, x_TD.shape[0])
         ctx.save_for_backward(x_TD, h_RF2, w_R, w_up, w_down, b_down)
-        ctx.plan, ctx.act, ctx.act_name = plan, act, act_name
+        ctx.plan, ctx.act, ctx.act_name, ctx.ws = plan, act, act_name, ws
         ctx.weights_meta = (weights_TK.shape, weights_TK.dtype)
         need = ctx.needs_input_grad
         ctx.want = {
@@ -501,9 +580,10 @@ class _LocalMoE(torch.autograd.Function):
     def backward(ctx, grad_out_TD):
         x_TD, h_RF2, w_R, w_up, w_down, b_down = ctx.saved_tensors
         plan = ctx.plan
-        g_RD = grad_out_TD.contiguous().index_select(0, plan.src_R)
-        x_RD = x_TD.index_select(0, plan.src_R)
-        g = _mlp_backward(ctx, g_RD, x_RD, h_RF2, plan.rows, w_up, w_down, b_down, w_R)
+        ws = ctx.ws
+        g_RD = _gather_rows(grad_out_TD.contiguous(), plan.src_R, ws, "g")
+        x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
+        g = _mlp_backward(ctx, g_RD, x_RD, h_RF2, plan.rows, w_up, w_down, b_down, w_R, ws)
         del g_RD, x_RD
         grad_x = None
         if g["x"] is not None:
@@ -524,7 +604,15 @@ class _LocalMoE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _gather_rows(v_TD: Tensor, src_R: Tensor, ws: _Scratch | None, name: str) -> Tensor:
+    if ws is None:
+        return v_TD.index_select(0, src_R)
+    out_RD = ws.get(name, (src_R.numel(), v_TD.shape[1]), v_TD)
+    return torch.index_select(v_TD, 0, src_R, out=out_RD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +750,9 @@ class GroupedExperts(nn.Module):
     # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
     cpu_layout: str = "padded"
     max_padding: float = 0.125
+    # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
+    # by all layers (see `_Workspace`) instead of allocating them on every call.
+    reuse_cpu_buffers: bool = True
 
     def __init__(self, config: MoEConfig, backend: BackendConfig) -> None:
         super().__init__()
@@ -725,7 +816,8 @@ class GroupedExperts(nn.Module):
             limit=self.activation_limit,
         )
         x_TD = x_TD.to(weights[0].dtype)
-        out = _LocalMoE.apply(x_TD, weights_TK, *weights, plan, act, self.expert_activation)
+        reuse = self.reuse_cpu_buffers and x_TD.device.type == "cpu"
+        out = _LocalMoE.apply(x_TD, weights_TK, *weights, plan, act, self.expert_activation, reuse)
         return out
 
     @torch.no_grad()
