@@ -3,8 +3,8 @@
 These are the CPU default of `Mamba2Mixer` and the reference its GPU kernel
 path is tested against. All math is float32. Three pieces have hand-written
 backwards because autograd's generic ones dominate CPU time: the depthwise
-conv (F.conv1d's depthwise weight gradient is several times slower than four
-shifted products), the decay-masked in-chunk product (autograd makes about
+conv (F.conv1d's depthwise weight gradient is several times slower than shifted
+products; without packing the backward runs in cache-sized blocks), the decay-masked in-chunk product (autograd makes about
 twice the passes over the [.., H, L, L] tensors) and the gated RMSNorm. The
 rest (chunk states, the chunk recurrence, state outputs) is plain autograd.
 
@@ -63,23 +63,80 @@ class _CausalConvSiLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, w_KC, pre, masks = ctx.saved_tensors
+        if masks is None:
+            grad_x, grad_w, grad_b = _conv_backward_blocked(grad_out, x, w_KC, pre)
+            return grad_x, grad_w, grad_b if ctx.has_bias else None, None
         width = w_KC.shape[0]
         grad_pre = torch.ops.aten.silu_backward(grad_out.contiguous(), pre)
         grad_x = grad_pre * w_KC[width - 1]
-        grad_w = torch.empty_like(w_KC)
-        prod = torch.mul(grad_pre, x)  # reused as the product buffer of every tap
-        grad_w[width - 1] = prod.sum((0, 1))
         for j in range(1, width):
-            g = grad_pre[:, j:]
-            if masks is not None:
-                g = torch.mul(g, masks[j - 1, :, j:], out=prod[:, j:])
-            grad_x[:, :-j].addcmul_(g, w_KC[width - 1 - j])
-            torch.mul(g, x[:, :-j], out=prod[:, j:])
-            prod[:, :j].zero_()
-            # Summing the whole contiguous buffer is far faster than summing a sliced view.
-            grad_w[width - 1 - j] = prod.sum((0, 1))
+            grad_x[:, :-j].addcmul_(grad_pre[:, j:] * masks[j - 1, :, j:], w_KC[width - 1 - j])
+        grad_w = _conv_weight_grad_masked(grad_pre, x, masks)
         grad_b = grad_pre.sum((0, 1)) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
+
+
+_BLOCK = 64
+
+
+def _conv_backward_blocked(
+    grad_out: Tensor, x: Tensor, w_KC: Tensor, pre: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad w_KC, grad bias) of silu(causal depthwise conv), in cache-sized blocks.
+
+    Per block of positions: the SiLU gradient, its scatter to the K shifted input
+    positions, and all K weight-gradient taps (the K shifted windows of x are one
+    strided view) are computed while the block is in cache; done tap by tap over the
+    whole sequence these were a dozen memory-bound passes. grad w_KC[k] sums
+    grad_pre[t] * x[t - (K-1-k)]; the first K-1 positions, whose windows reach
+    before 0, are summed separately (no padded copy of x).
+    """
+    Bt, S, Ch = x.shape
+    K = w_KC.shape[0]
+    st, sc = x.stride(1), x.stride(2)  # x is often a column slice of in_proj's output
+    head = min(K - 1, S)
+    T = min(_BLOCK, S)
+    starts = range(0, S, T)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    parts_w = x.new_zeros(Bt * len(starts), K, Ch)
+    parts_b = x.new_empty(Bt * len(starts), Ch)
+    gp_buf, prod_buf = x.new_empty(T, Ch), x.new_empty(K, T, Ch)
+    i = 0
+    for b in range(Bt):
+        for t0 in starts:
+            n = min(T, S - t0)
+            gp = torch.ops.aten.silu_backward.grad_input(
+                grad_out[b, t0 : t0 + n], pre[b, t0 : t0 + n], grad_input=gp_buf[:n]
+            )
+            torch.mul(gp, w_KC[K - 1], out=grad_x[b, t0 : t0 + n])
+            for j in range(1, K):  # position t feeds the output at t + j through tap K-1-j
+                lo = max(t0 - j, 0)
+                if t0 + n - j > lo:
+                    grad_x[b, lo : t0 + n - j].addcmul_(gp[lo + j - t0 :], w_KC[K - 1 - j])
+            torch.sum(gp, 0, out=parts_b[i])
+            first = head if t0 == 0 else 0
+            if n > first:
+                win = x[b, t0 + first - K + 1 :].as_strided((K, n - first, Ch), (st, st, sc))
+                prod = torch.mul(win, gp[first:], out=prod_buf[:, : n - first])
+                torch.sum(prod, 1, out=parts_w[i])
+            for j in range(head if t0 == 0 else 0):  # t < K-1: tap K-1-j reads x[t-j], t >= j
+                parts_w[i, K - 1 - j] += (gp[j:head] * x[b, : head - j]).sum(0)
+            i += 1
+    return grad_x, parts_w.sum(0), parts_b.sum(0)
+
+
+def _conv_weight_grad_masked(grad_pre: Tensor, x: Tensor, masks: Tensor) -> Tensor:
+    width = masks.shape[0] + 1
+    grad_w = x.new_empty(width, x.shape[-1])
+    prod = torch.mul(grad_pre, x)  # reused as the product buffer of every tap
+    grad_w[width - 1] = prod.sum((0, 1))
+    for j in range(1, width):
+        g = torch.mul(grad_pre[:, j:], masks[j - 1, :, j:], out=prod[:, j:])
+        torch.mul(g, x[:, :-j], out=prod[:, j:])
+        prod[:, :j].zero_()
+        # Summing the whole contiguous buffer is far faster than summing a sliced view.
+        grad_w[width - 1 - j] = prod.sum((0, 1))
+    return grad_w
 
 
 def _conv_shifted(x: Tensor, w_KC: Tensor, bias: Tensor | None, masks: Tensor | None) -> Tensor:
