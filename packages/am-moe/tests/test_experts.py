@@ -6,6 +6,7 @@ so fp32 rounding stays well inside that).
 
 import pytest
 import torch
+from _am_moe_test_config import small_moe_config
 
 from am_dtype.backend import BackendConfig
 from am_moe.config import EXPERT_ACTIVATIONS, MoEConfig, is_gated
@@ -32,24 +33,15 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def _config(activation="swiglu", *, e=6, k=2, d=16, f=8, bias=False) -> MoEConfig:
-    return MoEConfig(
+    return small_moe_config(
         n_routed_experts=e,
-        n_shared_experts=0,
         n_activated_experts=k,
-        n_expert_groups=1,
-        n_limited_groups=1,
-        train_gate=True,
-        gate_bias_update_factor=0.0,
-        aux_loss_coeff=0.0,
-        score_func="softmax",
-        route_scale=1.0,
         dim=d,
         inter_dim=32,
         moe_inter_dim=f,
         norm_topk_prob=False,
         expert_bias=bias,
         expert_activation=activation,
-        dtype=torch.float32,
     )
 
 

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from _am_moe_test_config import small_moe_config
 
 from am_dtype.backend import BackendConfig
 from am_moe.config import MoEConfig
@@ -13,25 +14,16 @@ E, D = 8, 12
 
 
 def _config(**overrides) -> MoEConfig:
-    base = dict(
+    fields = dict(
         n_routed_experts=E,
-        n_shared_experts=0,
         n_activated_experts=2,
-        n_expert_groups=1,
-        n_limited_groups=1,
-        train_gate=True,
-        gate_bias_update_factor=0.0,
-        aux_loss_coeff=0.0,
-        score_func="softmax",
-        route_scale=1.0,
         dim=D,
         inter_dim=16,
         moe_inter_dim=8,
         norm_topk_prob=False,
-        dtype=torch.float32,
     )
-    base.update(overrides)
-    return MoEConfig(**base)
+    fields.update(overrides)
+    return small_moe_config(**fields)
 
 
 def _gate(backend=None, **overrides) -> Gate:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _am_moe_test_config import small_moe_config
 from torch import nn
 
 from am_dtype.backend import BackendConfig
@@ -13,25 +14,17 @@ D = 16
 
 
 def _config(**overrides) -> MoEConfig:
-    base = dict(
+    fields = dict(
         n_routed_experts=4,
         n_shared_experts=1,
         n_activated_experts=2,
-        n_expert_groups=1,
-        n_limited_groups=1,
-        train_gate=True,
-        gate_bias_update_factor=0.0,
-        aux_loss_coeff=0.0,
-        score_func="softmax",
-        route_scale=1.0,
         dim=D,
         inter_dim=32,
         moe_inter_dim=8,
         norm_topk_prob=True,
-        dtype=torch.float32,
     )
-    base.update(overrides)
-    return MoEConfig(**base)
+    fields.update(overrides)
+    return small_moe_config(**fields)
 
 
 def _moe(backend=None, **overrides) -> MoE:
