@@ -13,12 +13,18 @@ pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _load(model, state_dict):
+    # TE modules add an `_extra_state` entry (FP8 metadata) that the sdpa model lacks.
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+
+
 def _pair(backend_gpu):
     torch.manual_seed(0)
     cpu = NemotronHForCausalLM(tiny_config(), backend=cpu_backend())
     cpu.initialize_weights(dtype=torch.float32)
     gpu = NemotronHForCausalLM(tiny_config(), backend=backend_gpu).cuda()
-    gpu.load_state_dict(cpu.state_dict())
+    _load(gpu, cpu.state_dict())
     return cpu.eval(), gpu.eval()
 
 
@@ -40,3 +46,39 @@ def test_te_attention_matches_sdpa_prefill_and_decode():
         a = gpu.generate(ids[:, :6].cuda(), max_new_tokens=8, do_sample=False).cpu()
         b = cpu.generate(ids[:, :6], max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.skipif(not HAVE_TE, reason="needs transformer_engine (the 'te' extra)")
+def test_te_attention_matches_sdpa_on_packed_thd_batch():
+    """A [1, T] batch of 3 sequences with cu_seqlens: TE's THD path against sdpa, both on CUDA.
+
+    bf16, since TE's fused / flash kernels (the ones that take THD) need 16-bit inputs.
+    """
+    lengths = (7, 12, 5)
+    torch.manual_seed(0)
+    config = tiny_config(dtype="bfloat16")
+    sdpa = NemotronHForCausalLM(config, backend=cpu_backend())
+    sdpa.initialize_weights(dtype=torch.bfloat16)
+    sdpa = sdpa.cuda().eval()
+    te = NemotronHForCausalLM(config, backend=cpu_backend(attn="te")).cuda().eval()
+    _load(te, sdpa.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, 64, (1, n), generator=gen).cuda() for n in lengths]
+    packed = torch.cat(seqs, dim=1)
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        got = te(packed, cu_seqlens=cu, qkv_format="thd").logits.float()
+        ref = sdpa(packed, cu_seqlens=cu).logits.float()
+        alone = [te(s).logits.float() for s in seqs]
+    assert rel_err(got, ref) <= 2e-2
+    for part, one in zip(got.split(lengths, dim=1), alone, strict=True):
+        assert rel_err(part, one) <= 2e-2
+    grads = []
+    for model in (sdpa, te):
+        model.zero_grad()
+        model(packed, cu_seqlens=cu).logits.float().square().mean().backward()
+        grads.append(
+            torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        )
+    assert rel_err(grads[1], grads[0]) <= 3e-2

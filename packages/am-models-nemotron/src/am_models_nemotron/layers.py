@@ -9,7 +9,9 @@ characters of released checkpoints ("M", "*", "-", "E").
 Attention has no positional embedding (Nemotron-H relies on its Mamba
 layers for order) and uses grouped-query heads. Its kernel is picked by
 `BackendConfig.attn` from `ATTENTION_BACKENDS`: "sdpa", "eager" and "flex"
-run on CPU; "te" (Transformer Engine) needs CUDA and the `te` extra.
+run on CPU and take a dense mask; "te" (Transformer Engine) needs CUDA and
+the `te` extra, and takes packed or padded batches as sequence boundaries
+(`VarlenSeqs`, Transformer Engine's THD / cu_seqlens form) instead of a mask.
 """
 
 from __future__ import annotations
@@ -206,15 +208,75 @@ def _warn_once(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
-def _te_attention(module, q, k, v, mask, scale):
-    # TE takes [B, S, H, Dh] ("bshd") and builds its own causal mask.
+@dataclass
+class VarlenSeqs:
+    """A packed or padded batch as Transformer Engine's THD ("varlen") attention takes it.
+
+    The queries [B, Q] and keys [B, K] of one attention call are flattened row-major;
+    `q_index` / `kv_index` pick, in order, the tokens that take part (None: all of them,
+    as in a packed [1, T] batch without padding). The picked tokens are laid out as
+    [T, heads, head_dim], sequence i holding rows cu_seqlens[i]:cu_seqlens[i + 1] and
+    attending causally only within itself. Built once per forward by the model
+    (`build_varlen_seqs` in model.py) and shared by every attention layer.
+
+    cu_seqlens_q / cu_seqlens_kv: [N + 1] int32 cumulative sequence lengths.
+    max_seqlen_q / max_seqlen_kv: the longest sequence (Python ints, no device sync later).
+    attn_mask_type: "padding_causal" (queries and keys are the same tokens) or
+        "padding_causal_bottom_right" (decoding a padded batch with a cache: each
+        sequence's queries are its last keys).
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_kv: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_kv: int
+    q_index: torch.Tensor | None = None
+    kv_index: torch.Tensor | None = None
+    attn_mask_type: str = "padding_causal"
+
+
+def _to_thd(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    # [B, H, S, Dh] -> [B * S, H, Dh] (a view when x came from a projection), then the picked rows.
+    t = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return t if index is None else t.index_select(0, index)
+
+
+def _te_attention(module, q, k, v, mask, scale, varlen: VarlenSeqs | None = None):
+    """Transformer Engine DotProductAttention; one module, the layout chosen per call.
+
+    Without `varlen` (unpadded batches, decode with a cache): "bshd" [B, S, H, Dh] with
+    the module's "causal_bottom_right" mask (plain causal when Q == K; decode rows see
+    the whole cache). With `varlen` (packed and/or padded batches): "thd" [T, H, Dh]
+    with `qkv_format`, `attn_mask_type`, `cu_seqlens_q/kv` and `max_seqlen_q/kv` passed
+    to forward, which overrides the construction-time format and mask type; TE never
+    attends across a cu_seqlens boundary. Query rows left out by `varlen.q_index`
+    (padding) come back as zeros. TE's default softmax scale is head_dim**-0.5 == scale.
+    """
     if mask is not None:
         raise ValueError(
-            "attn='te' builds its causal mask itself and does not take an explicit mask; "
-            "use attn='sdpa', 'flex' or 'eager' for padded or packed (cu_seqlens) batches"
+            "attn='te' takes sequence boundaries, not a dense attention mask: pass packed "
+            "sequences as cu_seqlens or seq_idx and padding as a 2D attention_mask or "
+            "padding_mask; an explicit 4D attention_mask or causal_mask_mapping needs "
+            "attn='sdpa', 'flex' or 'eager'"
         )
-    out = module.te_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.view(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    B, H, Q, D = q.shape
+    if varlen is None:
+        out = module.te_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.view(B, Q, H, D).transpose(1, 2)
+    out = module.te_attn(
+        _to_thd(q, varlen.q_index),
+        _to_thd(k, varlen.kv_index),
+        _to_thd(v, varlen.kv_index),
+        qkv_format="thd",
+        attn_mask_type=varlen.attn_mask_type,
+        cu_seqlens_q=varlen.cu_seqlens_q,
+        cu_seqlens_kv=varlen.cu_seqlens_kv,
+        max_seqlen_q=varlen.max_seqlen_q,
+        max_seqlen_kv=varlen.max_seqlen_kv,
+    ).reshape(-1, H * D)
+    if varlen.q_index is not None:
+        out = out.new_zeros(B * Q, H * D).index_copy(0, varlen.q_index, out)
+    return out.view(B, Q, H, D).transpose(1, 2)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -257,7 +319,9 @@ class NemotronAttention(nn.Module):
         self.v_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
         self.o_proj = initialize_linear_module(lin, q_dim, hidden, bias=bias, dtype=dtype)
         if backend.attn == "te":
-            self.te_attn = _build_te_attention(self.num_heads, self.num_kv_heads, self.head_dim)
+            self.te_attn = _build_te_attention(
+                self.num_heads, self.num_kv_heads, self.head_dim, self.dropout_p
+            )
 
     def forward(
         self,
@@ -265,19 +329,36 @@ class NemotronAttention(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         kv_cache: Any = None,
+        varlen: VarlenSeqs | None = None,
     ) -> torch.Tensor:
-        """Attend over the sequence (and the cached keys/values when `kv_cache` is given)."""
+        """Attend over the sequence (and the cached keys/values when `kv_cache` is given).
+
+        `attention_mask` is the dense mask of the sdpa / eager / flex kernels; `varlen`
+        the sequence boundaries of the te kernel (each backend ignores the other's).
+        """
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)
-        out = ATTENTION_BACKENDS[self.attn_backend](self, q, k, v, attention_mask, self.scale)
+        if self.attn_backend == "te":
+            out = _te_attention(self, q, k, v, attention_mask, self.scale, varlen)
+        else:
+            out = ATTENTION_BACKENDS[self.attn_backend](self, q, k, v, attention_mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
-def _build_te_attention(num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+def _build_te_attention(
+    num_heads: int, num_kv_heads: int, head_dim: int, dropout: float = 0.0
+) -> nn.Module:
+    """One TE DotProductAttention per layer, built for the unpadded "bshd" path.
+
+    `qkv_format` and `attn_mask_type` given here are defaults that TE's forward lets a
+    call override (documented for both arguments); `_te_attention` overrides them with
+    "thd" / "padding_causal[_bottom_right]" for packed or padded batches, so one module
+    (one set of FP8 / backend state) serves both layouts.
+    """
     if not HAVE_TE:
         raise ImportError("attn='te' needs transformer_engine; install the 'te' extra of am-dtype")
     import transformer_engine.pytorch as te
@@ -286,6 +367,7 @@ def _build_te_attention(num_heads: int, num_kv_heads: int, head_dim: int) -> nn.
         num_heads,
         head_dim,
         num_gqa_groups=num_kv_heads,
+        attention_dropout=dropout,
         # Bottom-right alignment keeps decode rows (1 query, many cached keys) fully visible.
         attn_mask_type="causal_bottom_right",
         qkv_format="bshd",
@@ -303,12 +385,15 @@ class BlockInputs:
     token_mask: [B, S] bool, True = real token (not padding), consumed by Mamba and MoE.
     seq_idx: [B, S] int32 sequence index of packed (THD) tokens, consumed by Mamba.
     cache: a NemotronHybridCache for incremental decoding, or None.
+    varlen: the same packing / padding as sequence boundaries (`VarlenSeqs`), consumed by
+        attn='te' instead of `attention_mask`; None for plain causal.
     """
 
     attention_mask: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     seq_idx: torch.Tensor | None = None
     cache: Any = None
+    varlen: VarlenSeqs | None = None
 
 
 def _build_mamba(config, layer_idx, backend, moe_config):
@@ -344,7 +429,9 @@ def _call_mamba(mixer, x, inputs: BlockInputs, layer_idx: int):
 
 
 def _call_attention(mixer, x, inputs: BlockInputs, layer_idx: int):
-    return mixer(x, attention_mask=inputs.attention_mask, kv_cache=inputs.cache)
+    return mixer(
+        x, attention_mask=inputs.attention_mask, kv_cache=inputs.cache, varlen=inputs.varlen
+    )
 
 
 def _call_mlp(mixer, x, inputs: BlockInputs, layer_idx: int):

@@ -8,7 +8,9 @@ Architecture choices (numerics match transformers' `NemotronHForCausalLM`):
 - Every block is pre-norm residual, `x + mixer(norm(x))`, RMSNorm computed
   in fp32; a final RMSNorm follows the last block. No positional embedding:
   attention is position-free, the Mamba2 layers carry order.
-- Attention: grouped-query heads, backends from `BackendConfig.attn`.
+- Attention: grouped-query heads, backends from `BackendConfig.attn`. Packed
+  and padded batches reach sdpa / eager / flex as a dense mask and Transformer
+  Engine ("te") as THD sequence boundaries (`cu_seqlens`), the same pattern.
 - Mamba2: chunked SSD scan in PyTorch on CPU, mamba-ssm kernels on GPU;
   packed sequences (`seq_idx` / `cu_seqlens`) never leak state across
   sequence boundaries.
@@ -42,6 +44,7 @@ from am_models_nemotron.cache import NemotronHybridCache
 from am_models_nemotron.layers import (
     BlockInputs,
     NemotronBlock,
+    VarlenSeqs,
     init_block_weights,
     init_linear,
     init_norm,
@@ -113,6 +116,8 @@ def _token_mask(attention_mask, padding_mask) -> torch.Tensor | None:
         mask = attention_mask.bool()
     else:
         return None
+    if mask.dim() == 1:  # a squeezed THD batch: [T] for the [1, T] tokens
+        mask = mask.unsqueeze(0)
     return None if bool(mask.all()) else mask
 
 
@@ -150,6 +155,97 @@ def build_attention_mask(
     if token_mask is not None:
         allowed = allowed & token_mask[:, None, None, -kv_len:]
     return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def build_varlen_seqs(
+    q_len: int,
+    kv_len: int,
+    batch: int,
+    token_mask: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> VarlenSeqs | None:
+    """The attention pattern of `build_attention_mask` as THD sequence boundaries (attn='te').
+
+    Returns None for plain causal attention (nothing packed or padded). Otherwise every
+    sequence of every row becomes one THD sequence of its real tokens:
+
+    - `cu_seqlens` (with a [1, T] batch and no padding) is used as given, in int32; tokens
+      after its last entry form one more sequence, as they do in the seq_idx built from it.
+    - `seq_idx` [B, S]: each run of equal values in a row is a sequence (a sequence must be
+      one contiguous run; a value that reappears later in the row is rejected, since the
+      dense mask would join the two runs). Padded tokens (`token_mask` False) are left out.
+    - `token_mask` alone (padded batch): each row's real tokens form one sequence; with a
+      cache (q_len < kv_len) a row's queries are its last real keys, so the mask is
+      "padding_causal_bottom_right".
+
+    Reading the lengths back costs a host sync or two per forward (not per layer): TE
+    takes `max_seqlen_q/kv` as Python ints.
+    """
+    if token_mask is None and seq_idx is None:
+        return None
+    if seq_idx is not None and q_len != kv_len:
+        raise ValueError("packed sequences (seq_idx / cu_seqlens) cannot be combined with a cache")
+    if seq_idx is None:
+        return _varlen_from_padding(q_len, kv_len, token_mask)
+    if token_mask is None and cu_seqlens is not None and batch == 1:
+        return _varlen_from_cu_seqlens(cu_seqlens.to(seq_idx.device), q_len)
+    return _varlen_from_seq_idx(seq_idx.expand(batch, q_len), token_mask)
+
+
+def _cu_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _varlen_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> VarlenSeqs:
+    cu = cu_seqlens.reshape(-1).to(torch.int32)
+    lengths = torch.diff(cu, prepend=cu[:1])
+    last, longest = torch.stack([cu[-1], lengths.max()]).tolist()
+    if last > total:
+        raise ValueError(f"cu_seqlens ends at {last}, past the {total} tokens of the batch")
+    if last < total:
+        cu = torch.cat([cu, cu.new_tensor([total])])
+        longest = max(longest, total - last)
+    return VarlenSeqs(cu, cu, longest, longest)
+
+
+def _varlen_from_seq_idx(seq_idx: torch.Tensor, token_mask: torch.Tensor | None) -> VarlenSeqs:
+    B, S = seq_idx.shape
+    starts = torch.ones(B, S, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    run = starts.reshape(-1).cumsum(0)  # contiguous-run id of every token, row-major
+    low, high, runs = torch.stack([seq_idx.min().long(), seq_idx.max().long(), run[-1]]).tolist()
+    rows = torch.arange(B, device=seq_idx.device)[:, None]
+    labels = rows * (high - low + 1) + (seq_idx - low)
+    if runs != torch.unique(labels).numel():
+        raise ValueError(
+            "attn='te' needs every packed sequence to be one contiguous run of seq_idx values "
+            "within a row"
+        )
+    index = None
+    if token_mask is not None:
+        index = token_mask.reshape(-1).nonzero().squeeze(1)
+        run = run[index]
+    counts = torch.unique_consecutive(run, return_counts=True)[1]
+    cu = _cu_from_counts(counts)
+    longest = int(counts.max()) if counts.numel() else 0
+    return VarlenSeqs(cu, cu, longest, longest, q_index=index, kv_index=index)
+
+
+def _varlen_from_padding(q_len: int, kv_len: int, token_mask: torch.Tensor) -> VarlenSeqs:
+    keep_kv = token_mask[:, -kv_len:]
+    keep_q = keep_kv[:, -q_len:]
+    n_q, n_kv = keep_q.sum(1), keep_kv.sum(1)
+    max_q, max_kv = torch.stack([n_q.max(), n_kv.max()]).tolist()
+    return VarlenSeqs(
+        _cu_from_counts(n_q),
+        _cu_from_counts(n_kv),
+        max_q,
+        max_kv,
+        q_index=keep_q.reshape(-1).nonzero().squeeze(1),
+        kv_index=keep_kv.reshape(-1).nonzero().squeeze(1),
+        attn_mask_type="padding_causal" if q_len == kv_len else "padding_causal_bottom_right",
+    )
 
 
 class NemotronV3Model(nn.Module):
@@ -196,7 +292,9 @@ class NemotronV3Model(nn.Module):
         Pipeline stages: with `embed_tokens` None, `input_ids` carries the
         upstream hidden states; with `norm` None the final norm is skipped.
         kwargs: `padding_mask` [B, S] (True = padding), `seq_idx` [B, S] or `cu_seqlens` for
-        packed sequences; others are accepted and ignored.
+        packed sequences; others (`qkv_format`, `max_seqlen`, ...) are accepted and ignored.
+        With attn='te' packing and padding reach attention as THD sequence boundaries
+        (`build_varlen_seqs`), with the other kernels as a dense mask (`build_attention_mask`).
         """
         h = self._embed_or_pass_through(input_ids, inputs_embeds)
         thd = h.dim() == 2
@@ -237,9 +335,15 @@ class NemotronV3Model(nn.Module):
             seq_idx = seq_idx.unsqueeze(0)
         q_len = h.shape[1]
         kv_len = q_len + (cache.get_seq_length() if cache is not None else 0)
+        current = token_mask[:, -q_len:] if token_mask is not None else None
+        if self.backend.attn == "te":
+            # Boundaries, not a [B, 1, Q, K] mask; cu_seqlens is taken as given unless
+            # seq_idx (which wins, as for the mask) was passed too.
+            cu = kwargs.get("cu_seqlens") if kwargs.get("seq_idx") is None else None
+            varlen = build_varlen_seqs(q_len, kv_len, h.shape[0], token_mask, seq_idx, cu)
+            return BlockInputs(attn_mask, current, seq_idx, cache, varlen)
         if attn_mask is None:
             attn_mask = build_attention_mask(q_len, kv_len, token_mask, seq_idx)
-        current = token_mask[:, -q_len:] if token_mask is not None else None
         return BlockInputs(attn_mask, current, seq_idx, cache)
 
     @torch.no_grad()
@@ -405,12 +509,11 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         (see `_is_pipeline_parallel_stage`) it returns tensors: the first and
         middle stages `(hidden, *mtp_embeds)`, the last stage
         `(logits, *mtp_logits_per_depth)`; without MTP just the one tensor.
+
+        Packed (THD) batches: `[1, T]` (or `[T]`) inputs with `cu_seqlens` or `seq_idx` in
+        kwargs (`qkv_format="thd"` may be passed and is not needed); no attention or Mamba
+        state crosses a sequence boundary, with every attention backend including "te".
         """
-        if kwargs.get("qkv_format") == "thd" and self.backend.attn == "te":
-            raise NotImplementedError(
-                "qkv_format='thd' with attn='te' is not implemented; pass packed sequences as "
-                "[1, T] with cu_seqlens or seq_idx using attn='sdpa', 'flex' or 'eager'"
-            )
         if padding_mask is not None:
             kwargs["padding_mask"] = padding_mask
         if use_cache and past_key_values is None and not self._is_pipeline_parallel_stage():
