@@ -8,6 +8,7 @@ gradients to x, to the expert weights and to the routing weights.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -143,6 +144,47 @@ def test_gpu_dispatchers_fall_back_without_ep_and_name_their_extra(name, cls, ex
     if importlib.util.find_spec(cls.package) is None:
         with pytest.raises(ImportError, match=f"install the am-moe '{extra}' extra"):
             cls(8, None)
+
+
+# Installed libraries whose Python API is not the one the dispatchers drive: DeepEP V2 built
+# without the legacy `Buffer` (it sets `deep_ep.Buffer = None`) and has no `HybridEPBuffer`;
+# an old UCCL whose `uccl.ep.Buffer` is the native class without DeepEP's Python methods.
+_INCOMPATIBLE = {
+    "deep_ep/__init__.py": "Buffer = None\n",
+    "uccl/__init__.py": "",
+    "uccl/ep/__init__.py": "class Buffer:\n    def dispatch(self): ...\n",
+}
+
+
+@pytest.fixture
+def incompatible_libraries(tmp_path, monkeypatch):
+    for rel, text in _INCOMPATIBLE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    names = ("deep_ep", "uccl", "uccl.ep")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for n in names:
+        sys.modules.pop(n, None)
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("cls", "what"),
+    [
+        (DeepEPDispatcher, "deep_ep.Buffer"),
+        (HybridEPDispatcher, "deep_ep.HybridEPBuffer"),
+        (UCCLEPDispatcher, "uccl.ep.Buffer"),
+    ],
+)
+def test_gpu_dispatchers_reject_an_installed_library_without_the_api(
+    incompatible_libraries, cls, what
+):
+    with pytest.raises(ImportError, match=rf"drives {what} .*lacks") as err:
+        cls(8, None)
+    if cls is UCCLEPDispatcher:
+        assert "get_dispatch_layout" in str(err.value)  # the missing methods are named
 
 
 def test_build_dispatcher_rejects_unknown_names():

@@ -18,18 +18,27 @@ One class per backend (the table `_DISPATCHERS`, keyed by `BackendConfig.dispatc
   one row per (token, rank) instead of one per (token, expert). Compared with all-gathering
   every token to every EP rank this moves only routed tokens.
 - `DeepEPDispatcher` ("deepep"), `HybridEPDispatcher` ("hybridep"), `UCCLEPDispatcher`
-  ("uccl_ep"): GPU kernel libraries, imported only when constructed.
+  ("uccl_ep"): the same algorithm run by GPU kernel libraries through their public Python
+  APIs (`deep_ep.Buffer`, `deep_ep.HybridEPBuffer`, `uccl.ep.Buffer`), imported only when
+  constructed. The library moves each routed token once per destination rank with its
+  routing weights and returns it the same way; rows are grouped by expert and weighted
+  here, as for "torch". Autograd Functions wire backward as the libraries document it: the
+  gradient of a dispatch is a combine with the same handle, that of a combine a cached
+  dispatch. Activations travel in bf16 by default (`comm_dtype`), routing weights in
+  float32. The kernels need CUDA; on CPU the glue is tested against emulations of the APIs.
 
 Shape legend: T tokens on this rank (flattened batch*seq), D model dim, K top-k, E global
 experts, P EP ranks, L local experts of this EP rank (E = P * L), S rows this rank sends
 (one per (token, destination rank)), V rows this rank receives, R rows being grouped by
 expert (the T tokens without EP, the V received rows with it), N expert rows after grouping
-(one per (row, chosen local expert)).
+(one per (row, chosen local expert)), J local expert slots per row HybridEP keeps (min(K, L)).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -377,49 +386,384 @@ def _row_bytes(x: Tensor) -> int:
     return x.shape[-1] * x.element_size()
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU kernel-library dispatchers (DeepEP, HybridEP, UCCL-EP)
+# ---------------------------------------------------------------------------------------------
+
+# One communication buffer per (buffer class, EP group, key) shared by every dispatcher that
+# asks to share: the libraries allocate hundreds of MiB of registered memory per buffer, and a
+# model builds one dispatcher per MoE block.
+_SHARED_BUFFERS: dict[tuple, Any] = {}
+
+
+class _LibraryCall:
+    """The buffer and handle of one dispatch, shared by its dispatch and combine nodes."""
+
+    __slots__ = ("buffer", "handle")
+
+    def __init__(self, buffer: Any) -> None:
+        self.buffer, self.handle = buffer, None
+
+
+@dataclass
+class _KernelCtx:
+    group_ctx: _GroupCtx
+    call: _LibraryCall
+    num_tokens: int
+
+
 class _KernelLibraryDispatcher(TokenDispatcher):
-    """Base of the GPU kernel-library dispatchers: checks the package at construction.
+    """Base of the GPU kernel-library dispatchers: imports the library and checks its API.
 
     The library is imported here, never at module import, so `import am_moe` stays light.
+    Activations travel in `comm_dtype` (bf16 by default: the libraries' normal-mode combine
+    kernels take bf16 only) and are cast back on arrival; None sends them as they are. Routing
+    weights always travel as float32, the only dtype the kernels accept. `comm_dtype` is a
+    constructor keyword and a plain attribute (tests set None for exact float64 rows).
+    BackendConfig knobs: `dispatcher_num_sms` (SMs per communication kernel) and
+    `dispatcher_share_token_dispatcher` (one buffer per EP group for all MoE blocks).
     """
 
     package: str = ""
     extra: str = ""
     backend_name: str = ""
+    module: str = ""
+    buffer_class: str = ""
+    buffer_methods: tuple[str, ...] = ()
 
     def __init__(
-        self, num_experts: int, ep_group: ProcessGroup, *, backend: BackendConfig | None = None
+        self,
+        num_experts: int,
+        ep_group: ProcessGroup,
+        *,
+        backend: BackendConfig | None = None,
+        comm_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
         if importlib.util.find_spec(self.package) is None:
             raise ImportError(
                 f"dispatcher={self.backend_name!r} needs the '{self.package}' package, which is "
                 f"not installed; install the am-moe '{self.extra}' extra or use dispatcher='torch'"
             )
-        importlib.import_module(self.package)
-        # The kernel-library integration is not implemented yet; refuse rather than silently
-        # running a different algorithm than the one asked for.
-        raise NotImplementedError(
-            f"dispatcher={self.backend_name!r}: '{self.package}' is installed but am-moe does not "
-            "drive it yet; use dispatcher='torch' (all-to-all over torch.distributed)"
+        self.library = importlib.import_module(self.module)
+        buffer_cls = getattr(self.library, self.buffer_class, None)
+        missing = [m for m in self.buffer_methods if not hasattr(buffer_cls, m)]
+        if buffer_cls is None or missing:
+            raise ImportError(
+                f"dispatcher={self.backend_name!r} drives {self.module}.{self.buffer_class} "
+                f"(methods {list(self.buffer_methods)}); the installed '{self.package}' lacks "
+                f"{'it' if buffer_cls is None else missing}; install a build that has it or use "
+                "dispatcher='torch'"
+            )
+        ep_size = dist.get_world_size(ep_group)
+        if num_experts % ep_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size}"
+            )
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        self.ep_group, self.ep_size = ep_group, ep_size
+        self.ep_rank = dist.get_rank(ep_group)
+        self.comm_dtype = comm_dtype
+        self.num_sms = backend.dispatcher_num_sms if backend is not None else 20
+        self.share_buffer = backend is None or backend.dispatcher_share_token_dispatcher
+        self.buffer_cls = buffer_cls
+        self._own_buffers: dict[tuple, Any] = {}
+
+    def _to_wire(self, x: Tensor) -> Tensor:
+        if self.comm_dtype is not None:
+            x = x.to(self.comm_dtype)
+        return x.contiguous()
+
+    def _cached_buffer(self, key: tuple) -> Any:
+        cache = _SHARED_BUFFERS if self.share_buffer else self._own_buffers
+        return cache.get((id(self.buffer_cls), id(self.ep_group), *key))
+
+    def _store_buffer(self, key: tuple, buffer: Any) -> Any:
+        cache = _SHARED_BUFFERS if self.share_buffer else self._own_buffers
+        cache[(id(self.buffer_cls), id(self.ep_group), *key)] = buffer
+        return buffer
+
+
+class _BufferDispatch(torch.autograd.Function):
+    """DeepEP-style `Buffer.dispatch`; backward is `Buffer.combine` of the gradients.
+
+    Returns the received rows, their local top-k expert ids (-1: expert on another rank) and
+    weights (0 there). The combine in backward sums each token's gradient rows over the ranks
+    it went to, and with `topk_weights` also its weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, call, num_experts, topk_idx, x_TD, w_TK):
+        buffer = call.buffer
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+            topk_idx, num_experts
         )
+        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+            x_TD,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=w_TK,
+        )
+        call.handle, ctx.call = handle, call
+        ctx.mark_non_differentiable(recv_idx)
+        return recv_x, recv_idx, recv_w
+
+    @staticmethod
+    def backward(ctx, grad_x, _grad_idx, grad_w):
+        want_w = ctx.needs_input_grad[4]
+        w = grad_w.to(torch.float32).contiguous() if want_w else None
+        call = ctx.call
+        gx, gw, _ = call.buffer.combine(grad_x.contiguous(), call.handle, topk_weights=w)
+        return None, None, None, gx, gw if want_w else None
 
 
-class DeepEPDispatcher(_KernelLibraryDispatcher):
-    """DeepEP intranode/internode kernels ("deepep"); needs the `deepep` extra and CUDA."""
+class _BufferCombine(torch.autograd.Function):
+    """DeepEP-style `Buffer.combine`, summing a token's rows over ranks.
+
+    Backward is the cached `Buffer.dispatch` of the gradient with the same handle.
+    """
+
+    @staticmethod
+    def forward(ctx, call, y_VD):
+        ctx.call = call
+        out_TD, _, _ = call.buffer.combine(y_VD, call.handle)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        call = ctx.call
+        grad_VD = call.buffer.dispatch(grad_TD.contiguous(), handle=call.handle)[0]
+        return None, grad_VD
+
+
+class _DeepEPStyleDispatcher(_KernelLibraryDispatcher):
+    """Drives a DeepEP-compatible normal-mode `Buffer` (DeepEP itself, UCCL-EP).
+
+    dispatch: `get_dispatch_layout` then `Buffer.dispatch` with int64 `topk_idx` (-1 for
+    masked tokens: not routed) and float32 `topk_weights`; each rank receives every token
+    routed to one of its experts once, with local expert ids, and groups the rows by expert
+    (`_group_by_expert`). combine: the rows of a received token are weighted and summed on
+    the expert rank (`_ungroup`), and `Buffer.combine(x, handle)` sends one row per
+    (token, rank) back and sums them.
+    """
+
+    buffer_methods = (
+        "get_dispatch_config",
+        "get_combine_config",
+        "get_dispatch_layout",
+        "dispatch",
+        "combine",
+        "set_num_sms",
+    )
+
+    def __init__(self, num_experts, ep_group, *, backend=None, comm_dtype=torch.bfloat16) -> None:
+        super().__init__(num_experts, ep_group, backend=backend, comm_dtype=comm_dtype)
+        if self.num_sms % 2:
+            raise ValueError(
+                f"BackendConfig.dispatcher_num_sms={self.num_sms} must be even for "
+                f"dispatcher={self.backend_name!r} (each channel uses a pair of SMs)"
+            )
+        self.buffer_cls.set_num_sms(self.num_sms)
+        self.idx_dtype = getattr(self.library, "topk_idx_t", torch.int64)
+
+    def _buffer(self, hidden_bytes: int) -> Any:
+        """A buffer sized by the library's hints for the dispatch and combine configs."""
+        cls, p = self.buffer_cls, self.ep_size
+        nvl_bytes = rdma_bytes = 0
+        for config in (cls.get_dispatch_config(p), cls.get_combine_config(p)):
+            nvl_bytes = max(nvl_bytes, config.get_nvl_buffer_size_hint(hidden_bytes, p))
+            rdma_bytes = max(rdma_bytes, config.get_rdma_buffer_size_hint(hidden_bytes, p))
+        buffer = self._cached_buffer(())
+        if buffer is None or buffer.num_nvl_bytes < nvl_bytes or buffer.num_rdma_bytes < rdma_bytes:
+            buffer = self._store_buffer((), cls(self.ep_group, nvl_bytes, rdma_bytes))
+        return buffer
+
+    def dispatch(
+        self,
+        x_TD: Tensor,
+        weights_TK: Tensor,
+        indices_TK: Tensor,
+        token_mask_T: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, _KernelCtx]:
+        _check_routing(x_TD, weights_TK, indices_TK, self.num_experts)
+        weights_TK, indices_TK = _masked_routing(weights_TK, indices_TK, token_mask_T)
+        wire_TD = self._to_wire(x_TD)
+        call = _LibraryCall(self._buffer(wire_TD.shape[-1] * max(wire_TD.element_size(), 2)))
+        recv_x, recv_idx, recv_w = _BufferDispatch.apply(
+            call,
+            self.num_experts,
+            indices_TK.to(self.idx_dtype).contiguous(),
+            wire_TD,
+            weights_TK.to(torch.float32).contiguous(),
+        )
+        x_ND, counts_L, group_ctx = _group_by_expert(
+            recv_x.to(x_TD.dtype),
+            recv_idx.to(torch.int64),
+            recv_w.to(weights_TK.dtype),
+            self.num_local_experts,
+        )
+        return x_ND, counts_L, _KernelCtx(group_ctx, call, x_TD.shape[0])
+
+    def combine(self, y_ND: Tensor, ctx: _KernelCtx) -> Tensor:
+        y_VD = _ungroup(y_ND, ctx.group_ctx)
+        return _BufferCombine.apply(ctx.call, self._to_wire(y_VD)).to(y_ND.dtype)
+
+
+class DeepEPDispatcher(_DeepEPStyleDispatcher):
+    """DeepEP normal-mode (intranode/internode) kernels ("deepep"): `deep_ep.Buffer`."""
 
     package, extra, backend_name = "deep_ep", "deepep", "deepep"
+    module, buffer_class = "deep_ep", "Buffer"
+
+
+class UCCLEPDispatcher(_DeepEPStyleDispatcher):
+    """UCCL-EP kernels ("uccl_ep"): `uccl.ep.Buffer`, DeepEP's `Buffer` API over UCCL."""
+
+    package, extra, backend_name = "uccl", "uccl", "uccl_ep"
+    module, buffer_class = "uccl.ep", "Buffer"
+
+
+class _HybridDispatch(torch.autograd.Function):
+    """`HybridEPBuffer.dispatch` of tokens with a dense routing map and float32 probs.
+
+    Backward is `HybridEPBuffer.combine` of the gradients, which also sums the probs'
+    gradients over ranks into [T, E].
+    """
+
+    @staticmethod
+    def forward(ctx, call, num_experts, routing_TE, x_TD, probs_TE):
+        recv_x, recv_probs, _, handle = call.buffer.dispatch(
+            hidden=x_TD, routing_map=routing_TE, probs=probs_TE, num_of_experts=num_experts
+        )
+        call.handle, ctx.call = handle, call
+        return recv_x, recv_probs
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_probs):
+        want_p = ctx.needs_input_grad[4]
+        probs = grad_probs.to(torch.float32).contiguous() if want_p else None
+        call = ctx.call
+        gx, gp = call.buffer.combine(hidden=grad_x.contiguous(), probs=probs, handle=call.handle)
+        return None, None, None, gx, gp if want_p else None
+
+
+class _HybridCombine(torch.autograd.Function):
+    """`HybridEPBuffer.combine`, summing a token's rows over ranks.
+
+    Backward is the cached `HybridEPBuffer.dispatch` of the gradient with the same handle.
+    """
+
+    @staticmethod
+    def forward(ctx, call, num_experts, y_VD):
+        ctx.call, ctx.num_experts = call, num_experts
+        out_TD, _ = call.buffer.combine(hidden=y_VD, handle=call.handle)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        call = ctx.call
+        grad_VD = call.buffer.dispatch(
+            hidden=grad_TD.contiguous(), handle=call.handle, num_of_experts=ctx.num_experts
+        )[0]
+        return None, None, grad_VD
 
 
 class HybridEPDispatcher(_KernelLibraryDispatcher):
-    """DeepEP's hybrid-EP kernels ("hybridep"); needs the `deepep` extra and CUDA."""
+    """DeepEP's hybrid-EP kernels ("hybridep"): `deep_ep.HybridEPBuffer`.
+
+    dispatch: the top-k routing becomes a dense [T, E] bool routing map and float32 probs
+    (masked tokens route nowhere); `HybridEPBuffer.dispatch` all-gathers the routing map,
+    which needs the same token count on every rank, so tokens are padded to the EP group's
+    maximum with unrouted rows. Each rank receives every token routed to one of its experts
+    once, with the probs of its NVLink domain's experts; the handle's local-expert routing
+    map says which local experts each received row goes to. combine: as for DeepEP, one
+    weighted row per (token, rank) goes back through `HybridEPBuffer.combine`.
+    """
 
     package, extra, backend_name = "deep_ep", "deepep", "hybridep"
+    module, buffer_class = "deep_ep", "HybridEPBuffer"
+    buffer_methods = ("dispatch", "combine")
+
+    def _buffer(self, hidden_dim: int, num_tokens: int) -> Any:
+        # The buffer regrows itself for more tokens or a wider hidden dim; the local expert
+        # count is fixed at construction.
+        key = (self.num_local_experts,)
+        buffer = self._cached_buffer(key)
+        if buffer is None:
+            buffer = self.buffer_cls(
+                group=self.ep_group,
+                hidden_dim=hidden_dim,
+                max_num_of_tokens_per_rank=num_tokens,
+                num_local_experts=self.num_local_experts,
+                num_sms_dispatch_api=self.num_sms,
+                num_sms_combine_api=self.num_sms,
+                num_of_ranks_per_nvlink_domain=_nvlink_domain_size(self.ep_size),
+            )
+            self._store_buffer(key, buffer)
+        return buffer
+
+    def dispatch(
+        self,
+        x_TD: Tensor,
+        weights_TK: Tensor,
+        indices_TK: Tensor,
+        token_mask_T: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, _KernelCtx]:
+        _check_routing(x_TD, weights_TK, indices_TK, self.num_experts)
+        weights_TK, indices_TK = _masked_routing(weights_TK, indices_TK, token_mask_T)
+        t, k = indices_TK.shape
+        e, L = self.num_experts, self.num_local_experts
+        t_max = torch.tensor([t], device=x_TD.device)
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=self.ep_group)
+        pad = int(t_max) - t
+        chosen_TK = indices_TK >= 0
+        slot_TK = indices_TK.clamp(min=0).to(torch.int64)
+        hits_TE = torch.zeros(t, e, dtype=torch.int32, device=x_TD.device)
+        routing_TE = hits_TE.scatter_add(1, slot_TK, chosen_TK.to(torch.int32)) > 0
+        w_TK = torch.where(chosen_TK, weights_TK.to(torch.float32), 0.0)
+        probs_TE = w_TK.new_zeros(t, e).scatter_add(1, slot_TK, w_TK)
+        wire_TD = self._to_wire(x_TD)
+        if pad:
+            routing_TE = torch.cat([routing_TE, routing_TE.new_zeros(pad, e)])
+            probs_TE = torch.cat([probs_TE, probs_TE.new_zeros(pad, e)])
+            wire_TD = torch.cat([wire_TD, wire_TD.new_zeros(pad, wire_TD.shape[-1])])
+        call = _LibraryCall(self._buffer(x_TD.shape[-1], t + pad))
+        recv_x, recv_probs = _HybridDispatch.apply(call, e, routing_TE, wire_TD, probs_TE)
+
+        # Up to min(K, L) chosen local experts per received row, in expert order.
+        v = recv_x.shape[0]
+        local_VL = call.handle[4][:v].to(torch.bool)
+        order_VJ = torch.sort(local_VL.to(torch.uint8), dim=1, descending=True, stable=True)
+        order_VJ = order_VJ.indices[:, : min(k, L)]
+        expert_VJ = torch.where(local_VL.gather(1, order_VJ), order_VJ, -1)
+        # Probs columns are the experts of this rank's NVLink domain (every expert when the
+        # group fits in one domain); this rank's L experts start at local_rank * L.
+        start = call.buffer.local_rank * L if recv_probs.shape[-1] > L else 0
+        w_VJ = recv_probs[:, start : start + L].gather(1, order_VJ)
+        x_ND, counts_L, group_ctx = _group_by_expert(
+            recv_x.to(x_TD.dtype), expert_VJ, w_VJ.to(weights_TK.dtype), L
+        )
+        return x_ND, counts_L, _KernelCtx(group_ctx, call, t)
+
+    def combine(self, y_ND: Tensor, ctx: _KernelCtx) -> Tensor:
+        y_VD = _ungroup(y_ND, ctx.group_ctx)
+        out_TD = _HybridCombine.apply(ctx.call, self.num_experts, self._to_wire(y_VD))
+        return out_TD[: ctx.num_tokens].to(y_ND.dtype)
 
 
-class UCCLEPDispatcher(_KernelLibraryDispatcher):
-    """UCCL-EP kernels ("uccl_ep"); needs the `uccl` extra and CUDA."""
+def _nvlink_domain_size(ep_size: int) -> int | None:
+    """Ranks per NVLink domain for HybridEP.
 
-    package, extra, backend_name = "uccl", "uccl", "uccl_ep"
+    None when NUM_OF_RANKS_PER_NVLINK_DOMAIN is set (the library reads it); else the greatest
+    common divisor of the EP size and the GPUs per node (LOCAL_WORLD_SIZE, else 8), since
+    the library's default of 8 rejects EP groups smaller than 8.
+    """
+    if os.environ.get("NUM_OF_RANKS_PER_NVLINK_DOMAIN"):
+        return None
+    return math.gcd(ep_size, int(os.environ.get("LOCAL_WORLD_SIZE") or 8))
 
 
 def build_dispatcher(
