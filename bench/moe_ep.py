@@ -15,6 +15,12 @@ token are (ep - 1) * (1 - C(E - L, K) / C(E, K)), L = E / ep (0.949 for EP=2, E=
     .venv/bin/python bench/moe_ep.py            # EP=2 at the issue's shape
     .venv/bin/python bench/moe_ep.py --ep 4     # 4 ranks
     .venv/bin/python bench/moe_ep.py --quick    # small shape
+    .venv/bin/python bench/moe_ep.py --ep 8 --experts 8 --top-k 2 --tokens 2048 --dim 512
+        # one expert per rank: the regime where the bound equals top_k / E
+
+The issue's goal (bytes <= top_k/E + 10% of the all-gather volume) is the one-expert-per-rank
+value of that bound; with several experts per rank (EP=2, E=32) no routed-token dispatcher can
+reach it, since nearly every token has an expert on the other rank.
 """
 
 from __future__ import annotations
@@ -156,13 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="512 tokens, dim 256, 8 experts")
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if args.quick:
         ep_volume_report(tokens=512, dim=256, experts=8, top_k=2, ep=args.ep, repeats=2)
     else:
-        ep_volume_report(tokens=args.tokens, ep=args.ep, dtype=args.dtype, repeats=args.repeats)
+        ep_volume_report(tokens=args.tokens, dim=args.dim, experts=args.experts,
+                         top_k=args.top_k, ep=args.ep, dtype=args.dtype,
+                         repeats=args.repeats)  # fmt: skip
 
 
 if __name__ == "__main__":
