@@ -70,3 +70,19 @@ def test_thd_2d_hidden_input_to_base_model(model):
         h_bshd = model.model(packed, cu_seqlens=_cu_seqlens())
     assert h_thd.shape == (sum(LENGTHS), 32)
     assert torch.allclose(h_thd, h_bshd[0])
+
+
+def test_packed_loss_gives_no_target_across_a_boundary(model):
+    """Plain labels on a packed batch: the last token of a sequence predicts nothing."""
+    seqs = _sequences()
+    packed = torch.cat(seqs, dim=1)
+    marked = packed.clone()
+    marked[0, _cu_seqlens()[:-1].long()] = -100  # transformers' packing convention
+    with torch.no_grad():
+        out = model(packed, labels=packed, cu_seqlens=_cu_seqlens())
+        ref = model(packed, labels=marked, cu_seqlens=_cu_seqlens())
+        alone = [model(s, labels=s) for s in seqs]
+    assert torch.equal(out.loss, ref.loss)
+    weights = torch.tensor([n - 1 for n in LENGTHS], dtype=torch.float32)
+    expected = (torch.stack([o.loss for o in alone]) * weights).sum() / weights.sum()
+    assert rel_err(out.loss, expected) <= 1e-5

@@ -285,8 +285,9 @@ class NemotronV3Model(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: NemotronHybridCache | None = None,
         cache_position: torch.LongTensor | None = None,
+        return_block_inputs: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, BlockInputs]:
         """Hidden states [B, S, H] (or [T, H] for a THD input), normed on the last stage.
 
         Pipeline stages: with `embed_tokens` None, `input_ids` carries the
@@ -295,6 +296,8 @@ class NemotronV3Model(nn.Module):
         packed sequences; others (`qkv_format`, `max_seqlen`, ...) are accepted and ignored.
         With attn='te' packing and padding reach attention as THD sequence boundaries
         (`build_varlen_seqs`), with the other kernels as a dense mask (`build_attention_mask`).
+        `return_block_inputs=True` also returns the BlockInputs the blocks ran with ([B, S]
+        form), so the MTP heads reuse the same packing / padding without rebuilding it.
         """
         h = self._embed_or_pass_through(input_ids, inputs_embeds)
         thd = h.dim() == 2
@@ -307,7 +310,8 @@ class NemotronV3Model(nn.Module):
             past_key_values.advance(h.shape[1])
         if self.norm is not None:
             h = self.norm(h)
-        return h.squeeze(0) if thd else h
+        h = h.squeeze(0) if thd else h
+        return (h, inputs) if return_block_inputs else h
 
     def _embed_or_pass_through(self, input_ids, inputs_embeds) -> torch.Tensor:
         if inputs_embeds is not None:
@@ -512,32 +516,36 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
 
         Packed (THD) batches: `[1, T]` (or `[T]`) inputs with `cu_seqlens` or `seq_idx` in
         kwargs (`qkv_format="thd"` may be passed and is not needed); no attention or Mamba
-        state crosses a sequence boundary, with every attention backend including "te".
+        state crosses a sequence boundary, with every attention backend including "te". The
+        MTP heads run with the same BlockInputs, and their embedding shift and loss never
+        reach into another sequence or padding (see `mtp.py`); the main loss gives a
+        sequence's last token no target (`causal_lm_loss` with seq_idx).
         """
         if padding_mask is not None:
             kwargs["padding_mask"] = padding_mask
         if use_cache and past_key_values is None and not self._is_pipeline_parallel_stage():
             first = inputs_embeds if inputs_embeds is not None else input_ids
             past_key_values = NemotronHybridCache.for_model(self.model, first.shape[0])
-        h = self.model(
+        h, inputs = self.model(
             input_ids,
             attention_mask=attention_mask,
             causal_mask_mapping=causal_mask_mapping,
             inputs_embeds=inputs_embeds,
             past_key_values=past_key_values,
             cache_position=cache_position,
+            return_block_inputs=True,
             **kwargs,
         )
         if self._is_pipeline_parallel_stage():
-            return self._pp_stage_outputs(h, input_ids, mtp_embed_inputs)
-        per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels)
+            return self._pp_stage_outputs(h, input_ids, mtp_embed_inputs, inputs)
+        per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels, inputs)
         logits = self.lm_head(_keep_last(h, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, inputs.seq_idx if inputs is not None else None)
             if per_depth:
                 loss = loss + mtp_loss(
-                    per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor
+                    per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor, inputs
                 )
         want_hidden = output_hidden_states if output_hidden_states is not None else False
         return NemotronHCausalLMOutputWithPast(
@@ -549,7 +557,12 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             mtp_loss_scaling_factor=self.mtp_config.loss_scaling_factor if per_depth else None,
         )
 
-    def _run_mtp(self, h, input_ids, embeds, cache, labels) -> list[torch.Tensor]:
+    def _run_mtp(self, h, input_ids, embeds, cache, labels, inputs) -> list[torch.Tensor]:
+        """Per-depth MTP hidden states, run with the main decoder's BlockInputs `inputs`.
+
+        Passed-in `embeds` (mtp_embed_inputs) are used as given: their shift must already
+        respect packing, as `_build_mtp_embed_inputs_for_pp` does.
+        """
         if self.mtp is None or cache is not None:
             return []
         if not embeds:
@@ -557,29 +570,44 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
                 if labels is not None:
                     raise ValueError("the MTP loss needs input_ids (or mtp_embed_inputs)")
                 return []
-            embeds = self._build_mtp_embed_inputs_for_pp(input_ids)
-        return self.mtp(h, tuple(embeds))
+            embeds = self._build_mtp_embed_inputs_for_pp(input_ids, inputs)
+        return self.mtp(h, tuple(embeds), inputs)
 
-    def _pp_stage_outputs(self, h, input_ids, embeds):
+    def _pp_stage_outputs(self, h, input_ids, embeds, inputs=None):
+        """A pipeline stage's output tensors (see `forward`).
+
+        The first stage shifts the MTP embeddings with its BlockInputs, so they respect packing
+        when the microbatch's `cu_seqlens` / `seq_idx` / padding mask reach it. The last stage
+        runs the MTP blocks with the BlockInputs built from the kwargs it receives itself;
+        torch.distributed.pipelining hands microbatch kwargs to the first stage only, so
+        there a later stage sees a packed row as one sequence (its decoder blocks too), and
+        the loss function, given only logits, must mask MTP targets that cross a boundary.
+        """
         is_first = self.model.embed_tokens is not None
         if self.mtp_config.enabled and is_first and not embeds:
-            embeds = self._build_mtp_embed_inputs_for_pp(input_ids)
+            embeds = self._build_mtp_embed_inputs_for_pp(input_ids, inputs)
         if self.lm_head is None:
             return (h, *embeds) if self.mtp_config.enabled else h
         logits = self.lm_head(h)
         if self.mtp is None:
             return logits
-        return (logits, *[self.lm_head(hd) for hd in self.mtp(h, tuple(embeds))])
+        return (logits, *[self.lm_head(hd) for hd in self.mtp(h, tuple(embeds), inputs)])
 
-    def _build_mtp_embed_inputs_for_pp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _build_mtp_embed_inputs_for_pp(
+        self, input_ids: torch.Tensor, inputs: BlockInputs | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Per-depth embeddings of the tokens shifted left by d + 1, built where embed_tokens lives.
 
         Returns a tuple of `num_nextn_predict_layers` tensors [B, S, H]; under
-        PP they travel with the hidden states through every stage.
+        PP they travel with the hidden states through every stage. `inputs` (the
+        BlockInputs of this forward) zero the shifts that would cross a packed-sequence
+        boundary or reach padding; None treats each row as one sequence.
         """
         if self.model.embed_tokens is None:
             raise ValueError("_build_mtp_embed_inputs_for_pp needs embed_tokens (first PP stage)")
-        return mtp_embed_inputs(self.model.embed_tokens, input_ids, self.mtp_config.num_layers)
+        return mtp_embed_inputs(
+            self.model.embed_tokens, input_ids, self.mtp_config.num_layers, inputs
+        )
 
     # ------------------------------------------------------------------ pipeline parallel
     def _is_pipeline_parallel_stage(self) -> bool:
@@ -756,13 +784,25 @@ def _keep_last(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Ten
     return h[..., logits_to_keep, :]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 ignored."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 ignored.
+
+    With `seq_idx` ([B or 1, S] packed sequences of the labels' rows) the last token of a sequence has
+    no target: the next label belongs to another sequence. Labels that already mark each
+    sequence's first token -100 (transformers' packing convention) give the same loss.
+    """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
         )
     target = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    if seq_idx is not None:
+        rows = labels.reshape(-1, labels.shape[-1])
+        seq_idx = seq_idx.reshape(-1, seq_idx.shape[-1]).expand_as(rows).reshape(labels.shape)
+        crosses = seq_idx[..., 1:] != seq_idx[..., :-1]
+        target[..., :-1] = target[..., :-1].masked_fill(crosses, IGNORE_INDEX)
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
     )

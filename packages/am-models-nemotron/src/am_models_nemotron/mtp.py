@@ -13,14 +13,22 @@ parameter layout of the released checkpoints (`mtp.layers.{i}.*`):
   by every depth.
 - The first sub-layer of a depth fuses its inputs:
   `eh_proj(cat[enorm(e_d), hnorm(h_{d-1})])`, where `e_d` is the embedding
-  of the input tokens shifted left by d + 1 (zeros past the end) and
-  `h_{-1}` is the main decoder's output after its final norm (as in
-  Megatron-Core's MTP, which the released heads were trained with). The last
-  sub-layer ends with `final_layernorm`; its output is `h_d`.
+  of the input tokens shifted left by d + 1 and `h_{-1}` is the main
+  decoder's output after its final norm (as in Megatron-Core's MTP, which
+  the released heads were trained with). The last sub-layer ends with
+  `final_layernorm`; its output is `h_d`.
 - Logits of depth d are the shared `lm_head(h_d)`. The MTP loss is
   `mtp_loss_scaling_factor * mean_d CE(logits_d, labels shifted by d + 2)`,
-  added to the main loss; positions whose target falls past the end or is
-  -100 are ignored.
+  added to the main loss; each CE is a mean over the depth's valid positions.
+
+Packed (THD) and padded batches: every MTP block gets the main decoder's
+`BlockInputs` (attention mask / THD boundaries, token mask, `seq_idx`), so no
+attention or Mamba state crosses a sequence boundary. A shift by k is valid at
+t only if t and t + k are real tokens of the same sequence (`shift_valid`);
+elsewhere `e_d` is zero and the target ignored, exactly as past the end of an
+unpacked row. So a packed row gives each sequence the hidden states and token
+losses it gets alone. Boundaries carried only inside a 4D attention mask are
+not seen by the shift; pass `cu_seqlens` / `seq_idx` / a 2D mask for that.
 """
 
 from __future__ import annotations
@@ -157,16 +165,25 @@ class NemotronMTP(nn.Module):
         embed_inputs: tuple[torch.Tensor, ...],
         inputs: BlockInputs | None = None,
     ) -> list[torch.Tensor]:
+        """h_d for every depth, shaped like `hidden_states` ([B, S, H] or squeezed THD [T, H]).
+
+        `inputs` must be the BlockInputs the main decoder ran with (mask / THD boundaries,
+        token mask, seq_idx), so packed and padded batches keep their boundaries here too;
+        None means plain causal rows.
+        """
         if len(embed_inputs) != self.mtp_config.num_layers:
             raise ValueError(
                 f"MTP got {len(embed_inputs)} embedding inputs; expected "
                 f"num_nextn_predict_layers={self.mtp_config.num_layers}"
             )
-        per_depth, h = [], hidden_states
+        squeezed = hidden_states.dim() == 2
+        h = hidden_states.unsqueeze(0) if squeezed else hidden_states
+        per_depth = []
         for depth, embed in enumerate(embed_inputs):
+            embed = embed.unsqueeze(0) if embed.dim() == 2 else embed
             for i, layer in enumerate(self.depth_layers(depth)):
                 h = layer(h, inputs, embed_input=embed if i == 0 else None)
-            per_depth.append(h)
+            per_depth.append(h.squeeze(0) if squeezed else h)
         return per_depth
 
 
@@ -178,15 +195,58 @@ def roll_tokens_left(input_ids: torch.Tensor, shift: int, fill: int = 0) -> torc
     return out
 
 
-def mtp_embed_inputs(embed_tokens: nn.Module, input_ids: torch.Tensor, num_layers: int):
-    """Per-depth embeddings of the tokens shifted left by d + 1 (zeros past the end)."""
+def shift_valid(
+    shape: torch.Size | tuple[int, int],
+    shift: int,
+    seq_idx: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """[B, S] bool: True where t + shift is in the row and t, t + shift are one sequence's tokens.
+
+    `seq_idx` [B or 1, S] marks packed sequences (equal values = same sequence), `token_mask`
+    [B, S] real tokens (False = padding); without either only the last `shift` are False.
+    """
+    B, S = shape
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    n = S - shift
+    if n <= 0:
+        return valid
+    valid[:, :n] = True
+    if seq_idx is not None:
+        valid[:, :n] &= seq_idx[:, shift:] == seq_idx[:, :n]
+    if token_mask is not None:
+        valid[:, :n] &= token_mask[:, shift:] & token_mask[:, :n]
+    return valid
+
+
+def _packing(inputs: BlockInputs | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if inputs is None:
+        return None, None
+    return inputs.seq_idx, inputs.token_mask
+
+
+def mtp_embed_inputs(
+    embed_tokens: nn.Module,
+    input_ids: torch.Tensor,
+    num_layers: int,
+    inputs: BlockInputs | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Per-depth embeddings of the tokens shifted left by d + 1, zero where the shift is not
+    valid (past the end, into the next packed sequence or into padding; see `shift_valid`).
+
+    `inputs` are the main decoder's BlockInputs (their `seq_idx` / `token_mask`); a [T]
+    (squeezed THD) `input_ids` gives [T, H] embeddings.
+    """
+    squeezed = input_ids.dim() == 1
+    ids = input_ids.unsqueeze(0) if squeezed else input_ids
+    seq_idx, token_mask = _packing(inputs)
     out = []
     for depth in range(num_layers):
-        shifted = roll_tokens_left(input_ids, depth + 1)
-        emb = embed_tokens(shifted)
-        valid = torch.ones_like(input_ids, dtype=torch.bool)
-        valid[..., input_ids.shape[-1] - depth - 1 :] = False
-        out.append(emb * valid.unsqueeze(-1).to(emb.dtype))
+        emb = embed_tokens(roll_tokens_left(ids, depth + 1))
+        valid = shift_valid(ids.shape, depth + 1, seq_idx, token_mask, ids.device)
+        emb = emb * valid.unsqueeze(-1).to(emb.dtype)
+        out.append(emb.squeeze(0) if squeezed else emb)
     return tuple(out)
 
 
@@ -195,11 +255,22 @@ def mtp_loss(
     labels: torch.Tensor,
     lm_head: nn.Module,
     scaling_factor: float,
+    inputs: BlockInputs | None = None,
 ) -> torch.Tensor:
-    """`scaling_factor * mean over depths of CE(lm_head(h_d), labels shifted left by d + 2)`."""
+    """`scaling_factor * mean over depths of CE(lm_head(h_d), labels shifted left by d + 2)`.
+
+    Each depth's CE is the mean over positions whose target is valid (`shift_valid` with the
+    main decoder's `inputs`) and not -100: a target in another packed sequence, in padding
+    or past the end never counts. A depth without any valid target gives NaN, as
+    `F.cross_entropy` does.
+    """
+    rows = labels.unsqueeze(0) if labels.dim() == 1 else labels  # [T] labels of a THD batch
+    seq_idx, token_mask = _packing(inputs)
     losses = []
     for depth, h in enumerate(per_depth_h):
-        target = roll_tokens_left(labels, depth + 2, fill=IGNORE_INDEX)
+        target = roll_tokens_left(rows, depth + 2, fill=IGNORE_INDEX)
+        valid = shift_valid(rows.shape, depth + 2, seq_idx, token_mask, rows.device)
+        target = target.masked_fill(~valid, IGNORE_INDEX)
         logits = lm_head(h).float()
         losses.append(
             F.cross_entropy(

@@ -54,10 +54,14 @@ class _CausalConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_KC, bias, shift_masks):
-        pre = _conv_shifted(x, w_KC, bias, shift_masks)
+        if shift_masks is None:
+            pre, out = _conv_forward_blocked(x, w_KC, bias)
+        else:
+            pre = _conv_shifted(x, w_KC, bias, shift_masks)
+            out = F.silu(pre)
         ctx.save_for_backward(x, w_KC, pre, shift_masks)
         ctx.has_bias = bias is not None
-        return F.silu(pre)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -123,6 +127,33 @@ def _conv_backward_blocked(
                 parts_w[i, K - 1 - j] += (gp[j:head] * x[b, : head - j]).sum(0)
             i += 1
     return grad_x, parts_w.sum(0), parts_b.sum(0)
+
+
+def _conv_forward_blocked(x: Tensor, w_KC: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(pre-activation, silu) of the causal depthwise conv, all K taps per cache-sized block.
+
+    Tap by tap over the whole sequence each of the K + 1 passes streams [Bt, S, Ch] through
+    memory; per block of positions the taps and the SiLU reuse what is already in cache.
+    """
+    Bt, S, Ch = x.shape
+    K = w_KC.shape[0]
+    T = min(_BLOCK, S)
+    pre = torch.empty(Bt, S, Ch, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(pre)
+    for b in range(Bt):
+        for t0 in range(0, S, T):
+            t1 = min(t0 + T, S)
+            blk = pre[b, t0:t1]
+            if bias is None:
+                torch.mul(x[b, t0:t1], w_KC[K - 1], out=blk)
+            else:
+                torch.addcmul(bias, x[b, t0:t1], w_KC[K - 1], out=blk)
+            for j in range(1, K):  # output t reads x[t - j] through tap K-1-j
+                lo = max(t0, j)
+                if t1 > lo:
+                    blk[lo - t0 :].addcmul_(x[b, lo - j : t1 - j], w_KC[K - 1 - j])
+            torch.ops.aten.silu.out(blk, out=out[b, t0:t1])
+    return pre, out
 
 
 def _conv_weight_grad_masked(grad_pre: Tensor, x: Tensor, masks: Tensor) -> Tensor:
@@ -243,7 +274,10 @@ def _intra_chunk(xdt: Tensor, a_cs: Tensor, B_c: Tensor, C_c: Tensor, seq: Tenso
     if seq is not None:
         keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None]
     scores = C_c @ B_c.transpose(-1, -2)  # [Bt, nc, G, L, L]
-    return _DecayedAttention.apply(scores, a_cs, xdt.transpose(2, 3), ~keep)
+    # Head-major values: both matmuls of the backward read them, and a strided operand runs
+    # them at about half speed on CPU.
+    v = xdt.transpose(2, 3).contiguous()
+    return _DecayedAttention.apply(scores, a_cs, v, ~keep)
 
 
 class _DecayedAttention(torch.autograd.Function):
