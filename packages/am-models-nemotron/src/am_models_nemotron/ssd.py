@@ -246,8 +246,10 @@ def ssd_chunk_scan(
 
     y = _intra_chunk(xdt, a_cs, B_c, C_c, seq)
     states = _chunk_states(xdt, a_cs, B_c, seq)
-    starts, final = _pass_states(states, a_cs[..., -1], initial_state, seq, x32.new_zeros)
+    initial = None if initial_state is None else _state_to_gnrp(initial_state.to(cdt), G)
+    starts, final = _pass_states(states, a_cs[..., -1], initial, seq, x32.new_zeros)
     y = _add_state_outputs(y, starts, a_cs, C_c, seq)
+    final = _state_from_gnrp(final, P)
     y = y.permute(0, 1, 3, 2, 4).reshape(Bt, nc * L, H, P)[:, :S]
     if D is not None:
         y = torch.addcmul(y, x32, D.to(cdt)[:, None])
@@ -318,33 +320,55 @@ class _DecayedAttention(torch.autograd.Function):
         return grad_scores, grad_a, grad_v, None
 
 
+def _state_to_gnrp(state: Tensor, G: int) -> Tensor:
+    """[Bt, H, P, N] -> the scan's state layout [Bt, G, N, R * P]."""
+    Bt, H, P, N = state.shape
+    return state.view(Bt, G, H // G, P, N).permute(0, 1, 4, 2, 3).reshape(Bt, G, N, -1)
+
+
+def _state_from_gnrp(state: Tensor, P: int) -> Tensor:
+    """The scan's state layout [Bt, G, N, R * P] -> [Bt, H, P, N]."""
+    Bt, G, N, RP = state.shape
+    return state.view(Bt, G, N, RP // P, P).permute(0, 1, 3, 4, 2).reshape(Bt, -1, P, N)
+
+
 def _chunk_states(xdt: Tensor, a_cs: Tensor, B_c: Tensor, seq: Tensor | None) -> Tensor:
-    """State at each chunk's end from its own tokens only: [Bt, nc, H, P, N]."""
+    """State at each chunk's end from its own tokens only, as [Bt, nc, G, N, R*P].
+
+    States are kept transposed (state size before the R heads' P channels of a group) so the
+    three matmuls that touch them (here, and C @ state in `_add_state_outputs`) read every
+    operand in place, without transposed copies forward or backward.
+    """
     Bt, nc, L, H, P = xdt.shape
-    G, N = B_c.shape[2], B_c.shape[-1]
+    G = B_c.shape[2]
     to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [Bt, nc, H, L]
     if seq is not None:
         to_end = to_end * (seq == seq[..., -1:]).to(to_end.dtype)[:, :, None]
-    xs = (xdt * to_end.transpose(2, 3)[..., None]).view(Bt, nc, L, G, (H // G) * P)
-    states = xs.permute(0, 1, 3, 4, 2) @ B_c  # [Bt, nc, G, R*P, N]
-    return states.view(Bt, nc, H, P, N)
+    R = H // G
+    xs = xdt.view(Bt, nc, L, G, R, P).transpose(2, 3) * to_end.view(Bt, nc, G, R, L).transpose(
+        3, 4
+    ).unsqueeze(-1)  # [Bt, nc, G, L, R, P]
+    return B_c.transpose(-1, -2) @ xs.contiguous().view(Bt, nc, G, L, R * P)
 
 
 def _pass_states(
     states: Tensor, chunk_decay_log: Tensor, initial: Tensor | None, seq: Tensor | None, zeros
 ) -> tuple[Tensor, Tensor]:
-    """Recurrence over chunks: (state entering each chunk [Bt, nc, H, P, N], final state)."""
-    Bt, nc, H, P, N = states.shape
+    """Recurrence over chunks: (state entering each chunk [Bt, nc, G, N, R*P], final state)."""
+    Bt, nc, G, N, RP = states.shape
+    H = chunk_decay_log.shape[-1]
     decay = torch.exp(chunk_decay_log)  # [Bt, nc, H]
     if seq is not None:
         prev_end = torch.cat([seq[:, :1, 0], seq[:, :-1, -1]], dim=1)
         decay = decay * (seq[..., -1] == prev_end).to(decay.dtype)[..., None]
-    h = zeros(Bt, H, P, N) if initial is None else initial.to(states.dtype)
+    decay = decay.view(Bt, nc, G, 1, H // G, 1).expand(-1, -1, -1, -1, -1, RP * G // H)
+    decay = decay.reshape(Bt, nc, G, 1, RP)
+    h = zeros(Bt, G, N, RP) if initial is None else initial.to(states.dtype)
     starts = []
     # unbind, not states[:, c]: each indexing backward would allocate a full-size zero gradient.
     for state_c, decay_c in zip(states.unbind(1), decay.unbind(1), strict=True):
         starts.append(h)
-        h = torch.addcmul(state_c, h, decay_c[..., None, None])
+        h = torch.addcmul(state_c, h, decay_c)
     return torch.stack(starts, dim=1), h
 
 
@@ -352,15 +376,15 @@ def _add_state_outputs(
     y: Tensor, starts: Tensor, a_cs: Tensor, C_c: Tensor, seq: Tensor | None
 ) -> Tensor:
     """Add each chunk's entering-state term exp(a_cs[l]) C_l . h_start to y [Bt, nc, H, L, P]."""
-    Bt, nc, H, P, N = starts.shape
-    G, L = C_c.shape[2], C_c.shape[3]
-    R = H // G
+    Bt, nc, G, N, RP = starts.shape
+    H, L = a_cs.shape[2], a_cs.shape[3]
+    R, P = H // G, RP * G // H
     from_start = torch.exp(a_cs)  # [Bt, nc, H, L]
     if seq is not None:
         prev_end = torch.cat([seq[:, :1, :1], seq[:, :-1, -1:]], dim=1)
         from_start = from_start * (seq == prev_end).to(from_start.dtype)[:, :, None]
     # The R heads of a group share C: one [L, N] @ [N, R*P] product per group, no broadcasting.
-    out = C_c @ starts.view(Bt, nc, G, R * P, N).transpose(-1, -2)  # [Bt, nc, G, L, R*P]
+    out = C_c @ starts  # [Bt, nc, G, L, R*P]
     out = out.view(Bt, nc, G, L, R, P).transpose(3, 4)
     # In place on y: one fused pass, no [Bt, nc, H, L, P] temporary.
     return (
