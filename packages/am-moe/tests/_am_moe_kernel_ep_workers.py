@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-import traceback
 from collections import Counter
 
 import torch
 import torch.distributed as dist
+from _am_moe_ep_workers import _run_checks  # the tests dir is on sys.path in every rank
 
 from am_moe.dispatch import DeepEPDispatcher, HybridEPDispatcher, UCCLEPDispatcher
 
@@ -534,19 +533,6 @@ def _errors_case() -> dict:
     except ValueError as err:
         messages["odd_sms"] = str(err)
     return messages
-
-
-def _run_checks(checks: dict) -> dict:
-    """Run each check; a failure is returned as its traceback, so the others still run."""
-    out = {}
-    for name, fn in checks.items():
-        start = time.perf_counter()
-        try:
-            out[name] = ("ok", fn())
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with it
-            out[name] = ("fail", traceback.format_exc())
-        out[f"{name}_seconds"] = time.perf_counter() - start
-    return out
 
 
 def kernel_ep2_worker(rank: int, world: int, fake_root: str) -> dict:
