@@ -9,7 +9,7 @@ import torch
 
 import am_dtype.norm as norm_mod
 from am_dtype import Float32RMSNorm
-from am_dtype.norm import _LazyCompiled, _rms_norm_fp32
+from am_dtype.norm import _LazyCompiled, _rms_norm_fp32, _RMSNormFP32
 
 
 def _reference64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,6 +61,26 @@ def test_fp32_forward_and_gradients_match_float64():
     torch.testing.assert_close(norm(x).double(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_equals_autograd_of_the_plain_ops():
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    g = torch.randn(2, 3, 16)
+    fused = torch.autograd.grad(_RMSNormFP32.apply(x, w, 1e-5), (x, w), g)
+    plain = torch.autograd.grad(_rms_norm_fp32(x, w, 1e-5), (x, w), g)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_uses_the_fused_backward_and_inference_the_plain_ops():
+    norm = _norm(16, torch.float32)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "_RMSNormFP32Backward"
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), _rms_norm_fp32(x, norm.weight, norm.eps))
+    frozen = _norm(16, torch.float32).requires_grad_(False)
+    assert frozen(torch.randn(4, 16)).grad_fn is None
 
 
 def test_bf16_weight_gets_a_bf16_gradient():
