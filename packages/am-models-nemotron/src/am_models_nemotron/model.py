@@ -640,12 +640,20 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
     def get_pipeline_stage_metas(
         self, is_first: bool, microbatch_size: int, seq_len: int, dtype: torch.dtype
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Meta tensors of this stage's (inputs, outputs); with MTP each carries 1 + D tensors."""
+        """Meta tensors of this stage's (inputs, outputs); with MTP each carries 1 + D tensors.
+
+        The floating-point ones require grad, as the stage's real outputs do in training:
+        torch.distributed.pipelining's static `PipelineStage(input_args=..., output_args=...)`
+        takes `requires_grad` from them to decide which activations it receives as autograd
+        leaves and which output gradients it exchanges (with plain meta tensors no gradient
+        crosses a stage boundary and the first stage's backward fails). Without a backward
+        (`has_backward` False or no grad mode) the stage ignores the flag.
+        """
         B, S, H = microbatch_size, seq_len, self.config.hidden_size
         depth = self.mtp_config.num_layers
 
         def hidden(width=H):
-            return torch.empty(B, S, width, dtype=dtype, device="meta")
+            return torch.empty(B, S, width, dtype=dtype, device="meta", requires_grad=True)
 
         extra = tuple(hidden() for _ in range(depth))
         if is_first:
