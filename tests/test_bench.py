@@ -1,0 +1,45 @@
+"""The bench/ scripts keep running: each in its --quick mode, checking what it prints.
+
+Speed is not asserted here (timings belong to the scripts' own output); this only keeps
+the scripts from rotting as the packages change.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("nemotron.py", ("--quick", "--repeats", "1"), ["Mamba2 mixer", "Whole model", "speedup"]),
+        (
+            "moe.py",
+            ("--quick", "--repeats", "1"),
+            ["all four implementations agree", "ceiling: dense matmul fp32", "goal fwd+bwd"],
+        ),
+        ("moe_ep.py", ("--quick",), ["bytes sent per rank", "lower bound"]),
+    ],
+)
+def test_bench_script_runs(script: str, args: tuple[str, ...], expected: list[str]) -> None:
+    stdout = _run(script, *args)
+    for text in expected:
+        assert text in stdout, f"{script}: {text!r} missing from\n{stdout[-2000:]}"
