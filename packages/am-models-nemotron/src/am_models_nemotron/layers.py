@@ -144,7 +144,7 @@ def _explicit_mask(q_len: int, k_len: int, mask: torch.Tensor | None, device) ->
     return (torch.arange(k_len, device=device)[None, :] <= q_pos[:, None])[None, None]
 
 
-def _sdpa_attention(module, q, k, v, mask, scale):
+def _sdpa_attention(module, q, k, v, mask, scale, varlen=None):
     q_len, k_len = q.shape[2], k.shape[2]
     if mask is None and q_len != k_len and q_len != 1:
         mask = _explicit_mask(q_len, k_len, None, q.device)
@@ -161,7 +161,7 @@ def _sdpa_attention(module, q, k, v, mask, scale):
     )
 
 
-def _eager_attention(module, q, k, v, mask, scale):
+def _eager_attention(module, q, k, v, mask, scale, varlen=None):
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
@@ -176,7 +176,7 @@ def _eager_attention(module, q, k, v, mask, scale):
     return torch.matmul(probs, v)
 
 
-def _flex_attention(module, q, k, v, mask, scale):
+def _flex_attention(module, q, k, v, mask, scale, varlen=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     allowed = _explicit_mask(q.shape[2], k.shape[2], mask, q.device)
@@ -279,6 +279,9 @@ def _te_attention(module, q, k, v, mask, scale, varlen: VarlenSeqs | None = None
     return out.view(B, Q, H, D).transpose(1, 2)
 
 
+# Every kernel is kernel(module, q, k, v, mask, scale, varlen) with q/k/v [B, H, S, Dh]:
+# sdpa / eager / flex read the dense `mask` (varlen is None for them), te the `varlen`
+# sequence boundaries.
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "sdpa": _sdpa_attention,
     "eager": _eager_attention,
@@ -342,10 +345,8 @@ class NemotronAttention(nn.Module):
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)
-        if self.attn_backend == "te":
-            out = _te_attention(self, q, k, v, attention_mask, self.scale, varlen)
-        else:
-            out = ATTENTION_BACKENDS[self.attn_backend](self, q, k, v, attention_mask, self.scale)
+        kernel = ATTENTION_BACKENDS[self.attn_backend]
+        out = kernel(self, q, k, v, attention_mask, self.scale, varlen)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
