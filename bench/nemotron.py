@@ -1,6 +1,7 @@
 """Nemotron-H on CPU: our model and Mamba2 mixer vs transformers, tokens/s and ratios.
 
 Usage: python bench/nemotron.py [--quick] [--repeats N] [--threads T] [--only mixer|model]
+       python bench/nemotron.py --sweep [--quick] [--threads T]
 
 Runs, in one process and on the same weights:
   (a) the Mamba2 mixer alone: am_models_nemotron.Mamba2Mixer (pure-PyTorch chunked
@@ -13,7 +14,11 @@ so a busy machine slows both sides alike; on a shared CPU `--threads 1` gives th
 most repeatable ratios (OpenMP workers spin while a sibling thread is descheduled,
 which makes multi-threaded timings swing by several x). Forward is timed under no_grad;
 forward+backward is one training step without the optimizer.
-Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x.
+`--sweep` times the whole model's forward+backward at the shapes users train, varying one
+axis at a time around the base point (hidden 512, seq 1024, chunk 128, 16 experts top-4):
+hidden 256-1024, sequence 512-4096, Mamba chunk 64-256, 8-64 experts top-2..8; it prints
+one ratio per point and the smallest.
+Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x (at every sweep point).
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ def mamba_kwargs(quick: bool) -> dict:
     )
 
 
-def model_config(quick: bool):
+def model_config(quick: bool, **overrides):
     from transformers import NemotronHConfig
 
-    return NemotronHConfig(
+    kwargs = dict(
         vocab_size=2048,
         hybrid_override_pattern="MEM*EM-E",
         num_attention_heads=8,
@@ -58,9 +63,26 @@ def model_config(quick: bool):
         moe_shared_expert_intermediate_size=512 if not quick else 256,
         n_group=1,
         topk_group=1,
-        max_position_embeddings=4096,
+        max_position_embeddings=8192,
         **mamba_kwargs(quick),
     )
+    kwargs.update(overrides)
+    return NemotronHConfig(**kwargs)
+
+
+def paired_models(cfg):
+    """transformers' model and ours on the same weights, in train mode."""
+    from transformers import NemotronHForCausalLM as Theirs
+
+    from am_models_nemotron import NemotronHForCausalLM as Ours
+
+    torch.manual_seed(0)
+    hf = Theirs(cfg).float().train()
+    ours = Ours.from_config(cfg).float().train()
+    missing = ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=False)
+    if missing.missing_keys:
+        raise RuntimeError(f"weights not carried over: {missing.missing_keys[:5]}")
+    return hf, ours
 
 
 def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict:
@@ -136,17 +158,8 @@ def bench_mixer(args) -> None:
 
 
 def bench_model(args) -> None:
-    from transformers import NemotronHForCausalLM as Theirs
-
-    from am_models_nemotron import NemotronHForCausalLM as Ours
-
     cfg = model_config(args.quick)
-    torch.manual_seed(0)
-    hf = Theirs(cfg).float().train()
-    ours = Ours.from_config(cfg).float().train()
-    missing = ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=False)
-    if missing.missing_keys:
-        raise RuntimeError(f"weights not carried over: {missing.missing_keys[:5]}")
+    hf, ours = paired_models(cfg)
     batch, seq = (1, 512) if args.quick else (2, 1024)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -171,12 +184,76 @@ def bench_model(args) -> None:
     )
 
 
+def sweep_points(quick: bool) -> list[tuple[str, dict, int, int]]:
+    """(label, config overrides, batch, seq): one axis varied at a time around the base."""
+    if quick:
+        return [("base", {}, 1, 256), ("chunk 64", {"chunk_size": 64}, 1, 256)]
+    points: list[tuple[str, dict, int, int]] = [("base", {}, 2, 1024)]
+    for hidden in (256, 1024):
+        heads = hidden // 32
+        points.append(
+            (f"hidden {hidden}", {"hidden_size": hidden, "mamba_num_heads": heads}, 2, 1024)
+        )
+    for seq in (512, 2048, 4096):
+        points.append((f"seq {seq}", {}, max(1, 2048 // seq), seq))
+    for chunk in (64, 256):
+        points.append((f"chunk {chunk}", {"chunk_size": chunk}, 2, 1024))
+    for experts, top_k in ((8, 2), (32, 4), (64, 8)):
+        points.append(
+            (
+                f"{experts} experts top-{top_k}",
+                {"n_routed_experts": experts, "num_experts_per_tok": top_k},
+                2,
+                1024,
+            )
+        )
+    return points
+
+
+def bench_sweep(args) -> None:
+    print(
+        "\nWhole-model forward+backward sweep (fp32; base: hidden 512, MEM*EM-E, chunk 128, "
+        "16 experts top-4, batch 2 x seq 1024)"
+    )
+    print(f"  {'point':24s}{'tokens':>8s}{'ours tok/s':>12s}{'transformers':>14s}{'speedup':>9s}")
+    ratios = []
+    for label, overrides, batch, seq in sweep_points(args.quick):
+        cfg = model_config(args.quick, **overrides)
+        hf, ours = paired_models(cfg)
+        ids = torch.randint(
+            0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)
+        )
+
+        def inputs(ids=ids) -> dict:
+            return {"input_ids": ids, "labels": ids}
+
+        fns = {
+            "ours": step_fns("ours", ours, inputs, lambda out: out.loss)["ours forward+backward"],
+            "hf": step_fns("hf", hf, inputs, lambda out: out.loss)["hf forward+backward"],
+        }
+        t = median_times(fns, args.repeats)
+        tokens = batch * seq
+        ratio = t["hf"] / t["ours"]
+        ratios.append((ratio, label))
+        print(
+            f"  {label:24s}{tokens:8d}{tokens / t['ours']:12.0f}{tokens / t['hf']:14.0f}"
+            f"{ratio:8.2f}x",
+            flush=True,
+        )
+        del hf, ours
+    worst = min(ratios)
+    print(f"  smallest speedup: {worst[0]:.2f}x at {worst[1]} (goal >= 1.3x at every point)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--only", choices=("mixer", "model"), default=None)
+    parser.add_argument(
+        "--sweep", action="store_true", help="whole-model fwd+bwd ratio over a shape sweep"
+    )
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
@@ -189,6 +266,9 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats (median)"
     )
+    if args.sweep:
+        bench_sweep(args)
+        return
     if args.only in (None, "mixer"):
         bench_mixer(args)
     if args.only in (None, "model"):

@@ -32,6 +32,11 @@ def _run(script: str, *args: str) -> str:
     [
         ("nemotron.py", ("--quick", "--repeats", "1"), ["Mamba2 mixer", "Whole model", "speedup"]),
         (
+            "nemotron.py",
+            ("--quick", "--sweep", "--repeats", "1"),
+            ["forward+backward sweep", "chunk 64", "smallest speedup"],
+        ),
+        (
             "moe.py",
             ("--quick", "--repeats", "1"),
             ["all four implementations agree", "ceiling: dense matmul fp32", "goal fwd+bwd"],
