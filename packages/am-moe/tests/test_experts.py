@@ -230,7 +230,7 @@ def test_run_experts_rejects_bad_names_and_counts():
 
 
 def test_split_layout_puts_the_common_load_in_one_batched_block():
-    from am_moe.experts import _GroupedRows, _PaddedRows, _routing_plan, _SplitRows
+    from am_moe.experts.rows import _GroupedRows, _PaddedRows, _routing_plan, _SplitRows
 
     mask = torch.ones(64, dtype=torch.bool)
     indices = torch.stack([torch.arange(64) % 4, (torch.arange(64) + 1) % 4], dim=1)

@@ -10,31 +10,18 @@ are detected with `importlib.util.find_spec` and never imported here.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from am_dtype.fp8 import TEFp8Config
+from am_dtype import fp8 as _fp8
+from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP, _has
+from am_dtype.fp8 import TEFp8Config
 
 logger = logging.getLogger(__name__)
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-HAVE_TE = _has("transformer_engine")
-HAVE_DEEP_EP = _has("deep_ep")
-HAVE_GMM = _has("grouped_gemm")
-HAVE_UCCL_EP = _has("uccl") or _has("ep")
 
 _CUDA = torch.cuda.is_available()
 
@@ -207,9 +194,7 @@ def initialize_linear_module(
             raise ImportError("linear_impl='te' needs transformer_engine; install the 'te' extra")
         import transformer_engine.pytorch as te
 
-        from am_dtype.fp8 import _patch_te_modules
-
-        _patch_te_modules()
+        _fp8._patch_te_modules()
         return te.Linear(in_features, out_features, bias=bias, device=device, params_dtype=dtype)
     raise ValueError(
         f"linear_impl={linear_impl!r} is not supported; accepted: {list(LINEAR_CHOICES)}"
@@ -240,9 +225,7 @@ def initialize_rms_norm_module(
             raise ImportError("rms_norm_impl='te' needs transformer_engine; install the 'te' extra")
         import transformer_engine.pytorch as te
 
-        from am_dtype.fp8 import _patch_te_modules
-
-        _patch_te_modules()
+        _fp8._patch_te_modules()
         return te.RMSNorm(dim, eps=eps, device=device, params_dtype=dtype)
     raise ValueError(
         f"rms_norm_impl={rms_norm_impl!r} is not supported; accepted: {list(RMS_NORM_CHOICES)}"

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from am_dtype.backend import HAVE_TE
+from am_dtype.availability import HAVE_TE
 
 logger = logging.getLogger(__name__)
 

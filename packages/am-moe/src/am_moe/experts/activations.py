@@ -1,0 +1,141 @@
+"""Expert activations by name, and their gradients for the custom autograd paths.
+
+`ACTIVATIONS[name](h_NF2, alpha, limit) -> a_NF` maps the first projection's output (gate
+half [:F], up half [F:] for gated activations) to the activation the second projection
+reads. The backward passes recompute the activation from h_NF2; `_activation_with_grad`
+returns it together with a function from grad_a to grad_h (closed forms where we have
+them), and the `*_into` variants write into workspace buffers (see `rows._Workspace`).
+
+Shape legend: T tokens, K top-k, E experts, L local experts (E without
+expert parallelism), N routed rows grouped by expert (sum of counts_L),
+R routed rows including padding (N when not padded), D expert input width,
+F expert hidden width, F2 = 2F for gated activations (F for relu2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from am_moe.experts.rows import _Scratch
+
+__all__ = ["ACTIVATIONS", "apply_activation"]
+
+
+def _halves(h_NF2: Tensor) -> tuple[Tensor, Tensor]:
+    f = h_NF2.shape[-1] // 2
+    return h_NF2[..., :f], h_NF2[..., f:]
+
+
+def _swiglu(h_NF2: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = _halves(h_NF2)
+    return F.silu(gate) * up
+
+
+def _geglu(h_NF2: Tensor, alpha: float, limit: float) -> Tensor:
+    # Gemma's `gelu_pytorch_tanh`.
+    gate, up = _halves(h_NF2)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _clamped_glu(h_NF2: Tensor, alpha: float, limit: float) -> Tensor:
+    # GPT-OSS: gate clamped above, up clamped both ways, and a +1 on the up branch.
+    gate, up = _halves(h_NF2)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _relu2(h_NF2: Tensor, alpha: float, limit: float) -> Tensor:
+    return torch.square(F.relu(h_NF2))
+
+
+# "quick_geglu" (the reference's name) and "swigluoai" (GPT-OSS's) are the same clamped
+# function of (gate, up); the reference's quick_geglu read gate/up from interleaved columns,
+# here every gated activation reads the gate half [:F] and the up half [F:].
+ACTIVATIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "swiglu": _swiglu,
+    "geglu": _geglu,
+    "quick_geglu": _clamped_glu,
+    "swigluoai": _clamped_glu,
+    "relu2": _relu2,
+}
+
+
+def apply_activation(
+    h_NF2: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0
+) -> Tensor:
+    """Expert activation by name on the first projection's output (gate half first)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation={activation!r} is not supported; accepted: {list(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[activation](h_NF2, alpha, limit)
+
+
+# Activation and a function from grad_a to grad_h sharing its intermediates (used in
+# backward, after recomputing the activation). The grad function may overwrite grad_a.
+ActivationWithGrad = Callable[[Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]
+
+
+def _relu2_with_grad(h_NF: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    r_NF = F.relu(h_NF)
+    return r_NF * r_NF, lambda grad_a: grad_a.mul_(r_NF).mul_(2)
+
+
+def _swiglu_with_grad(h_NF2: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    gate, up = _halves(h_NF2)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+
+    def grad(grad_a: Tensor) -> Tensor:
+        grad_h = torch.empty_like(h_NF2)
+        f = gate.shape[-1]
+        torch.mul(grad_a, silu, out=grad_h[:, f:])
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dsilu = (1 - sig).mul_(gate).add_(1).mul_(sig)
+        torch.mul(grad_a.mul_(up), dsilu, out=grad_h[:, :f])
+        return grad_h
+
+    return silu * up, grad
+
+
+_ACTIVATIONS_WITH_GRAD: dict[str, ActivationWithGrad] = {
+    "relu2": _relu2_with_grad,
+    "swiglu": _swiglu_with_grad,
+}
+
+
+def _activation_with_grad(act: Callable[[Tensor], Tensor], name: str) -> ActivationWithGrad:
+    """Closed form where we have one; otherwise differentiate a recompute of `act`."""
+    if name in _ACTIVATIONS_WITH_GRAD:
+        return _ACTIVATIONS_WITH_GRAD[name]
+
+    def generic(h_NF2: Tensor):
+        with torch.enable_grad():
+            h = h_NF2.detach().requires_grad_(True)
+            a = act(h)
+
+        def grad(grad_a: Tensor) -> Tensor:
+            (grad_h,) = torch.autograd.grad(a, h, grad_a)
+            return grad_h
+
+        return a.detach(), grad
+
+    return generic
+
+
+def _relu2_into(h_RF: Tensor, out_RF: Tensor) -> Tensor:
+    torch.clamp_min(h_RF, 0, out=out_RF)
+    return out_RF.mul_(out_RF)
+
+
+def _relu2_with_grad_into(h_RF: Tensor, ws: _Scratch):
+    r_RF = torch.clamp_min(h_RF, 0, out=ws.get("r", h_RF.shape, h_RF))
+    a_RF = torch.mul(r_RF, r_RF, out=ws.get("a", h_RF.shape, h_RF))
+    return a_RF, lambda grad_a: grad_a.mul_(r_RF).mul_(2)

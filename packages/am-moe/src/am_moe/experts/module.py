@@ -1,0 +1,129 @@
+"""`GroupedExperts`: the routed experts of one MoE block as an `nn.Module`.
+
+Shape legend: T tokens, K top-k, E experts, L local experts (E without
+expert parallelism), N routed rows grouped by expert (sum of counts_L),
+R routed rows including padding (N when not padded), D expert input width,
+F expert hidden width, F2 = 2F for gated activations (F for relu2).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from am_moe.config import MoEConfig, is_gated
+from am_moe.dispatch import LocalDispatcher
+from am_moe.experts.activations import ACTIVATIONS
+from am_moe.experts.autograd import _LocalMoE
+from am_moe.experts.kernels import run_experts
+from am_moe.experts.rows import _routing_plan
+
+if TYPE_CHECKING:
+    from am_dtype.backend import BackendConfig
+
+__all__ = ["GroupedExperts"]
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    """The local shard of an expert-parallel DTensor (Shard(0) over EP), else the tensor."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
+# Kernels with a fused gather -> experts -> weighted-sum path when no expert parallelism is on.
+_FUSED_LOCAL_IMPLS = frozenset({"torch_mm", "te"})
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts of one MoE block, as stacked weights run by `run_experts`.
+
+    `dispatcher` groups token rows by expert and combines the weighted outputs;
+    it is a `LocalDispatcher` until the EP parallelizer shards the weights
+    (DTensor Shard(0)) and installs an all-to-all dispatcher. With the plain
+    `LocalDispatcher` and a grouped-mm kernel the same contract runs fused
+    (`_LocalMoE`); any other dispatcher goes through dispatch/run_experts/combine.
+    """
+
+    # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
+    cpu_layout: str = "padded"
+    max_padding: float = 0.125
+    # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
+    # by all layers (see `_Workspace`) instead of allocating them on every call.
+    reuse_cpu_buffers: bool = True
+
+    def __init__(self, config: MoEConfig, backend: BackendConfig) -> None:
+        super().__init__()
+        self.n_routed_experts = config.n_routed_experts
+        self.expert_activation = config.expert_activation
+        self.activation_alpha = config.activation_alpha
+        self.activation_limit = config.activation_limit
+        self.impl = backend.experts
+        self.expert_bias = config.expert_bias
+        e, d, f = config.n_routed_experts, config.expert_dim, config.moe_inter_dim
+        h = 2 * f if is_gated(config.expert_activation) else f
+        self.gate_and_up_projs = nn.Parameter(torch.empty(e, d, h, dtype=config.dtype))
+        self.down_projs = nn.Parameter(torch.empty(e, f, d, dtype=config.dtype))
+        if config.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(e, h, dtype=config.dtype))
+            self.down_proj_bias = nn.Parameter(torch.empty(e, d, dtype=config.dtype))
+        else:
+            self.gate_up_proj_bias = None
+            self.down_proj_bias = None
+        self.dispatcher = LocalDispatcher(e)
+
+    def forward(
+        self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
+    ) -> Tensor:
+        """y_TD[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]); masked rows 0."""
+        weights = [
+            _local(p)
+            for p in (
+                self.gate_and_up_projs,
+                self.down_projs,
+                self.gate_up_proj_bias,
+                self.down_proj_bias,
+            )
+        ]
+        if self.impl in _FUSED_LOCAL_IMPLS and type(self.dispatcher) is LocalDispatcher:
+            return self._local_fused(x_TD, token_mask_T, weights_TK, indices_TK, weights)
+        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK, token_mask_T)
+        y_ND = run_experts(
+            x_ND,
+            counts_L,
+            weights[0],
+            weights[1],
+            self.expert_activation,
+            self.impl,
+            weights[2],
+            weights[3],
+            alpha=self.activation_alpha,
+            limit=self.activation_limit,
+        )
+        return self.dispatcher.combine(y_ND, ctx).to(x_TD.dtype)
+
+    def _local_fused(self, x_TD, token_mask_T, weights_TK, indices_TK, weights) -> Tensor:
+        if token_mask_T is None:
+            token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+        plan = _routing_plan(
+            indices_TK, token_mask_T, self.n_routed_experts, self.cpu_layout, self.max_padding
+        )
+        act = partial(
+            ACTIVATIONS[self.expert_activation],
+            alpha=self.activation_alpha,
+            limit=self.activation_limit,
+        )
+        x_TD = x_TD.to(weights[0].dtype)
+        reuse = self.reuse_cpu_buffers and x_TD.device.type == "cpu"
+        out = _LocalMoE.apply(x_TD, weights_TK, *weights, plan, act, self.expert_activation, reuse)
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None, init_std: float = 0.02):
+        """Normal(0, init_std) weights, zero biases (on the local shard under EP)."""
+        _local(self.gate_and_up_projs).normal_(0.0, init_std)
+        _local(self.down_projs).normal_(0.0, init_std)
+        for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+            if bias is not None:
+                _local(bias).zero_()
