@@ -49,6 +49,8 @@ def _convert_bool_4d_mask_to_additive(attention_mask: Tensor, dtype: torch.dtype
     if attention_mask.is_floating_point():
         return attention_mask.to(dtype)
     if attention_mask.dtype != torch.bool:
-        raise ValueError(f"a 4D attention_mask must be bool or floating point, got {attention_mask.dtype}")
+        raise ValueError(
+            f"a 4D attention_mask must be bool or floating point, got {attention_mask.dtype}"
+        )
     out = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     return out.masked_fill(~attention_mask, float("-inf"))

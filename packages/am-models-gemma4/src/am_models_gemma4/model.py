@@ -111,10 +111,14 @@ class Gemma4MoEModel(HFGemma4Model):
         self.vocab_size_per_layer_input = text.vocab_size_per_layer_input
         self.vision_tower = _maybe(AutoModel.from_config, config.vision_config)
         self.audio_tower = _maybe(AutoModel.from_config, config.audio_config)
-        self.embed_vision = _maybe(lambda c: Gemma4MultimodalEmbedder(c, text), config.vision_config)
+        self.embed_vision = _maybe(
+            lambda c: Gemma4MultimodalEmbedder(c, text), config.vision_config
+        )
         self.embed_audio = _maybe(lambda c: Gemma4MultimodalEmbedder(c, text), config.audio_config)
         if text.enable_moe_block:
-            self.language_model = Gemma4MoETextModelBackend(text, backend, moe_config, moe_overrides)
+            self.language_model = Gemma4MoETextModelBackend(
+                text, backend, moe_config, moe_overrides
+            )
         else:
             self.language_model = AutoModel.from_config(text)
         self.post_init()
