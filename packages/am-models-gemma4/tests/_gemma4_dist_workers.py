@@ -1,0 +1,102 @@
+"""Spawned-rank bodies for the distributed tests (module level so spawn can import them)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from _gemma4_helpers import cpu_backend, rel_err
+from torch.distributed.device_mesh import init_device_mesh
+
+os.environ.setdefault("AM_DTYPE_COMPILE_RMSNORM", "0")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _reference(checkpoint: str, ids: torch.Tensor, world_size: int):
+    """Loss (mean over the per-rank rows) and gradients of one unsharded process."""
+    from am_models_gemma4 import Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
+    model.train()
+    rows = [ids[r : r + 1] for r in range(world_size)]
+    loss = torch.stack([model(x, labels=x, use_cache=False).loss for x in rows]).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _compare(model, loss, ref_loss, ref_grads, world_size) -> dict[str, float]:
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    errors = {"loss": abs(mean.item() / world_size - ref_loss.item())}
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        errors[name] = rel_err(_full(param.grad), ref_grads[name])
+    return errors
+
+
+def moe_ep_fsdp_matches_single_process(rank, world_size, checkpoint, ids):
+    """EP=2 (experts split over the ranks) + FSDP2 through am-moe's parallelizer, each rank
+    on its own row, against one process on both rows; then EP-local loading and saving."""
+    from am_models_gemma4 import Gemma4ForConditionalGeneration
+    from am_moe.parallelizer import parallelize_model
+    from am_utils.checkpointing import read_hf_state_dict
+
+    ref_loss, ref_grads = _reference(checkpoint, ids, world_size)
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "ep"))
+    model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
+    model.train()
+    parallelize_model(model, mesh, block_container="model.language_model.layers")
+    up = model.model.layers[0].moe.experts.gate_and_up_projs
+    assert up.to_local().shape[0] == 8 // world_size
+    loss = model(ids[rank : rank + 1], labels=ids[rank : rank + 1], use_cache=False).loss
+    loss.backward()
+    errors = _compare(model, loss, ref_loss, ref_grads, world_size)
+
+    # EP-aware loading: only this rank's experts are stacked, as DTensor Shard(0) shards.
+    hf = read_hf_state_dict(checkpoint)
+    local = model.state_dict_adapter.from_hf(hf, device_mesh=mesh)
+    key = "model.language_model.layers.1.moe.experts.gate_and_up_projs"
+    first, last = rank * 4, rank * 4 + 4
+    expected = hf["model.language_model.layers.1.experts.gate_up_proj"][first:last]
+    assert torch.equal(local[key].to_local(), expected.transpose(1, 2))
+    # Saving gathers every shard: the files equal the checkpoint we started from.
+    saved = os.path.join(checkpoint, "ep_saved")
+    model.save_pretrained(saved)
+    written = read_hf_state_dict(saved)
+    assert set(written) == set(hf), set(written) ^ set(hf)
+    assert all(torch.equal(written[k], hf[k]) for k in hf)
+    return errors
+
+
+def dense_kv_sharing_fsdp_matches_single_process(rank, world_size, checkpoint, ids):
+    """FSDP2 per decoder layer with cast_forward_inputs=True on the E2B-like model: the
+    shared layers still read their source layer's K/V (loss and grads equal one process)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from am_models_gemma4 import Gemma4ForConditionalGeneration
+
+    ref_loss, ref_grads = _reference(checkpoint, ids, world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
+    model.train()
+    # param_dtype set: FSDP2 then really runs its input cast (and would copy a plain dict).
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=True)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    loss = model(ids[rank : rank + 1], labels=ids[rank : rank + 1], use_cache=False).loss
+    loss.backward()
+    return _compare(model, loss, ref_loss, ref_grads, world_size)
+
+
+def both_cases(rank, world_size, moe_checkpoint, dense_checkpoint, moe_ids, dense_ids):
+    """One spawn for both cases (each rank imports torch + transformers only once)."""
+    moe = moe_ep_fsdp_matches_single_process(rank, world_size, moe_checkpoint, moe_ids)
+    dense = dense_kv_sharing_fsdp_matches_single_process(
+        rank, world_size, dense_checkpoint, dense_ids
+    )
+    return {"moe": moe, "dense": dense}

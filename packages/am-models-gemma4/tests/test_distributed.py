@@ -1,0 +1,38 @@
+"""Two gloo processes equal one process: EP=2 + FSDP2 through am-moe's parallelizer (MoE), and
+FSDP2 with `cast_forward_inputs=True` on the K/V-sharing dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _gemma4_dist_workers import both_cases
+from _gemma4_helpers import VOCAB, gemma4_config, randomize_hf, tiny_kv_shared_text, tiny_moe_text
+from transformers import Gemma4ForConditionalGeneration as HFGemma4
+
+from am_dtype.testing import run_distributed
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 4, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _check(errors: dict, min_params: int) -> None:
+    assert errors["loss"] <= 1e-5, errors["loss"]
+    assert len(errors) > min_params  # every parameter was compared
+    worst = max((v, k) for k, v in errors.items() if k != "loss")
+    assert worst[0] <= 1e-4, worst
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # one spawn of 2 ranks, each importing torch + transformers
+def test_ep2_fsdp2_and_kv_sharing_fsdp2_equal_one_process(tmp_path):
+    torch.manual_seed(0)
+    moe, dense = tmp_path / "moe", tmp_path / "dense"
+    randomize_hf(HFGemma4(gemma4_config(tiny_moe_text()))).save_pretrained(moe)
+    randomize_hf(HFGemma4(gemma4_config(tiny_kv_shared_text()))).save_pretrained(dense)
+    results = run_distributed(
+        both_cases, 2, str(moe), str(dense), _ids(11), _ids(12), timeout_s=300
+    )
+    for result in results:
+        _check(result["moe"], 80)
+        _check(result["dense"], 50)
