@@ -13,6 +13,7 @@ EXPECTED = [
     "ModelCapabilities",
     "ModelClass",
     "_FSDPSafeSharedKVStates",
+    "_build_packed_gemma4_causal_mask_mapping",
     "_Gemma4KVShareHolder",
     "_convert_bool_4d_mask_to_additive",
     "_derive_padding_mask",

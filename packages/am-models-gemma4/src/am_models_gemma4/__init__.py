@@ -6,7 +6,11 @@ from am_models_gemma4.kv_sharing import (
     _kv_sharing_active,
 )
 from am_models_gemma4.layers import Gemma4MoEDecoderLayer, Gemma4MoETextModelBackend
-from am_models_gemma4.masks import _convert_bool_4d_mask_to_additive, _derive_padding_mask
+from am_models_gemma4.masks import (
+    _build_packed_gemma4_causal_mask_mapping,
+    _convert_bool_4d_mask_to_additive,
+    _derive_padding_mask,
+)
 from am_models_gemma4.model import (
     Gemma4ForConditionalGeneration,
     Gemma4MoEModel,
@@ -27,6 +31,7 @@ __all__ = [
     "ModelCapabilities",
     "ModelClass",
     "_FSDPSafeSharedKVStates",
+    "_build_packed_gemma4_causal_mask_mapping",
     "_Gemma4KVShareHolder",
     "_convert_bool_4d_mask_to_additive",
     "_derive_padding_mask",

@@ -6,7 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["_convert_bool_4d_mask_to_additive", "_derive_padding_mask"]
+__all__ = [
+    "_build_packed_gemma4_causal_mask_mapping",
+    "_convert_bool_4d_mask_to_additive",
+    "_derive_padding_mask",
+]
 
 
 def _allowed_from_4d(mask: Tensor) -> Tensor:
@@ -54,3 +58,79 @@ def _convert_bool_4d_mask_to_additive(attention_mask: Tensor, dtype: torch.dtype
         )
     out = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     return out.masked_fill(~attention_mask, float("-inf"))
+
+
+def _image_block_ids(mm_token_type_ids: Tensor | None, doc_ids: Tensor) -> Tensor:
+    """[B, S] id of the image (or video) block each token is in, -1 for text.
+
+    A block is a run of vision tokens (`mm_token_type_ids` 1 or 2) inside one document: a
+    document boundary ends a block even between two vision tokens.
+    """
+    if mm_token_type_ids is None:
+        return torch.full_like(doc_ids, -1)
+    vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    continues = torch.zeros_like(vision)
+    continues[:, 1:] = vision[:, :-1] & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    starts = vision & ~continues
+    return torch.where(vision, starts.long().cumsum(dim=-1) - 1, -1)
+
+
+def _build_packed_gemma4_causal_mask_mapping(
+    packed_seq_ids: Tensor,
+    mm_token_type_ids: Tensor | None,
+    dtype: torch.dtype,
+    sliding_window: int | None,
+    as_additive: bool = False,
+    as_block_mask: bool = False,
+    flex_block_size: int | tuple[int, int] = 128,
+) -> dict[str, Tensor]:
+    """`{"full_attention": mask, "sliding_attention": mask}` for packed (VLM) rows.
+
+    `packed_seq_ids` [B, S] holds 1-based document ids, 0 for padding. No token attends
+    across documents. Full-attention layers are causal within a document; sliding layers
+    allow a key when it is inside the window (`q - k < sliding_window`) AND (causal OR in
+    the same image as the query): image tokens see their whole image bidirectionally, but
+    never beyond the window into the past nor on full-attention layers (the rule of
+    transformers 5.23's `create_masks_for_vision_model`, per document). Padding queries
+    attend only to themselves, so every row stays finite.
+
+    Returns [B, 1, S, S] bool masks (True = may attend), additive ones in `dtype` (0 / -inf)
+    with `as_additive`, or flex-attention `BlockMask`s with `as_block_mask`.
+    """
+    if packed_seq_ids.dim() != 2:
+        raise ValueError(f"packed_seq_ids must be [B, S], got shape {tuple(packed_seq_ids.shape)}")
+    if as_additive and as_block_mask:
+        raise ValueError("choose at most one of as_additive and as_block_mask")
+    ids = packed_seq_ids.long()
+    S = ids.shape[1]
+    pos = torch.arange(S, device=ids.device)
+    causal = (pos[None, :] <= pos[:, None])[None]
+    same_doc = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] > 0)
+    blocks = _image_block_ids(mm_token_type_ids, ids)
+    same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    window = torch.ones_like(causal)
+    if sliding_window is not None:
+        window = (pos[None, :] > pos[:, None] - sliding_window)[None]
+    self_only = torch.eye(S, dtype=torch.bool, device=ids.device)[None] & (ids == 0)[:, :, None]
+    masks = {
+        "full_attention": (causal & same_doc) | self_only,
+        "sliding_attention": (same_doc & window & (causal | same_image)) | self_only,
+    }
+    if as_block_mask:
+        return {k: _to_block_mask(v, flex_block_size) for k, v in masks.items()}
+    masks = {k: v.unsqueeze(1) for k, v in masks.items()}
+    if as_additive:
+        return {k: _convert_bool_4d_mask_to_additive(v, dtype) for k, v in masks.items()}
+    return masks
+
+
+def _to_block_mask(allowed_BQK: Tensor, block_size: int | tuple[int, int]):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed_BQK[b, q_idx, kv_idx]
+
+    B, Q, K = allowed_BQK.shape
+    return create_block_mask(
+        mask_mod, B, None, Q, K, device=allowed_BQK.device.type, BLOCK_SIZE=block_size
+    )
