@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from automodel_helpers import tiny_raw
 
 from am_automodel.recipe import RecipeError, build_recipe
 from am_automodel.train import run
-from conftest import tiny_raw
 
 CASES = {
     "unknown key": ({"train": {"stepz": 3}}, {}, "unknown key 'train.stepz'"),
@@ -55,7 +55,9 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, capsys, monkeypatch) -> 
 
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"automodel: error: recipe file '{tmp_path / 'nope.yaml'}' does not exist"]
+    assert err.strip().splitlines() == [
+        f"automodel: error: recipe file '{tmp_path / 'nope.yaml'}' does not exist"
+    ]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("parallelism:\n  ep: 3\n  dp_shard: 1\n")
     # The real entry point in a fresh interpreter: exit code 2, the one line, no traceback.
@@ -65,4 +67,6 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, capsys, monkeypatch) -> 
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert lines == ["automodel: error: parallelism.ep = 3 does not divide the model's 8 routed experts"], out.stderr
+    assert lines == [
+        "automodel: error: parallelism.ep = 3 does not divide the model's 8 routed experts"
+    ], out.stderr

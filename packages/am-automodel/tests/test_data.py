@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from am_automodel.data import IGNORE_INDEX, RowLoader, build_datasets, check_data_files, pack_documents
+from am_automodel.data import (
+    IGNORE_INDEX,
+    RowLoader,
+    build_datasets,
+    check_data_files,
+    pack_documents,
+)
 from am_automodel.recipe import DataSection, RecipeError
 from am_automodel.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
@@ -45,12 +51,17 @@ def test_row_order_is_seeded_and_resumes_mid_epoch() -> None:
         b.next_batch()
     c = RowLoader(rows, micro_batch_size=2, data_rank=0, data_size=2, seed=5)
     c.load_state_dict(b.state_dict())
-    assert all(torch.equal(x, y) for x, y in zip(first[7:], [c.next_batch()["input_ids"] for _ in range(13)]))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(first[7:], [c.next_batch()["input_ids"] for _ in range(13)], strict=True)
+    )
     other = RowLoader(rows, micro_batch_size=2, data_rank=0, data_size=2, seed=6)
     assert not torch.equal(first[0], other.next_batch()["input_ids"])
     # the two data ranks split each global batch: together they read every row once per epoch
     r1 = RowLoader(rows, micro_batch_size=2, data_rank=1, data_size=2, seed=5)
-    seen = torch.cat([torch.cat([x, r1.next_batch()["input_ids"]]) for x in first[: len(rows) // 4]])
+    seen = torch.cat(
+        [torch.cat([x, r1.next_batch()["input_ids"]]) for x in first[: len(rows) // 4]]
+    )
     assert len({tuple(r) for r in seen.tolist()}) == len(rows) // 4 * 4
 
 
@@ -121,4 +132,4 @@ def test_packed_rows_reach_the_model_as_separate_documents() -> None:
     # and without seq_idx the second document would see the first (the check can fail)
     with torch.no_grad():
         leaky = model(input_ids=rows.input_ids).logits[0]
-    assert not torch.allclose(leaky[len(docs[0]):], alone[1], atol=1e-3)
+    assert not torch.allclose(leaky[len(docs[0]) :], alone[1], atol=1e-3)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from automodel_helpers import tiny_raw
 
 from am_automodel.recipe import build_recipe
 from am_automodel.train import run
 from am_dtype.testing import run_distributed
-from conftest import tiny_raw
 
 STEPS = 10
 TOL = 2e-5

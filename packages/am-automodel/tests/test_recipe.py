@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from am_automodel.recipe import Recipe, RecipeError, apply_overrides, build_recipe, load_recipe, recipe_help
+from am_automodel.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    build_recipe,
+    load_recipe,
+    recipe_help,
+)
 
 
 def _error(raw) -> str:
@@ -46,7 +53,9 @@ def test_wrong_type_and_out_of_range() -> None:
 def test_model_section_checks() -> None:
     msg = _error({"model": {"preset": "huge"}})
     assert "model.preset = 'huge'" in msg and "tiny-nemotron-h" in msg
-    assert "exactly one of model.preset and model.path" in _error({"model": {"preset": "tiny-nemotron-h", "path": "/x"}})
+    assert "exactly one of model.preset and model.path" in _error(
+        {"model": {"preset": "tiny-nemotron-h", "path": "/x"}}
+    )
     msg = _error({"model": {"preset": "tiny-nemotron-h", "backend": {"atn": "sdpa"}}})
     assert "model.backend" in msg and "'atn'" in msg and "'attn'" in msg
     msg = _error({"model": {"preset": "tiny-nemotron-h", "backend": {"attn": "nope"}}})

@@ -17,8 +17,9 @@ from am_automodel.train import run
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    from automodel_helpers import tiny_raw
+
     from am_automodel.recipe import build_recipe
-    from conftest import tiny_raw
 
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     raw = tiny_raw(run_dir, train={"steps": 8, "eval_every": 4}, checkpoint={"every": 4})
@@ -37,7 +38,9 @@ def test_resolved_recipe_and_metrics_are_written(trained) -> None:
     result, recipe = trained
     written = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert written == recipe.model_dump(mode="json")
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb", "moe_load_imbalance"):
@@ -59,7 +62,9 @@ def test_export_loads_in_transformers_with_identical_logits(trained) -> None:
     assert result.export_dir == result.run_dir / "hf" / "final"
     reference = HFNemotronH.from_pretrained(result.export_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.export_dir)
-    ids = torch.tensor([[1, *tokenizer("Ada went to the park", add_special_tokens=False)["input_ids"]]])
+    ids = torch.tensor(
+        [[1, *tokenizer("Ada went to the park", add_special_tokens=False)["input_ids"]]]
+    )
     ours = result.model.eval()
     with torch.no_grad():
         theirs, mine = reference(input_ids=ids).logits, ours(input_ids=ids).logits
@@ -69,7 +74,10 @@ def test_export_loads_in_transformers_with_identical_logits(trained) -> None:
 
 def test_generate_prints_text(trained, capsys) -> None:
     result, _ = trained
-    assert main(["generate", str(result.export_dir), "--prompt", "Ada went", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(["generate", str(result.export_dir), "--prompt", "Ada went", "--max-new-tokens", "12"])
+        == 0
+    )
     out = capsys.readouterr().out.strip()
     assert out.startswith("Ada went") and len(out) > len("Ada went")
 

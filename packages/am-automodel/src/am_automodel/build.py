@@ -29,7 +29,9 @@ def _activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable()
 
 
-def build_model(recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, rank: int) -> nn.Module:
+def build_model(
+    recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, rank: int
+) -> nn.Module:
     """The training model of this rank, with the starting weights loaded."""
     with torch.device("meta"):
         model = spec.build(config, backend)
@@ -52,7 +54,11 @@ def build_model(recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, ran
         )
     elif par.activation_checkpointing:
         _activation_checkpointing(model)
-    device = torch.device(plan.device, torch.cuda.current_device()) if plan.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(plan.device, torch.cuda.current_device())
+        if plan.device == "cuda"
+        else torch.device("cpu")
+    )
     model.to_empty(device=device)
     full = initial_state_dict(recipe.model, config, backend, recipe.train.seed) if rank == 0 else {}
     set_model_state_dict(

@@ -24,14 +24,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="automodel",
         description="Train Hugging Face LMs from one recipe (FSDP2, EP) on one process or many.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipe sections and keys (override any with --section.key=value):\n" + recipe_help(),
+        epilog="recipe sections and keys (override any with --section.key=value):\n"
+        + recipe_help(),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
         help="train from a recipe (YAML); no recipe: the built-in tiny default",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipe sections and keys (override any with --section.key=value):\n" + recipe_help(),
+        epilog="recipe sections and keys (override any with --section.key=value):\n"
+        + recipe_help(),
     )
     train.add_argument("recipe", nargs="?", help="recipe YAML file")
     gen = sub.add_parser("generate", help="sample text from an exported checkpoint directory")

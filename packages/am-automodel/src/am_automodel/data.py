@@ -154,7 +154,9 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> PackedRo
 
 
 # ----------------------------------------------------------------------------- splits
-def build_datasets(section: DataSection, tokenizer, seed: int) -> tuple[PackedRows, PackedRows | None]:
+def build_datasets(
+    section: DataSection, tokenizer, seed: int
+) -> tuple[PackedRows, PackedRows | None]:
     """(train, validation) packed rows of the recipe; validation is None when there is none."""
     chat = section.messages_field is not None
     if section.path is None:
@@ -172,7 +174,9 @@ def build_datasets(section: DataSection, tokenizer, seed: int) -> tuple[PackedRo
         val_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train = pack_documents(tokenize_documents(records, tokenizer, chat, "data.path"), section.seq_len, pad)
+    train = pack_documents(
+        tokenize_documents(records, tokenizer, chat, "data.path"), section.seq_len, pad
+    )
     val = None
     if val_records:
         val_docs = tokenize_documents(val_records, tokenizer, chat, "data.val_path")
@@ -225,7 +229,9 @@ class RowLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         index = self._stream(self.consumed, self.global_rows)
         self.consumed += self.global_rows
-        mine = index[self.data_rank * self.micro_batch_size : (self.data_rank + 1) * self.micro_batch_size]
+        mine = index[
+            self.data_rank * self.micro_batch_size : (self.data_rank + 1) * self.micro_batch_size
+        ]
         return self.rows.rows(mine)
 
     def state_dict(self) -> dict[str, int]:

@@ -48,13 +48,13 @@ def _device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("parallelism.device = 'cuda': no CUDA device is available; use auto or cpu")
+        raise RecipeError(
+            "parallelism.device = 'cuda': no CUDA device is available; use auto or cpu"
+        )
     return choice
 
 
-def plan_mesh(
-    section: ParallelismSection, world_size: int, spec, config, seq_len: int
-) -> MeshPlan:
+def plan_mesh(section: ParallelismSection, world_size: int, spec, config, seq_len: int) -> MeshPlan:
     """Check the recipe's parallel sizes against the world and the model; resolve dp_shard=-1."""
     others = section.dp_replicate * section.ep * section.pp * section.cp
     dp_shard = section.dp_shard
@@ -80,7 +80,9 @@ def plan_mesh(
         )
     layers = spec.num_layers(config)
     if section.pp > layers:
-        raise RecipeError(f"parallelism.pp = {section.pp} is larger than the model's {layers} layers")
+        raise RecipeError(
+            f"parallelism.pp = {section.pp} is larger than the model's {layers} layers"
+        )
     if section.pp > 1 and importlib.util.find_spec("am_pp") is None:
         raise RecipeError(
             f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "

@@ -210,7 +210,9 @@ def build_model_config(section: ModelSection, vocab_size: int):
     return config
 
 
-def initial_state_dict(section: ModelSection, config, backend, seed: int) -> dict[str, torch.Tensor]:
+def initial_state_dict(
+    section: ModelSection, config, backend, seed: int
+) -> dict[str, torch.Tensor]:
     """Full starting weights on CPU: the checkpoint's, or a fresh init seeded by `seed`."""
     from am_dtype import resolve_dtype
 

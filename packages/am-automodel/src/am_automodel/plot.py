@@ -29,7 +29,9 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     fig, (ax_loss, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+        ax_loss.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval"
+        )
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.legend()
     ax_tok.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])

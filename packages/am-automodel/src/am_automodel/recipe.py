@@ -77,7 +77,9 @@ class ModelSection(_Section):
         accepted = {f.name for f in fields(BackendConfig)} - {"te_fp8"}
         unknown = sorted(set(value) - accepted)
         if unknown:
-            raise ValueError(f"unknown BackendConfig fields {unknown}; accepted: {sorted(accepted)}")
+            raise ValueError(
+                f"unknown BackendConfig fields {unknown}; accepted: {sorted(accepted)}"
+            )
         BackendConfig(**value)  # its own checks: names, installed extras
         return value
 
@@ -97,7 +99,9 @@ class TokenizerSection(_Section):
 class DataSection(_Section):
     """Documents, tokenized and packed into fixed-length rows with per-document boundaries."""
 
-    path: str | None = Field(None, description="JSONL / JSON / text / parquet file or directory; none = built-in")
+    path: str | None = Field(
+        None, description="JSONL / JSON / text / parquet file or directory; none = built-in"
+    )
     format: Literal["auto", "json", "text", "parquet"] = Field(
         "auto", description="file format (auto: from the suffix)"
     )
@@ -107,7 +111,9 @@ class DataSection(_Section):
     )
     seq_len: int = Field(128, ge=8, le=1 << 20, description="tokens per packed row")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="documents held out for eval")
-    val_path: str | None = Field(None, description="separate validation file (overrides val_fraction)")
+    val_path: str | None = Field(
+        None, description="separate validation file (overrides val_fraction)"
+    )
     builtin_documents: int = Field(
         2000, ge=10, description="size of the built-in embedded dataset (documents)"
     )
@@ -117,7 +123,9 @@ class DataSection(_Section):
 class ParallelismSection(_Section):
     """Device and the DeviceMesh axes; their product must equal the world size."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA+NCCL if present, else CPU+gloo")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA+NCCL if present, else CPU+gloo"
+    )
     dp_shard: int = Field(-1, ge=-1, description="FSDP2 shard degree; -1 = what the others leave")
     dp_replicate: int = Field(1, ge=1, description="data-parallel replicas")
     ep: int = Field(1, ge=1, description="expert parallelism (divides the routed experts)")

@@ -64,7 +64,9 @@ def build_tokenizer(section: TokenizerSection):
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RecipeError(f"tokenizer.path = {section.path!r}: cannot load a tokenizer ({first})") from None
+        raise RecipeError(
+            f"tokenizer.path = {section.path!r}: cannot load a tokenizer ({first})"
+        ) from None
     if tok.pad_token_id is None:
         # Packed rows never pad; generate() and eval batching need some pad id.
         tok.pad_token = tok.eos_token

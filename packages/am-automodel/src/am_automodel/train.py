@@ -23,7 +23,13 @@ import torch.nn.functional as F
 
 from am_automodel.build import build_model
 from am_automodel.checkpoint import Checkpointer
-from am_automodel.data import IGNORE_INDEX, RowLoader, build_datasets, check_data_files, eval_batches
+from am_automodel.data import (
+    IGNORE_INDEX,
+    RowLoader,
+    build_datasets,
+    check_data_files,
+    eval_batches,
+)
 from am_automodel.export import export_hf
 from am_automodel.mesh import MeshPlan, ProcessGroup, build_mesh, plan_mesh
 from am_automodel.metrics import ExpertLoadMonitor, MetricsLogger, peak_memory_mb
@@ -96,7 +102,9 @@ def _train_step(model, batches, packing, plan, device, optimizer, max_grad_norm)
     local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     (global_targets,) = _all_sum([local_targets])
     scale = plan.data_size / max(global_targets, 1.0)
-    accumulate = plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
+    accumulate = (
+        plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
+    )
     if accumulate:
         model.prepare_for_grad_accumulation()
     total = 0.0
@@ -137,7 +145,11 @@ def _run(prep: Prepared) -> TrainResult:
     rank = dist.get_rank()
     mesh = build_mesh(plan)
     data_rank = _data_rank(mesh)
-    device = torch.device("cuda", torch.cuda.current_device()) if plan.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if plan.device == "cuda"
+        else torch.device("cpu")
+    )
     run_dir = Path(recipe.checkpoint.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +162,11 @@ def _run(prep: Prepared) -> TrainResult:
     # eval_batches global batches (micro_batch_size * grad_accum * data_size rows each): the
     # same rows for every layout of the same global batch.
     n_eval = tr.eval_batches * tr.grad_accum
-    val = eval_batches(val_rows, tr.micro_batch_size, data_rank, plan.data_size, n_eval) if val_rows else []
+    val = (
+        eval_batches(val_rows, tr.micro_batch_size, data_rank, plan.data_size, n_eval)
+        if val_rows
+        else []
+    )
 
     model = build_model(recipe, prep.config, prep.spec, prep.backend, plan, mesh, rank)
     optimizer = build_optimizer(model, recipe.optimizer, plan.device)
@@ -198,9 +214,17 @@ def _run(prep: Prepared) -> TrainResult:
             if (cfg.every and step % cfg.every == 0) or step == tr.steps:
                 ckpt.save(step, model, optimizer, scheduler, loader)
             if cfg.export_every and step % cfg.export_every == 0 and step != tr.steps:
-                export_hf(model, prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / f"step_{step:08d}", rank)
+                export_hf(
+                    model,
+                    prep.tokenizer,
+                    recipe.to_yaml(),
+                    run_dir / "hf" / f"step_{step:08d}",
+                    rank,
+                )
         if cfg.export_final:
-            result.export_dir = export_hf(model, prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / "final", rank)
+            result.export_dir = export_hf(
+                model, prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / "final", rank
+            )
     finally:
         log.close()
     total_time = time.perf_counter() - run_start
@@ -213,4 +237,6 @@ def _data_rank(mesh) -> int:
     """This rank's index among the ranks that read different rows (dp axes and ep)."""
     coords = {name: mesh.get_local_rank(name) for name in ("dp_replicate", "dp_shard", "ep")}
     sizes = {name: mesh.size(mesh.mesh_dim_names.index(name)) for name in coords}
-    return (coords["dp_replicate"] * sizes["dp_shard"] + coords["dp_shard"]) * sizes["ep"] + coords["ep"]
+    return (coords["dp_replicate"] * sizes["dp_shard"] + coords["dp_shard"]) * sizes["ep"] + coords[
+        "ep"
+    ]
