@@ -67,3 +67,43 @@ def ep_matches_single_process(rank: int, world_size: int, checkpoint: str, ids: 
             expected = ref_grads[name]
         errors[name] = rel_err(grad, expected)
     return errors
+
+
+def ep_rank_with_empty_batch(rank: int, world_size: int, ids: torch.Tensor):
+    """EP over 2 ranks where rank 1 has no tokens: both finish forward and backward, and the
+    summed gradients equal one process on rank 0's batch alone (rank 1 adds zeros)."""
+    import copy
+
+    from _nemotron_helpers import tiny_config
+
+    from am_models_nemotron import NemotronHForCausalLM
+    from am_moe.parallelizer import apply_ep
+
+    torch.manual_seed(0)  # the same weights on every rank
+    cfg = tiny_config(num_nextn_predict_layers=1, mtp_layers_block_type=["moe"])
+    model = NemotronHForCausalLM(cfg, backend=cpu_backend())
+    model.initialize_weights(dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    ref_loss = reference(ids, labels=ids).loss
+    ref_loss.backward()
+    ref_grads = _grads(reference)
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    apply_ep(model, mesh)
+    local = ids if rank == 0 else ids[:0]  # rank 1: an empty [0, S] batch
+    out = model(local, labels=local)
+    out.loss.backward()
+    errors = {"loss": abs(out.loss.item() - (ref_loss.item() if rank == 0 else 0.0))}
+    errors["logits_shape"] = tuple(out.logits.shape)
+    first, last = rank * 2, rank * 2 + 2  # 4 experts over 2 ranks
+    for name, grad in _grads(model).items():
+        if grad is None:
+            errors[name] = float("inf")
+            continue
+        if "experts." in name and "shared_experts" not in name:
+            expected = ref_grads[name][first:last]  # this rank's experts saw rank 0's tokens
+        else:
+            dist.all_reduce(grad)
+            expected = ref_grads[name]
+        errors[name] = rel_err(grad, expected)
+    return errors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _nemotron_ep_workers import ep_matches_single_process
+from _nemotron_ep_workers import ep_matches_single_process, ep_rank_with_empty_batch
 from _nemotron_helpers import randomize_hf, tiny_config
 from transformers import NemotronHForCausalLM as HFNemotronH
 
@@ -23,3 +23,18 @@ def test_ep2_loss_and_gradients_equal_single_process(tmp_path):
         assert len(errors) > 40  # every parameter was compared
         worst = max((v, k) for k, v in errors.items() if k != "loss")
         assert worst[0] <= 1e-4, worst
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned ranks import torch + transformers
+def test_ep2_rank_with_an_empty_batch_takes_part_in_every_collective():
+    """Rank 1 has a [0, S] batch; without its forward/backward all-to-alls rank 0 would hang."""
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(4))
+    results = run_distributed(ep_rank_with_empty_batch, 2, ids, timeout_s=90)
+    assert results[0].pop("logits_shape") == (1, 12, 64)
+    assert results[1].pop("logits_shape") == (0, 12, 64)
+    for errors in results:
+        assert errors.pop("loss") <= 1e-6
+        assert len(errors) > 40  # every parameter, MTP MoE included
+        worst = max((v, k) for k, v in errors.items())
+        assert worst[0] <= 1e-5, worst

@@ -46,10 +46,9 @@ def test_depth_zero_follows_the_documented_math():
     ids = _ids()
     with torch.no_grad():
         out = m(ids, output_hidden_states=True)
-        (h_main,) = out.hidden_states
-        shifted = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+        h_main = out.hidden_states[-1]  # the final-normed decoder output
+        shifted = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # tail: token 0
         e = m.model.embed_tokens(shifted)
-        e[:, -1] = 0
         first, second = m.mtp.layers["0"], m.mtp.layers["1"]
         x = first.eh_proj(torch.cat([first.enorm(e), first.hnorm(h_main)], dim=-1))
         x = x + first.mixer(first.norm(x))  # attention block, causal
@@ -238,8 +237,8 @@ def test_mtp_targets_and_shifted_embeddings_never_cross_a_packed_boundary():
     embeds = mtp_embed_inputs(m.model.embed_tokens, ids, DEPTHS, BlockInputs(seq_idx=seq_idx))
     table = m.model.embed_tokens.weight
     assert torch.equal(embeds[0][0, 2], table[ids[0, 3]])  # e_0 at t: token t + 1
-    assert torch.equal(embeds[0][0, 3], torch.zeros(32))  # t + 1 is in the next sequence
-    assert torch.equal(embeds[1][0, 2:4], torch.zeros(2, 32))
+    assert torch.equal(embeds[0][0, 3], table[0])  # t + 1 is in the next sequence: token 0
+    assert torch.equal(embeds[1][0, 2:4], table[[0, 0]])
     assert torch.equal(embeds[1][0, 6], table[ids[0, 8]])
 
 

@@ -273,13 +273,13 @@ def test_qkv_format_thd_with_te_runs(models):
     assert [c["qkv_format"] for c in calls] == ["thd", "thd"]
 
 
-def test_tokens_after_last_cu_seqlens_entry_form_one_more_sequence(models):
-    # Same convention as the seq_idx the model builds from cu_seqlens for Mamba and sdpa.
-    sdpa, te, calls = models
-    packed, cu = torch.cat(_sequences(), dim=1), _cu_seqlens()[:-1]  # [0, 7, 19]
-    with torch.no_grad():
-        assert rel_err(te(packed, cu_seqlens=cu).logits, sdpa(packed, cu_seqlens=cu).logits) <= 1e-5
-    assert calls[-1]["cu_q"] == [0, 7, 19, 24] and calls[-1]["max_q"] == 12
+def test_cu_seqlens_must_cover_every_token_of_the_batch(models):
+    # cu_seqlens ends at the token count (issue 8): a shorter one is an error on every backend.
+    sdpa, te, _ = models
+    packed, cu = torch.cat(_sequences(), dim=1), _cu_seqlens()[:-1]  # [0, 7, 19] for 24 tokens
+    for model in (sdpa, te):
+        with pytest.raises(ValueError, match=r"end at the 24 tokens.*\[0, 7, 19\]"):
+            model(packed, cu_seqlens=cu)
 
 
 def test_rows_of_packed_sequences_with_padding(models):

@@ -80,6 +80,17 @@ def _param_dtype(config: Any) -> torch.dtype:
     return resolve_dtype(value, name="config.dtype") or torch.bfloat16
 
 
+def _num_layers(config: Any) -> int:
+    """Decoder depth: `num_hidden_layers` when the config has it (transformers derives it from
+    the block list), else the length of the block list of a plain config object."""
+    n = getattr(config, "num_hidden_layers", None)
+    if n is None:
+        from am_models_nemotron.layers import resolve_block_types
+
+        n = len(resolve_block_types(config))
+    return n
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba2 (SSD) token mixer of Nemotron-H, numerically equal to transformers' torch path."""
 
@@ -186,7 +197,7 @@ class Mamba2Mixer(nn.Module):
         if getattr(cfg, "rescale_prenorm_residual", True):
             w = torch.empty(self.out_proj.weight.shape, device=self.out_proj.weight.device)
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            self.out_proj.weight.copy_(w / math.sqrt(cfg.num_hidden_layers))
+            self.out_proj.weight.copy_(w / math.sqrt(_num_layers(cfg)))
 
     def reset_parameters(self) -> None:
         """Alias of `init_weights()` with the config's defaults."""
@@ -247,7 +258,9 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * mask[..., None]
         dt = self._discretize(dt, mask)
         A = -torch.exp(self.A_log.float())
-        if state is not None and S == 1:
+        if Bt * S == 0:
+            y = self._empty_scan(xBC, dt, A)
+        elif state is not None and S == 1:
             y = self._step(ops, xBC[:, 0], dt[:, 0], A, state)[:, None]
         else:
             y = self._scan(ops, xBC, dt, A, seq_idx, state)
@@ -309,6 +322,21 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             state.ssm_state.copy_(final.detach())
         return y.flatten(-2)
+
+    def _empty_scan(self, xBC: Tensor, dt: Tensor, A: Tensor) -> Tensor:
+        """The scan of zero tokens: an empty [Bt, S, H * P] that still depends on every parameter.
+
+        An expert-parallel rank with an empty batch must run forward and backward with its
+        peers (the MoE all-to-alls, FSDP's gradient reduce-scatter), and its parameters must
+        get gradients (zeros) exactly as on ranks with tokens; the scan kernels themselves do
+        not accept zero-length inputs.
+        """
+        conv = xBC * self.conv1d.weight[:, 0].sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        x, B, C = self._split_xbc(conv)
+        mix = (dt * A)[..., None] * (B.sum((-2, -1)) + C.sum((-2, -1)))[..., None, None]
+        return (x * self.D[:, None] + mix).flatten(-2)
 
     def _step(self, ops, xBC: Tensor, dt: Tensor, A: Tensor, state: MambaState) -> Tensor:
         conv = ops.conv_step(xBC, state.conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)

@@ -35,12 +35,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from am_dtype.backend import BackendConfig, initialize_linear_module, resolve_dtype
 from am_dtype.backend import initialize_rms_norm_module as _rms_norm
 from am_models_nemotron.cache import NemotronHybridCache
+from am_models_nemotron.config import nemotron_config, uses_moe
+from am_models_nemotron.inputs import (
+    causal_lm_kwargs,
+    check_logits_to_keep,
+    check_model_inputs,
+    split_positional,
+)
 from am_models_nemotron.layers import (
     BlockInputs,
     NemotronBlock,
@@ -52,10 +59,13 @@ from am_models_nemotron.layers import (
     resolve_block_types,
 )
 from am_models_nemotron.mtp import IGNORE_INDEX, MTPConfig, NemotronMTP, mtp_embed_inputs, mtp_loss
+from am_models_nemotron.outputs import empty_batch_loss, select_hidden_states, want_hidden_states
 from am_models_nemotron.state_dict_adapter import NemotronHStateDictAdapter
 from am_moe.config import MoEConfig
 from am_moe.fsdp_mixin import MoEFSDPSyncMixin
 from am_utils.checkpointing import HFCheckpointingMixin
+from am_utils.config import generation_config_for
+from am_utils.validation import check_cu_seqlens, check_generate_inputs
 
 
 @dataclass
@@ -105,6 +115,32 @@ def nemotron_moe_config(config: Any, overrides: dict | None = None) -> MoEConfig
         )
     values.update(overrides or {})
     return MoEConfig(**values)
+
+
+def resolve_moe_config(
+    config: Any,
+    moe_config: MoEConfig | None = None,
+    overrides: dict | None = None,
+    mtp_layers: int = 0,
+) -> MoEConfig | None:
+    """The MoEConfig to build with: `moe_config` when given, else `nemotron_moe_config` when
+    a decoder (or, with `mtp_layers`, MTP) block is MoE, else None: a dense checkpoint
+    (Nemotron-H 8B, Nano 9B v2) needs no expert fields in its config."""
+    if moe_config is not None:
+        if overrides:
+            raise ValueError(
+                "moe_overrides cannot be combined with an explicit moe_config; put the "
+                "values in the MoEConfig"
+            )
+        return moe_config
+    if uses_moe(config, mtp_layers):
+        return nemotron_moe_config(config, overrides)
+    if overrides:
+        raise ValueError(
+            f"moe_overrides {sorted(overrides)} given, but the config has no moe blocks "
+            "(a dense Nemotron-H has no MoE to configure)"
+        )
+    return None
 
 
 def _token_mask(attention_mask, padding_mask) -> torch.Tensor | None:
@@ -170,8 +206,8 @@ def build_varlen_seqs(
     Returns None for plain causal attention (nothing packed or padded). Otherwise every
     sequence of every row becomes one THD sequence of its real tokens:
 
-    - `cu_seqlens` (with a [1, T] batch and no padding) is used as given, in int32; tokens
-      after its last entry form one more sequence, as they do in the seq_idx built from it.
+    - `cu_seqlens` (with a [1, T] batch and no padding) is used as given, in int32 (it
+      starts at 0 and ends at T: `inputs.check_model_inputs`).
     - `seq_idx` [B, S]: each run of equal values in a row is a sequence (a sequence must be
       one contiguous run; a value that reappears later in the row is rejected, since the
       dense mask would join the two runs). Padded tokens (`token_mask` False) are left out.
@@ -198,14 +234,10 @@ def _cu_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> VarlenSeqs:
+    # TE needs the longest length on the host: read the values once and check them too.
+    values = check_cu_seqlens(cu_seqlens, total, force=True)
+    longest = max(b - a for a, b in zip(values, values[1:], strict=False))
     cu = cu_seqlens.reshape(-1).to(torch.int32)
-    lengths = torch.diff(cu, prepend=cu[:1])
-    last, longest = torch.stack([cu[-1], lengths.max()]).tolist()
-    if last > total:
-        raise ValueError(f"cu_seqlens ends at {last}, past the {total} tokens of the batch")
-    if last < total:
-        cu = torch.cat([cu, cu.new_tensor([total])])
-        longest = max(longest, total - last)
     return VarlenSeqs(cu, cu, longest, longest)
 
 
@@ -261,9 +293,10 @@ class NemotronV3Model(nn.Module):
         moe_overrides: dict | None = None,
     ):
         super().__init__()
+        config = nemotron_config(config)
         self.config = config
         self.backend = backend or BackendConfig()
-        self.moe_config = moe_config or nemotron_moe_config(config, moe_overrides)
+        self.moe_config = resolve_moe_config(config, moe_config, moe_overrides)
         dtype = model_dtype(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleDict(
@@ -286,6 +319,7 @@ class NemotronV3Model(nn.Module):
         past_key_values: NemotronHybridCache | None = None,
         cache_position: torch.LongTensor | None = None,
         return_block_inputs: bool = False,
+        hidden_states_out: list[torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, BlockInputs]:
         """Hidden states [B, S, H] (or [T, H] for a THD input), normed on the last stage.
@@ -298,14 +332,23 @@ class NemotronV3Model(nn.Module):
         (`build_varlen_seqs`), with the other kernels as a dense mask (`build_attention_mask`).
         `return_block_inputs=True` also returns the BlockInputs the blocks ran with ([B, S]
         form), so the MTP heads reuse the same packing / padding without rebuilding it.
+        `hidden_states_out`, when a list, receives the embeddings output and each block's
+        output (transformers' hidden states before the final norm), shaped like the result.
+        Inputs are checked first (`inputs.check_model_inputs`).
         """
+        check_model_inputs(self, input_ids, inputs_embeds, attention_mask, past_key_values, kwargs)
         h = self._embed_or_pass_through(input_ids, inputs_embeds)
         thd = h.dim() == 2
         if thd:
             h = h.unsqueeze(0)
         inputs = self._block_inputs(h, attention_mask, causal_mask_mapping, past_key_values, kwargs)
+        collect = hidden_states_out.append if hidden_states_out is not None else None
+        if collect:
+            collect(h.squeeze(0) if thd else h)
         for block in self.layers.values():
             h = block(h, inputs)
+            if collect:
+                collect(h.squeeze(0) if thd else h)
         if past_key_values is not None:
             past_key_values.advance(h.shape[1])
         if self.norm is not None:
@@ -405,24 +448,27 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         **kwargs: Any,
     ):
         super().__init__()
+        given_config = config
+        config = nemotron_config(config, num_nextn_predict_layers)
         self.config = config
         self.backend = backend or BackendConfig()
-        self.model = NemotronV3Model(
+        self.mtp_config = MTPConfig.from_hf(
+            config, num_nextn_predict_layers, mtp_use_repeated_layer, mtp_loss_scaling_factor
+        )
+        moe_config = resolve_moe_config(
             config,
-            self.backend,
-            moe_config=kwargs.pop("moe_config", None),
-            moe_overrides=kwargs.pop("moe_overrides", None),
+            kwargs.pop("moe_config", None),
+            kwargs.pop("moe_overrides", None),
+            self.mtp_config.num_layers,
         )
         if kwargs:
             raise TypeError(
                 f"NemotronHForCausalLM got unexpected keyword arguments {sorted(kwargs)}"
             )
+        self.model = NemotronV3Model(config, self.backend, moe_config=moe_config)
         dtype = model_dtype(config)
         self.lm_head = initialize_linear_module(
             self.backend.linear, config.hidden_size, config.vocab_size, bias=False, dtype=dtype
-        )
-        self.mtp_config = MTPConfig.from_hf(
-            config, num_nextn_predict_layers, mtp_use_repeated_layer, mtp_loss_scaling_factor
         )
         self.mtp = (
             NemotronMTP(config, self.mtp_config, self.backend, self.model.moe_config)
@@ -435,7 +481,8 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             self.state_dict_adapter = NemotronHStateDictAdapter(
                 config, self.model.moe_config, self.backend, dtype=dtype
             )
-        self.generation_config = GenerationConfig.from_model_config(config)
+        # From the config as given: a plain object contributes only the token ids it carries.
+        self.generation_config = generation_config_for(given_config)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -520,10 +567,30 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         MTP heads run with the same BlockInputs, and their embedding shift and loss never
         reach into another sequence or padding (see `mtp.py`); the main loss gives a
         sequence's last token no target (`causal_lm_loss` with seq_idx).
+
+        Called as transformers' `model(input_ids, attention_mask)`, the second positional
+        argument is the attention mask when MTP is off (with MTP on it must be an MTP
+        embedding; see `inputs.split_positional`). `output_hidden_states` (bool, index or
+        indices) overrides the config's value and returns transformers' hidden states
+        (embeddings + every block, the last one normed). Unknown keyword arguments are
+        warned about once and ignored; a batch with no tokens gives empty logits and a
+        zero loss (`outputs.empty_batch_loss`).
         """
+        mtp_embed_inputs, attention_mask = split_positional(
+            self.mtp_config.num_layers,
+            mtp_embed_inputs,
+            attention_mask,
+            input_ids,
+            self.config.hidden_size,
+        )
+        check_logits_to_keep(logits_to_keep)
+        kwargs = causal_lm_kwargs(kwargs, f"{type(self).__name__}.forward")
         if padding_mask is not None:
             kwargs["padding_mask"] = padding_mask
-        if use_cache and past_key_values is None and not self._is_pipeline_parallel_stage():
+        pp_stage = self._is_pipeline_parallel_stage()
+        hidden = want_hidden_states(output_hidden_states, self.output_hidden_states)
+        states = [] if hidden and not pp_stage else None
+        if use_cache and past_key_values is None and not pp_stage:
             first = inputs_embeds if inputs_embeds is not None else input_ids
             past_key_values = NemotronHybridCache.for_model(self.model, first.shape[0])
         h, inputs = self.model(
@@ -534,28 +601,43 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             past_key_values=past_key_values,
             cache_position=cache_position,
             return_block_inputs=True,
+            hidden_states_out=states,
             **kwargs,
         )
-        if self._is_pipeline_parallel_stage():
+        if pp_stage:
             return self._pp_stage_outputs(h, input_ids, mtp_embed_inputs, inputs)
         per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels, inputs)
         logits = self.lm_head(_keep_last(h, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, inputs.seq_idx if inputs is not None else None)
-            if per_depth:
-                loss = loss + mtp_loss(
-                    per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor, inputs
-                )
-        want_hidden = output_hidden_states if output_hidden_states is not None else False
         return NemotronHCausalLMOutputWithPast(
-            loss=loss,
+            loss=self._loss(logits, labels, per_depth, inputs),
             logits=logits,
             past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-            hidden_states=(h,) if want_hidden or self.output_hidden_states else None,
+            hidden_states=(
+                select_hidden_states(states, h, output_hidden_states)
+                if states is not None
+                else None
+            ),
             mtp_per_depth_h=per_depth or None,
             mtp_loss_scaling_factor=self.mtp_config.loss_scaling_factor if per_depth else None,
         )
+
+    def _loss(self, logits, labels, per_depth, inputs) -> torch.Tensor | None:
+        """Next-token loss plus the scaled MTP loss; zero (on the graph) for a batch of no tokens."""
+        if labels is None:
+            return None
+        if logits.numel() == 0:
+            if tuple(labels.shape) != tuple(logits.shape[:-1]):
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} does not match logits "
+                    f"{tuple(logits.shape[:-1])}"
+                )
+            return empty_batch_loss(logits, per_depth)
+        loss = causal_lm_loss(logits, labels, inputs.seq_idx if inputs is not None else None)
+        if per_depth:
+            loss = loss + mtp_loss(
+                per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor, inputs
+            )
+        return loss
 
     def _run_mtp(self, h, input_ids, embeds, cache, labels, inputs) -> list[torch.Tensor]:
         """Per-depth MTP hidden states, run with the main decoder's BlockInputs `inputs`.
@@ -596,12 +678,13 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
     def _build_mtp_embed_inputs_for_pp(
         self, input_ids: torch.Tensor, inputs: BlockInputs | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """Per-depth embeddings of the tokens shifted left by d + 1, built where embed_tokens lives.
+        """For each MTP depth d = 1..D, the embeddings of `input_ids` shifted left by d, the
+        vacated tail filled with token id 0; built where embed_tokens lives.
 
         Returns a tuple of `num_nextn_predict_layers` tensors [B, S, H]; under
         PP they travel with the hidden states through every stage. `inputs` (the
-        BlockInputs of this forward) zero the shifts that would cross a packed-sequence
-        boundary or reach padding; None treats each row as one sequence.
+        BlockInputs of this forward) also fill with token 0 the shifts that would cross a
+        packed-sequence boundary or reach padding; None treats each row as one sequence.
         """
         if self.model.embed_tokens is None:
             raise ValueError("_build_mtp_embed_inputs_for_pp needs embed_tokens (first PP stage)")
@@ -680,6 +763,13 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
     def set_experts_implementation(self, *_: Any, **__: Any) -> None:
         """Accepted for GenerationMixin; am-moe experts have no transformers implementation switch."""
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' `generate()`, after checking the prompt: [batch, seq] ids with seq > 0
+        (or `inputs_embeds`) and an attention mask of the prompt's shape."""
+        ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        check_generate_inputs(ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -692,28 +782,50 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
     ) -> dict:
         """Prefill: new cache and the whole prompt. Decode: only the tokens not yet cached.
 
-        `next_sequence_length` (passed by transformers 5 generate) is the number of new
-        tokens; without it the tokens beyond the cache's length are the new ones.
+        A prompt given as `inputs_embeds` (with the empty `input_ids` generate() passes) is
+        forwarded as `inputs_embeds` with `input_ids=None` on the first step; the new
+        positions (`cache_position`, and `position_ids` when generate() passes them) come
+        from the length of what is forwarded. `next_sequence_length` (transformers 5) is the
+        number of new tokens; without it the tokens beyond the cache's length are the new
+        ones. Other keyword arguments (e.g. `output_hidden_states`) reach `forward`.
         """
+        kwargs.pop("labels", None)
+        new = kwargs.pop("next_sequence_length", None)
         first = not isinstance(past_key_values, NemotronHybridCache)
+        first_step = kwargs.pop("is_first_iteration", None)
+        first_step = first if first_step is None else bool(first_step)
         if first and use_cache:
             batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
             past_key_values = NemotronHybridCache.for_model(self.model, batch)
+        past = 0 if first else past_key_values.get_seq_length()
         inputs: dict[str, Any] = {
             "attention_mask": attention_mask,
             "past_key_values": past_key_values if use_cache else None,
             "use_cache": use_cache,
             "logits_to_keep": 1,
         }
-        if first and inputs_embeds is not None:
+        if inputs_embeds is not None and first_step:
+            inputs["input_ids"] = None
             inputs["inputs_embeds"] = inputs_embeds
-        elif use_cache and not first:
-            new = kwargs.get("next_sequence_length")
-            if new is None:
-                new = input_ids.shape[1] - past_key_values.get_seq_length()
-            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - new :]
+            n_new = inputs_embeds.shape[1]
+        elif inputs_embeds is not None and not use_cache:
+            raise ValueError(
+                "generate(inputs_embeds=...) needs use_cache=True: without a cache the prompt "
+                "embeddings would be dropped after the first step"
+            )
         else:
-            inputs["input_ids"] = input_ids
+            if use_cache and not first:
+                n_new = new if new is not None else input_ids.shape[1] - past
+            else:
+                n_new = input_ids.shape[1]
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - n_new :]
+        device = (inputs_embeds if inputs["input_ids"] is None else input_ids).device
+        inputs["cache_position"] = torch.arange(past, past + n_new, device=device)
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., position_ids.shape[-1] - n_new :]
+        for key, value in kwargs.items():
+            inputs.setdefault(key, value)
         return inputs
 
     @staticmethod

@@ -25,8 +25,8 @@ Packed (THD) and padded batches: every MTP block gets the main decoder's
 `BlockInputs` (attention mask / THD boundaries, token mask, `seq_idx`), so no
 attention or Mamba state crosses a sequence boundary. A shift by k is valid at
 t only if t and t + k are real tokens of the same sequence (`shift_valid`);
-elsewhere `e_d` is zero and the target ignored, exactly as past the end of an
-unpacked row. So a packed row gives each sequence the hidden states and token
+elsewhere `e_d` is the embedding of token id 0 and the target ignored, exactly as
+past the end of an unpacked row. So a packed row gives each sequence the hidden states and token
 losses it gets alone. Boundaries carried only inside a 4D attention mask are
 not seen by the shift; pass `cu_seqlens` / `seq_idx` / a 2D mask for that.
 """
@@ -232,8 +232,10 @@ def mtp_embed_inputs(
     num_layers: int,
     inputs: BlockInputs | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-depth embeddings of the tokens shifted left by d + 1, zero where the shift is not
-    valid (past the end, into the next packed sequence or into padding; see `shift_valid`).
+    """Per-depth embeddings of the tokens shifted left by d + 1 (d = 0..num_layers - 1), with
+    token id 0 where the shift is not valid: the vacated tail of each row, as in the reference,
+    and likewise where it would reach the next packed sequence or padding (`shift_valid`),
+    so a packed sequence gets exactly the embeddings it gets alone.
 
     `inputs` are the main decoder's BlockInputs (their `seq_idx` / `token_mask`); a [T]
     (squeezed THD) `input_ids` gives [T, H] embeddings.
@@ -243,9 +245,9 @@ def mtp_embed_inputs(
     seq_idx, token_mask = _packing(inputs)
     out = []
     for depth in range(num_layers):
-        emb = embed_tokens(roll_tokens_left(ids, depth + 1))
         valid = shift_valid(ids.shape, depth + 1, seq_idx, token_mask, ids.device)
-        emb = emb * valid.unsqueeze(-1).to(emb.dtype)
+        shifted = roll_tokens_left(ids, depth + 1).masked_fill(~valid, 0)
+        emb = embed_tokens(shifted)
         out.append(emb.squeeze(0) if squeezed else emb)
     return tuple(out)
 

@@ -75,7 +75,7 @@ class NemotronHStateDictAdapter:
         self.moe_config = moe_config
         self.backend = backend
         self.dtype = dtype
-        self.num_experts = moe_config.n_routed_experts
+        self.num_experts = moe_config.n_routed_experts if moe_config is not None else 0  # dense
 
     def to_hf(
         self, state_dict: dict[str, torch.Tensor], exclude_key_regex: str | None = None, **_: Any
@@ -98,7 +98,7 @@ class NemotronHStateDictAdapter:
         """
         ep_mesh = _ep_mesh(device_mesh)
         expert_range = None
-        if ep_mesh is not None:
+        if ep_mesh is not None and self.num_experts:
             expert_range = local_expert_range(
                 self.num_experts, ep_mesh.get_local_rank(), ep_mesh.size()
             )

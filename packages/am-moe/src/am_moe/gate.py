@@ -137,7 +137,7 @@ class Gate(nn.Module):
             choice_TE = scores_TE + self.e_score_correction_bias.to(scores_TE.dtype)
         if self.n_groups > 1:
             t = choice_TE.shape[0]
-            choice_TGe = choice_TE.view(t, self.n_groups, -1)
+            choice_TGe = choice_TE.view(t, self.n_groups, self.n_experts // self.n_groups)
             if self.e_score_correction_bias is not None:
                 top2 = min(2, choice_TGe.shape[-1])
                 group_TG = choice_TGe.topk(top2, dim=-1).values.sum(dim=-1)
@@ -145,7 +145,9 @@ class Gate(nn.Module):
                 group_TG = choice_TGe.amax(dim=-1)
             best_groups = group_TG.topk(self.topk_groups, dim=-1).indices
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_groups, True)
-            choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(t, -1)
+            choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(
+                t, self.n_experts
+            )
         return choice_TE.topk(self.topk, dim=-1).indices
 
     def _aux_loss(self, scores_TE, indices_TK, mask_T, num_seqs, cp_mesh) -> Tensor:

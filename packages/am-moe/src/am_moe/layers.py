@@ -169,7 +169,9 @@ class MoE(nn.Module):
             if token_mask is None
             else token_mask.reshape(-1)
         )
-        y_TD = self._routed(x_TD, mask_T, weights.reshape(x_TD.shape[0], -1), indices)
+        y_TD = self._routed(
+            x_TD, mask_T, weights.reshape(x_TD.shape[0], weights.shape[-1]), indices
+        )
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared(x_TD)
         if aux_loss is not None:
