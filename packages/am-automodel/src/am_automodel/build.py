@@ -1,0 +1,69 @@
+"""Build the model for this rank: on the meta device, parallelized, then materialized.
+
+The model is constructed on the meta device (no memory), parallelized (EP + FSDP2 +
+activation checkpointing through `am_moe.parallelize_model`), moved to the device with
+`to_empty` (each rank allocates only its shards), and filled from one full set of starting
+weights that rank 0 alone builds on CPU (the checkpoint's, or a seeded fresh init) and
+broadcasts. Every rank count thus starts from the very same weights as one process.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from am_automodel.mesh import MeshPlan
+from am_automodel.models import initial_state_dict
+from am_automodel.recipe import Recipe, RecipeError
+
+__all__ = ["build_model"]
+
+
+def _activation_checkpointing(model: nn.Module) -> None:
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise RecipeError(
+            f"parallelism.activation_checkpointing: {type(model).__name__} has no "
+            "gradient_checkpointing_enable()"
+        )
+    model.gradient_checkpointing_enable()
+
+
+def build_model(
+    recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, rank: int
+) -> nn.Module:
+    """The training model of this rank, with the starting weights loaded."""
+    with torch.device("meta"):
+        model = spec.build(config, backend)
+    par = recipe.parallelism
+    if plan.use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from am_moe.parallelizer import parallelize_model
+
+        mp = None
+        if par.mixed_precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        parallelize_model(
+            model,
+            mesh,
+            dp_axis_names=("dp_replicate", "dp_shard"),
+            ep_axis_name="ep",
+            mp_policy=mp,
+            activation_checkpointing=par.activation_checkpointing,
+        )
+    elif par.activation_checkpointing:
+        _activation_checkpointing(model)
+    device = (
+        torch.device(plan.device, torch.cuda.current_device())
+        if plan.device == "cuda"
+        else torch.device("cpu")
+    )
+    model.to_empty(device=device)
+    full = initial_state_dict(recipe.model, config, backend, recipe.train.seed) if rank == 0 else {}
+    set_model_state_dict(
+        model,
+        full,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=plan.world_size > 1),
+    )
+    return model.train()

@@ -1,0 +1,153 @@
+"""The device mesh: sizes from the recipe, checked against the world size and the model.
+
+`plan_mesh` runs before any process group exists (it reads `WORLD_SIZE` as torchrun sets it)
+and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
+must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
+`cp` must divide the sequence length. `build_mesh` then makes one DeviceMesh with the axes
+("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from am_automodel.recipe import ParallelismSection, RecipeError
+
+__all__ = ["MESH_AXES", "MeshPlan", "build_mesh", "plan_mesh"]
+
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "ep", "cp")
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """Resolved parallel sizes and the device type."""
+
+    world_size: int
+    device: str
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+    cp: int
+    use_fsdp: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.ep, self.cp)
+
+    @property
+    def data_size(self) -> int:
+        """Ranks that see different rows: the data axes and `ep` (experts split, tokens not)."""
+        return self.dp_replicate * self.dp_shard * self.ep
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(
+            "parallelism.device = 'cuda': no CUDA device is available; use auto or cpu"
+        )
+    return choice
+
+
+def plan_mesh(section: ParallelismSection, world_size: int, spec, config, seq_len: int) -> MeshPlan:
+    """Check the recipe's parallel sizes against the world and the model; resolve dp_shard=-1."""
+    others = section.dp_replicate * section.ep * section.pp * section.cp
+    dp_shard = section.dp_shard
+    if dp_shard == -1:
+        if world_size % others:
+            raise RecipeError(
+                f"parallelism: dp_replicate*ep*pp*cp = {others} does not divide the world size "
+                f"{world_size}, so dp_shard=-1 cannot fill it"
+            )
+        dp_shard = world_size // others
+    if dp_shard * others != world_size:
+        raise RecipeError(
+            f"parallelism: dp_replicate*dp_shard*ep*pp*cp = {dp_shard * others} does not match "
+            f"the world size {world_size} (WORLD_SIZE; launch with torchrun --nproc-per-node "
+            f"{dp_shard * others} or change the sizes)"
+        )
+    experts = spec.num_experts(config)
+    if section.ep > 1 and experts is None:
+        raise RecipeError(f"parallelism.ep = {section.ep}: the model has no MoE experts to split")
+    if section.ep > 1 and experts % section.ep:
+        raise RecipeError(
+            f"parallelism.ep = {section.ep} does not divide the model's {experts} routed experts"
+        )
+    layers = spec.num_layers(config)
+    if section.pp > layers:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp} is larger than the model's {layers} layers"
+        )
+    if section.pp > 1 and importlib.util.find_spec("am_pp") is None:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "
+            "which is not installed"
+        )
+    if section.pp > 1:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp}: pipeline stages are not wired into automodel "
+            "train yet; use pp=1"
+        )
+    if section.cp > 1 and not spec.supports_cp:
+        raise RecipeError(
+            f"parallelism.cp = {section.cp}: {type(config).__name__} does not support context "
+            "parallelism (its Mamba layers carry state along the sequence); use cp=1"
+        )
+    if seq_len % section.cp:
+        raise RecipeError(f"parallelism.cp = {section.cp} does not divide data.seq_len = {seq_len}")
+    device = _device(section.device)
+    data = section.dp_replicate * dp_shard * section.ep
+    use_fsdp = data > 1 or section.mixed_precision != "none"
+    return MeshPlan(world_size, device, section.pp, section.dp_replicate, dp_shard, section.ep,
+                    section.cp, use_fsdp)  # fmt: skip
+
+
+def build_mesh(plan: MeshPlan):
+    """One DeviceMesh over every rank with the five named axes (needs the process group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(plan.device, plan.shape, mesh_dim_names=MESH_AXES)
+
+
+class ProcessGroup:
+    """Context manager: the default process group for this run (created if absent).
+
+    Under torchrun (or a test harness that already initialized one) the existing group is
+    used. A direct single-process run gets a world-size-1 gloo group over an in-memory
+    store, so FSDP2, DCP and the collectives run the same code as on many ranks.
+    """
+
+    def __init__(self, plan: MeshPlan) -> None:
+        self.plan = plan
+        self.created = False
+
+    def __enter__(self) -> ProcessGroup:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if self.plan.device == "cuda" else "gloo"
+            timeout = datetime.timedelta(minutes=10)
+            if self.plan.world_size == 1 and "MASTER_ADDR" not in __import__("os").environ:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timeout)  # fmt: skip
+            else:
+                dist.init_process_group(backend, timeout=timeout)
+            self.created = True
+        if self.plan.device == "cuda":
+            import os
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()

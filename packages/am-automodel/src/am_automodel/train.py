@@ -1,0 +1,242 @@
+"""`automodel train`: the training run, as a list of steps, each a call into a component.
+
+check the recipe against the world and the model (no process group yet) -> process group and
+mesh -> data -> model (meta, parallelize, materialize) -> optimizer and schedule -> resume ->
+loop: microbatches -> forward/backward -> clip -> step -> log -> eval -> checkpoint/export.
+
+The loss of a step is the token-mean next-token cross-entropy over the whole global batch
+(every microbatch of every data rank): each rank backpropagates its summed loss divided by
+the global target count (times the data size, since FSDP2 averages gradients over the data
+ranks). So any data/expert-parallel layout computes the same loss and gradient as one process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from am_automodel.build import build_model
+from am_automodel.checkpoint import Checkpointer
+from am_automodel.data import (
+    IGNORE_INDEX,
+    RowLoader,
+    build_datasets,
+    check_data_files,
+    eval_batches,
+)
+from am_automodel.export import export_hf
+from am_automodel.mesh import MeshPlan, ProcessGroup, build_mesh, plan_mesh
+from am_automodel.metrics import ExpertLoadMonitor, MetricsLogger, peak_memory_mb
+from am_automodel.models import build_model_config, model_spec
+from am_automodel.optim import build_optimizer, build_scheduler, clip_grad_norm
+from am_automodel.recipe import Recipe, RecipeError
+from am_automodel.tokenizer import build_tokenizer
+
+__all__ = ["TrainResult", "prepare", "run"]
+
+
+@dataclass
+class TrainResult:
+    """What a run did (rank-local view; losses are global)."""
+
+    run_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    start_step: int = 0
+    export_dir: Path | None = None
+    tokens_per_s: float = 0.0
+    model: object = field(default=None, repr=False)
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    tokenizer: object
+    config: object
+    spec: object
+    backend: object
+    plan: MeshPlan
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Every check that needs no process group and no model: fails with one RecipeError line."""
+    from am_dtype import BackendConfig
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = build_tokenizer(recipe.tokenizer)
+    config = build_model_config(recipe.model, len(tokenizer))
+    spec = model_spec(config)
+    plan = plan_mesh(recipe.parallelism, world_size, spec, config, recipe.data.seq_len)
+    check_data_files(recipe.data)
+    resume = recipe.checkpoint.resume
+    if resume not in ("auto", "never") and not (Path(resume) / ".metadata").is_file():
+        raise RecipeError(f"checkpoint.resume = {resume!r}: not a complete checkpoint directory")
+    return Prepared(recipe, tokenizer, config, spec, BackendConfig(**recipe.model.backend), plan)
+
+
+def _batch_loss_sum(model, batch: dict, packing: str, device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (labels are pre-shifted, -100 at document ends)."""
+    kwargs = {packing: batch[packing].to(device)}
+    logits = model(input_ids=batch["input_ids"].to(device), **kwargs).logits
+    labels = batch["labels"].to(device)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")  # fmt: skip
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _train_step(model, batches, packing, plan, device, optimizer, max_grad_norm):
+    """One optimizer step over `batches` (this rank's microbatches); returns (loss, grad_norm)."""
+    local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    (global_targets,) = _all_sum([local_targets])
+    scale = plan.data_size / max(global_targets, 1.0)
+    accumulate = (
+        plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
+    )
+    if accumulate:
+        model.prepare_for_grad_accumulation()
+    total = 0.0
+    for i, batch in enumerate(batches):
+        if accumulate and i == len(batches) - 1:
+            model.prepare_for_final_backward()
+        loss_sum, _ = _batch_loss_sum(model, batch, packing, device)
+        (loss_sum * scale).backward()
+        total += float(loss_sum.detach())
+    grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (loss_total,) = _all_sum([total])
+    return loss_total / max(global_targets, 1.0), float(grad_norm)
+
+
+@torch.no_grad()
+def _evaluate(model, batches, packing, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss_sum, n = _batch_loss_sum(model, batch, packing, device)
+        total, count = total + float(loss_sum), count + n
+    model.train()
+    total, count = _all_sum([total, count])
+    return total / max(count, 1.0)
+
+
+def run(recipe: Recipe) -> TrainResult:
+    """Train as the recipe says; every rank calls this (torchrun) or one process does."""
+    prep = prepare(recipe)
+    with ProcessGroup(prep.plan):
+        return _run(prep)
+
+
+def _run(prep: Prepared) -> TrainResult:
+    recipe, plan = prep.recipe, prep.plan
+    rank = dist.get_rank()
+    mesh = build_mesh(plan)
+    data_rank = _data_rank(mesh)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if plan.device == "cuda"
+        else torch.device("cpu")
+    )
+    run_dir = Path(recipe.checkpoint.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+    tr = recipe.train
+    train_rows, val_rows = build_datasets(recipe.data, prep.tokenizer, tr.seed)
+    loader = RowLoader(train_rows, tr.micro_batch_size, data_rank, plan.data_size, tr.seed,
+                       recipe.data.shuffle)  # fmt: skip
+    # eval_batches global batches (micro_batch_size * grad_accum * data_size rows each): the
+    # same rows for every layout of the same global batch.
+    n_eval = tr.eval_batches * tr.grad_accum
+    val = (
+        eval_batches(val_rows, tr.micro_batch_size, data_rank, plan.data_size, n_eval)
+        if val_rows
+        else []
+    )
+
+    model = build_model(recipe, prep.config, prep.spec, prep.backend, plan, mesh, rank)
+    optimizer = build_optimizer(model, recipe.optimizer, plan.device)
+    scheduler = build_scheduler(optimizer, recipe.optimizer, tr.steps)
+    ckpt = Checkpointer(run_dir, recipe.checkpoint.keep_last, rank)
+    ckpt.remove_partial()
+    start = 0
+    resume_from = ckpt.resolve_resume(recipe.checkpoint.resume)
+    if resume_from is not None:
+        start = ckpt.load(resume_from, model, optimizer, scheduler, loader)
+    torch.manual_seed(tr.seed + 1 + start)  # nothing random in the loop today; fixed anyway
+
+    result = TrainResult(run_dir, start_step=start)
+    log = MetricsLogger(run_dir, tr.steps, start, rank, recipe.logging.progress and rank == 0,
+                        recipe.logging.tensorboard)  # fmt: skip
+    if rank == 0:
+        print(f"automodel: {type(model).__name__} on {plan.world_size} rank(s) {dict(zip(('pp', 'dp_replicate', 'dp_shard', 'ep', 'cp'), plan.shape, strict=True))}; "
+              f"{len(train_rows)} train rows x {recipe.data.seq_len} tokens; "
+              f"{'resuming after step ' + str(start) if start else 'fresh start'}", flush=True)  # fmt: skip
+    monitor = ExpertLoadMonitor(model)
+    cfg = recipe.checkpoint
+    tokens_per_step = tr.micro_batch_size * tr.grad_accum * plan.data_size * recipe.data.seq_len
+    run_start, steps_done = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, tr.steps + 1):
+            t0 = time.perf_counter()
+            batches = [loader.next_batch() for _ in range(tr.grad_accum)]
+            lr = optimizer.param_groups[0]["lr"]
+            loss, grad_norm = _train_step(model, batches, prep.spec.packing, plan, device,
+                                          optimizer, recipe.optimizer.max_grad_norm)  # fmt: skip
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            steps_done += 1
+            result.losses[step] = loss
+            elapsed = time.perf_counter() - run_start
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                      "tokens_per_s": tokens_per_step / dt, "peak_mem_mb": peak_memory_mb(plan.device),
+                      "epoch": loader.epoch, "eta_s": elapsed / steps_done * (tr.steps - step),
+                      **monitor.pop()}  # fmt: skip
+            if step % recipe.logging.log_every == 0 or step == tr.steps:
+                log.log(record)
+            if val and ((tr.eval_every and step % tr.eval_every == 0) or step == tr.steps):
+                result.eval_losses[step] = _evaluate(model, val, prep.spec.packing, device)
+                log.log({"step": step, "eval_loss": result.eval_losses[step]}, echo=True)
+            if (cfg.every and step % cfg.every == 0) or step == tr.steps:
+                ckpt.save(step, model, optimizer, scheduler, loader)
+            if cfg.export_every and step % cfg.export_every == 0 and step != tr.steps:
+                export_hf(
+                    model,
+                    prep.tokenizer,
+                    recipe.to_yaml(),
+                    run_dir / "hf" / f"step_{step:08d}",
+                    rank,
+                )
+        if cfg.export_final:
+            result.export_dir = export_hf(
+                model, prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / "final", rank
+            )
+    finally:
+        log.close()
+    total_time = time.perf_counter() - run_start
+    result.tokens_per_s = tokens_per_step * steps_done / total_time if steps_done else 0.0
+    result.model = model
+    return result
+
+
+def _data_rank(mesh) -> int:
+    """This rank's index among the ranks that read different rows (dp axes and ep)."""
+    coords = {name: mesh.get_local_rank(name) for name in ("dp_replicate", "dp_shard", "ep")}
+    sizes = {name: mesh.size(mesh.mesh_dim_names.index(name)) for name in coords}
+    return (coords["dp_replicate"] * sizes["dp_shard"] + coords["dp_shard"]) * sizes["ep"] + coords[
+        "ep"
+    ]
