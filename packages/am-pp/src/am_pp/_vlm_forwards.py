@@ -1,0 +1,148 @@
+"""Pipeline-stage forwards for VLM top-level models (Gemma 4, Mistral 3).
+
+Stage 0 embeds the text tokens, runs the vision tower (+ projector) and scatters the image
+features into the image-token slots, then runs its share of the (patched) text backbone.
+Later stages take hidden states positionally and run theirs; the last applies `lm_head`.
+Images arrive as forward kwargs of the first stage (one microbatch's images per call, e.g.
+via the schedule's `kwarg_mbs`), or, when the training loop pre-chunks them, from
+`model._vlm_pixel_values_chunks` (consumed one entry per stage-0 call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from am_pp._forwards import lm_head_or_hidden, reject_unused
+
+
+def _is_token_ids(x) -> bool:
+    return x is not None and not x.is_floating_point()
+
+
+def _next_chunk(model: nn.Module, name: str, given):
+    """`given` if passed, else the next pre-chunked entry of `model._vlm_<name>_chunks`."""
+    if given is not None:
+        return given
+    chunks = getattr(model, f"_vlm_{name}_chunks", None)
+    return chunks.pop(0) if chunks else None
+
+
+def _scatter_features(inputs_embeds, slot_mask, features: torch.Tensor) -> torch.Tensor:
+    n_slots = int(slot_mask.sum())
+    if n_slots * inputs_embeds.shape[-1] != features.numel():
+        raise ValueError(
+            f"image features ({features.shape[0]} rows) do not match the {n_slots} image tokens"
+        )
+    mask = slot_mask.unsqueeze(-1).expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+
+
+def _language_model(self) -> nn.Module:
+    return self.model.language_model
+
+
+def create_pipeline_forward_mistral3_vlm() -> Callable:
+    """Pipeline-compatible forward for Mistral3ForConditionalGeneration (VLM top-level).
+
+    Stage 0: embeds text tokens, runs vision_tower + multi_modal_projector
+    (`get_image_features`) for `pixel_values`/`image_sizes`, merges the features at the image
+    tokens with `masked_scatter`, then runs the patched language model. Other stages pass
+    hidden states through theirs. Last stage: `lm_head`."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        cache_position=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        reject_unused(kwargs, "Mistral3ForConditionalGeneration")
+        lm = _language_model(self)
+        if _is_token_ids(input_ids) and lm.embed_tokens is not None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+            pixel_values = _next_chunk(self, "pixel_values", pixel_values)
+            image_sizes = _next_chunk(self, "image_sizes", image_sizes)
+            if pixel_values is not None:
+                layer = (
+                    vision_feature_layer
+                    if vision_feature_layer is not None
+                    else self.config.vision_feature_layer
+                )
+                out = self.model.get_image_features(
+                    pixel_values=pixel_values,
+                    image_sizes=image_sizes,
+                    vision_feature_layer=layer,
+                    return_dict=True,
+                )
+                features = torch.cat(out.pooler_output, dim=0)
+                slots = input_ids == self.config.image_token_id
+                inputs_embeds = _scatter_features(inputs_embeds, slots, features)
+            input_ids = None
+        h = lm(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache_position=cache_position,
+        )
+        return lm_head_or_hidden(self, h)
+
+    forward.__qualname__ = "Mistral3ForConditionalGeneration.pipeline_forward"
+    return forward
+
+
+def create_pipeline_forward_gemma4_vlm() -> Callable:
+    """Pipeline-compatible forward for Gemma4ForConditionalGeneration (VLM top-level).
+
+    Stage 0: embeds text tokens (multimodal placeholders embedded as the pad token, as
+    transformers does), merges image features from the vision tower + `embed_vision` (if
+    `pixel_values` are given or stored in `_vlm_pixel_values_chunks`), then calls the patched
+    language model. Non-first stages pass hidden states through theirs. Last stage: lm_head
+    and final-logit softcapping. Video and audio inputs are rejected, not dropped."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        pixel_values=None,
+        image_position_ids=None,
+        inputs_embeds=None,
+        cache_position=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        reject_unused(kwargs, "Gemma4ForConditionalGeneration")
+        lm = _language_model(self)
+        if _is_token_ids(input_ids) and lm.embed_tokens is not None:
+            image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(input_ids, None)
+            placeholders = image_mask | video_mask | audio_mask
+            pad_id = self.config.get_text_config().pad_token_id
+            inputs_embeds = lm.embed_tokens(torch.where(placeholders, pad_id, input_ids))
+            pixel_values = _next_chunk(self, "pixel_values", pixel_values)
+            image_position_ids = _next_chunk(self, "image_position_ids", image_position_ids)
+            if pixel_values is not None:
+                out = self.model.get_image_features(
+                    pixel_values, image_position_ids, return_dict=True
+                )
+                features = torch.cat(out.pooler_output, dim=0)
+                inputs_embeds = _scatter_features(inputs_embeds, image_mask, features)
+            input_ids = None
+        h = lm(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache_position=cache_position,
+        )
+        return lm_head_or_hidden(self, h)
+
+    forward.__qualname__ = "Gemma4ForConditionalGeneration.pipeline_forward"
+    return forward

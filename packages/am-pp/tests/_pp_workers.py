@@ -1,0 +1,63 @@
+"""Spawned-rank bodies for the am-pp distributed tests (module level so spawn imports them).
+
+Every rank builds the reference (the unsplit transformers model, one process, whole global
+batch, token-mean CE) itself, then runs the pipeline and compares its own stages' gradients
+with the reference's same-named parameters; the last stage's rank also compares the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from _pp_models import CASES, IGNORE_INDEX, batch
+
+from am_pp.schedule import pipeline_model
+
+
+def reference_loss_and_grads(name: str, data: dict):
+    """The one-process reference: loss and every parameter's gradient."""
+    model = CASES[name]()
+    logits = model(input_ids=data["input_ids"], **data["image_kwargs"]).logits
+    targets = F.pad(data["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, float(loss), grads
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def run_case(
+    name: str, schedule: str, n_microbatches: int, batch_size: int, from_meta: bool
+) -> dict:
+    data = batch(name, batch_size, n_microbatches)
+    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data)
+    if from_meta:
+        with torch.device("meta"):
+            source = CASES[name]()
+        state_dict = ref_model.state_dict()
+    else:
+        source, state_dict = CASES[name](), None
+    pp = pipeline_model(source, None, schedule, n_microbatches, state_dict=state_dict)
+    loss = pp.step(data["input_ids"], data["labels"], microbatch_kwargs=data["image_kwargs_mbs"])
+    errors = {}
+    for pname, p in pp.named_parameters():
+        ref = ref_grads.get(pname)
+        if ref is None:  # a parameter the reference gives no gradient must get none here either
+            errors[pname] = 0.0 if p.grad is None or not p.grad.any() else float("inf")
+            continue
+        errors[pname] = _rel_err(p.grad if p.grad is not None else torch.zeros_like(ref), ref)
+    return {
+        "stage_indices": pp.stage_indices,
+        "loss": None if loss is None else float(loss),
+        "ref_loss": ref_loss,
+        "grad_errors": errors,
+        "n_ref_params": len(dict(ref_model.named_parameters())),
+    }
+
+
+def run_cases(rank: int, world_size: int, cases: list[tuple]) -> list[dict]:
+    torch.manual_seed(1234 + rank)  # ranks must not rely on sharing RNG state
+    return [run_case(*case) for case in cases]
