@@ -42,6 +42,16 @@ def _run(script: str, *args: str) -> str:
             ["all four implementations agree", "ceiling: dense matmul fp32", "goal fwd+bwd"],
         ),
         ("moe_ep.py", ("--quick",), ["bytes sent per rank", "lower bound"]),
+        (
+            "gemma4.py",
+            ("--quick", "--repeats", "1"),
+            [
+                "ceiling: dense matmul fp32",
+                "MoE block alone",
+                "Whole MoE text model",
+                "goal fwd+bwd",
+            ],
+        ),
     ],
 )
 def test_bench_script_runs(script: str, args: tuple[str, ...], expected: list[str]) -> None:

@@ -93,10 +93,55 @@ def dense_kv_sharing_fsdp_matches_single_process(rank, world_size, checkpoint, i
     return _compare(model, loss, ref_loss, ref_grads, world_size)
 
 
-def both_cases(rank, world_size, moe_checkpoint, dense_checkpoint, moe_ids, dense_ids):
-    """One spawn for both cases (each rank imports torch + transformers only once)."""
-    moe = moe_ep_fsdp_matches_single_process(rank, world_size, moe_checkpoint, moe_ids)
-    dense = dense_kv_sharing_fsdp_matches_single_process(
-        rank, world_size, dense_checkpoint, dense_ids
+def cp_matches_single_process(rank, world_size, checkpoint, ids):
+    """CP=world_size (load-balanced chunks, sequence longer than the sliding window): this
+    rank's logits equal the full run's at its positions; summed loss and the gradients
+    summed over ranks equal one process."""
+    import torch.nn.functional as F
+
+    from am_models_gemma4 import Gemma4ForConditionalGeneration
+    from am_models_gemma4.cp import load_balanced_indices
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
+    model.train()
+    full = model(ids, use_cache=False).logits
+    ref_loss = F.cross_entropy(full[0, :-1], ids[0, 1:], reduction="sum")
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    batch = model.prepare_model_inputs_for_cp(ids)
+    batch["labels"] = ids
+    shard = batch["_cp_make_batch_fn"](mesh, None, batch)
+    shard2 = model._cp_shard_batch(mesh, None, batch)  # installing twice is a no-op
+    assert torch.equal(shard2["position_ids"], shard["position_ids"])
+    out = model(**shard, use_cache=False)
+    index = load_balanced_indices(ids.shape[1], world_size, rank)
+    errors = {"logits": rel_err(out.logits, full.detach()[:, index])}
+    local = F.cross_entropy(
+        out.logits[0], shard["shift_labels"][0], ignore_index=-100, reduction="sum"
     )
-    return {"moe": moe, "dense": dense}
+    local.backward()
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    errors["loss"] = abs(total.item() - ref_loss.item()) / ref_loss.item()
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        errors[name] = rel_err(grad, ref_grads[name])
+    return errors
+
+
+def all_cases(rank, world_size, moe_checkpoint, dense_checkpoint, moe_ids, dense_ids):
+    """One spawn for every case (each rank imports torch + transformers only once)."""
+    return {
+        "moe": moe_ep_fsdp_matches_single_process(rank, world_size, moe_checkpoint, moe_ids),
+        "dense": dense_kv_sharing_fsdp_matches_single_process(
+            rank, world_size, dense_checkpoint, dense_ids
+        ),
+        "cp_moe": cp_matches_single_process(rank, world_size, moe_checkpoint, moe_ids[:1, :16]),
+        "cp_dense": cp_matches_single_process(
+            rank, world_size, dense_checkpoint, dense_ids[:1, :16]
+        ),
+    }

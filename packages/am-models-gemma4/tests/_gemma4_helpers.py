@@ -8,6 +8,7 @@ from transformers import Gemma4Config
 from am_dtype.backend import BackendConfig
 
 VOCAB = 128
+TEXT_VOCAB = VOCAB - 8  # ids above are the special (image, video, audio, ...) tokens
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
@@ -96,6 +97,10 @@ def gemma4_config(text: dict, vision: dict | None = None, **top) -> Gemma4Config
         image_token_id=VOCAB - 1,
         boi_token_id=VOCAB - 2,
         eoi_token_id=VOCAB - 3,
+        video_token_id=VOCAB - 4,
+        audio_token_id=VOCAB - 5,
+        boa_token_id=VOCAB - 6,
+        eoa_token_index=VOCAB - 7,
     )
     values.update(top)
     return Gemma4Config(**values)

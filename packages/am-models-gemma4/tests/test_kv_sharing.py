@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from _gemma4_helpers import (
-    VOCAB,
+    TEXT_VOCAB,
     cpu_backend,
     gemma4_config,
     randomize_hf,
@@ -62,7 +62,7 @@ def released(tmp_path_factory):
 
 def _batch(seed=1, batch=2, seq=14):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 4, (batch, seq), generator=gen)
+    ids = torch.randint(0, TEXT_VOCAB, (batch, seq), generator=gen)
     return ids, ids.clone()
 
 

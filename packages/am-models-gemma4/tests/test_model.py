@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _gemma4_helpers import (
+    TEXT_VOCAB,
     VOCAB,
     cpu_backend,
     gemma4_config,
@@ -69,7 +70,7 @@ def test_tie_survives_initialize_weights_and_a_meta_build():
     assert torch.equal(gate.scale, torch.ones_like(gate.scale))
     experts = model.model.layers[0].moe.experts.gate_and_up_projs
     assert 0.1 < experts.std().item() < 0.3  # normal(0, initializer_range=0.2)
-    assert torch.isfinite(model(torch.randint(0, VOCAB - 4, (1, 9))).logits).all()
+    assert torch.isfinite(model(torch.randint(0, TEXT_VOCAB, (1, 9))).logits).all()
 
 
 def test_initialize_weights_casts_to_the_requested_dtype():
@@ -161,7 +162,7 @@ def test_bool_4d_mask_to_additive_and_the_model_accepts_it():
     model = Gemma4ForConditionalGeneration(
         gemma4_config(tiny_moe_text(sliding_window=64)), backend=cpu_backend()
     ).eval()
-    ids = torch.randint(0, VOCAB - 4, (1, 5))
+    ids = torch.randint(0, TEXT_VOCAB, (1, 5))
     with torch.no_grad():
         assert torch.allclose(
             model(ids, attention_mask=allowed).logits, model(ids).logits, atol=1e-6

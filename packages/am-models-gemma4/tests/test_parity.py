@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gemma4_helpers import VOCAB, cpu_backend, gemma4_config, randomize_hf, rel_err, tiny_moe_text
+from _gemma4_helpers import (
+    TEXT_VOCAB,
+    VOCAB,
+    cpu_backend,
+    gemma4_config,
+    randomize_hf,
+    rel_err,
+    tiny_moe_text,
+)
 from transformers import Gemma4ForConditionalGeneration as HFGemma4
 
 from am_models_gemma4 import Gemma4ForConditionalGeneration, Gemma4MoE
@@ -27,7 +35,7 @@ def saved(tmp_path_factory):
 
 def _batch(seed=1, batch=2, seq=15):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 4, (batch, seq), generator=gen)
+    ids = torch.randint(0, TEXT_VOCAB, (batch, seq), generator=gen)
     labels = ids.clone()
     labels[0, :3] = -100
     return ids, labels
@@ -91,11 +99,15 @@ def test_our_checkpoint_loads_back_into_transformers(saved, tmp_path):
     reloaded, info = HFGemma4.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
+    original = HFGemma4.from_pretrained(path).eval()
+    mine, theirs = reloaded.state_dict(), original.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     ids, _ = _batch(seed=2)
     with torch.no_grad():
-        expected = hf(ids).logits
-        assert torch.equal(reloaded.eval()(ids).logits, expected)
-        assert rel_err(ours(ids).logits, expected) <= TOL
+        # transformers loading our files and its own files: bit-identical logits
+        assert torch.equal(reloaded.eval()(ids).logits, original(ids).logits)
+        assert rel_err(ours(ids).logits, hf(ids).logits) <= TOL
 
 
 def test_sharded_checkpoint_and_logits_to_keep_and_hidden_states(saved, tmp_path):

@@ -98,6 +98,7 @@ class Gemma4MoEDecoderLayer(nn.Module):
             attention_mask=attention_mask,
             shared_kv_states=shared_kv_states if shared_kv_states is not None else {},
             past_key_values=past_key_values,
+            position_ids=position_ids,
             **kwargs,
         )
         x = residual + self.post_attention_layernorm(h)

@@ -1,0 +1,247 @@
+"""Gemma 4 MoE on CPU: our model and MoE block vs transformers', tokens/s and ratios.
+
+Usage: python bench/gemma4.py [--quick] [--repeats N] [--threads T]
+
+Runs, in one process and on the same weights (fp32, train mode):
+  (0) the machine's dense fp32 matmul rate (GFLOP/s): the ceiling;
+  (a) the MoE block alone: am_models_gemma4.Gemma4MoE (am-moe grouped experts, "torch_mm")
+      vs transformers' Gemma4TextRouter + Gemma4TextExperts, in the experts implementation
+      transformers picks by default and in its "eager" per-expert loop;
+  (b) the whole MoE text model (hidden 512, 4 layers sliding/full, 16 experts top-4,
+      batch 2 x seq 512 = 1024 tokens): am_models_gemma4.Gemma4ForConditionalGeneration vs
+      transformers' Gemma4ForConditionalGeneration in both experts implementations.
+Each measurement is the median of interleaved repeats (ours, theirs, ...), so a busy machine
+slows every case alike. Forward runs under no_grad; forward+backward is one training step
+without the optimizer. Goal: whole model forward+backward >= 1.5x transformers' best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def text_config(quick: bool) -> dict:
+    layers = ["sliding_attention", "full_attention"] * (1 if quick else 2)
+    return dict(
+        vocab_size=2048,
+        hidden_size=256 if quick else 512,
+        intermediate_size=512 if quick else 1024,
+        num_hidden_layers=len(layers),
+        layer_types=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32 if quick else 64,
+        global_head_dim=64 if quick else 128,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=128 if quick else 256,
+        enable_moe_block=True,
+        num_experts=16,
+        top_k_experts=4,
+        moe_intermediate_size=128 if quick else 256,
+        hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+        dtype="float32",
+    )
+
+
+def gemma4_config(quick: bool):
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        text_config=text_config(quick), vision_config=None, audio_config=None, dtype="float32"
+    )
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each fn, calling them interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def step_fns(name: str, run: Callable[[], torch.Tensor], params) -> dict:
+    """Forward (no_grad) and forward+backward of `run() -> loss`."""
+
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        run().backward()
+
+    return {f"{name} forward": fwd, f"{name} forward+backward": fwd_bwd}
+
+
+def report(title: str, tokens: int, t: dict[str, float], names: list[str]) -> float:
+    """Print tokens/s per case and ours/their ratios; return ours vs the best reference (fwd+bwd)."""
+    print(f"\n{title}")
+    header = "".join(f"{n:>22s}" for n in names)
+    print(f"  {'tokens/s':18s}{header}   speedup vs each reference")
+    best = 0.0
+    for phase in ("forward", "forward+backward"):
+        rates = [tokens / t[f"{n} {phase}"] for n in names]
+        ratios = [t[f"{n} {phase}"] / t[f"{names[0]} {phase}"] for n in names[1:]]
+        cells = "".join(f"{r:22.0f}" for r in rates)
+        print(f"  {phase:18s}{cells}   " + "  ".join(f"{x:.2f}x" for x in ratios))
+        if phase == "forward+backward":
+            best = min(ratios)
+    return best
+
+
+def bench_ceiling(quick: bool, repeats: int) -> None:
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_times({"mm": lambda: a @ b}, repeats)
+    print(f"\nceiling: dense matmul fp32 {n}x{n}: {2 * n**3 / t['mm'] / 1e9:.1f} GFLOP/s")
+
+
+def paired_models(quick: bool):
+    """transformers' model (default experts implementation) and ours on the same weights."""
+    from transformers import Gemma4ForConditionalGeneration as Theirs
+
+    from am_dtype.backend import BackendConfig
+    from am_models_gemma4 import Gemma4ForConditionalGeneration as Ours
+
+    torch.manual_seed(0)
+    hf = Theirs(gemma4_config(quick)).float().train()
+    ours = Ours(gemma4_config(quick), backend=BackendConfig(attn="sdpa", experts="torch_mm"))
+    ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=True)
+    return hf, ours.train()
+
+
+def bench_moe_block(args, hf) -> None:
+    from am_dtype.backend import BackendConfig
+    from am_models_gemma4 import Gemma4MoE, gemma4_moe_config
+
+    layer = hf.model.language_model.layers[0]
+    config = hf.config.text_config
+    ours = Gemma4MoE(gemma4_moe_config(config), BackendConfig(experts="torch_mm"), config)
+    native = hf.state_dict()
+    prefix = "model.language_model.layers.0."
+    ours.gate.load_state_dict(
+        {
+            k[len(prefix + "router.") :]: v
+            for k, v in native.items()
+            if k.startswith(prefix + "router.")
+        }
+    )
+    with torch.no_grad():
+        ours.experts.gate_and_up_projs.copy_(layer.experts.gate_up_proj.transpose(1, 2))
+        ours.experts.down_projs.copy_(layer.experts.down_proj.transpose(1, 2))
+    tokens = 512 if args.quick else 2048
+    gen = torch.Generator().manual_seed(1)
+    residual = torch.randn(tokens, config.hidden_size, generator=gen)
+    normed = torch.randn(tokens, config.hidden_size, generator=gen)
+    probe = torch.randn(tokens, config.hidden_size, generator=gen)
+
+    def theirs() -> torch.Tensor:
+        _, w, idx = layer.router(residual)
+        return (layer.experts(normed, idx, w) * probe).sum()
+
+    def mine() -> torch.Tensor:
+        return (ours(normed, gate_input=residual) * probe).sum()
+
+    with torch.no_grad():
+        err = abs(mine() - theirs()).item() / abs(theirs()).item()
+    default = hf.config.text_config._experts_implementation
+    fns = dict(step_fns("ours", mine, list(ours.parameters())))
+    fns.update(step_fns(f"hf {default}", theirs, list(layer.parameters())))
+
+    def eager() -> torch.Tensor:
+        hf.set_experts_implementation("eager")
+        try:
+            return theirs()
+        finally:
+            hf.set_experts_implementation(default)
+
+    fns.update(step_fns("hf eager", eager, list(layer.parameters())))
+    t = median_times(fns, args.repeats)
+    report(
+        f"MoE block alone (router + {config.num_experts} experts top-{config.top_k_experts}, "
+        f"dim {config.hidden_size}, expert hidden {config.moe_intermediate_size}; {tokens} "
+        f"tokens, fp32; rel diff {err:.1e})",
+        tokens,
+        t,
+        ["ours", f"hf {default}", "hf eager"],
+    )
+
+
+def bench_model(args, hf, ours) -> None:
+    batch, seq = (1, 256) if args.quick else (2, 512)
+    cfg = hf.config.text_config
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        err = ((ours(input_ids=ids).logits - ref).norm() / ref.norm()).item()
+    default = cfg._experts_implementation
+
+    def run(model, impl=None):
+        def loss() -> torch.Tensor:
+            if impl is not None:
+                model.set_experts_implementation(impl)
+            try:
+                return model(input_ids=ids, labels=ids, use_cache=False).loss
+            finally:
+                if impl is not None:
+                    model.set_experts_implementation(default)
+
+        return loss
+
+    fns = dict(step_fns("ours", run(ours), list(ours.parameters())))
+    fns.update(step_fns(f"hf {default}", run(hf), list(hf.parameters())))
+    fns.update(step_fns("hf eager", run(hf, "eager"), list(hf.parameters())))
+    t = median_times(fns, args.repeats)
+    best = report(
+        f"Whole MoE text model (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_experts} experts top-{cfg.top_k_experts}; batch {batch} x seq {seq}, fp32; "
+        f"rel logit diff {err:.1e})",
+        batch * seq,
+        t,
+        ["ours", f"hf {default}", "hf eager"],
+    )
+    print(f"  goal fwd+bwd >= 1.5x transformers' best: {best:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats (median)"
+    )
+    bench_ceiling(args.quick, args.repeats)
+    hf, ours = paired_models(args.quick)
+    bench_moe_block(args, hf)
+    bench_model(args, hf, ours)
+
+
+if __name__ == "__main__":
+    main()
