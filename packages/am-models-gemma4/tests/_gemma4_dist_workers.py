@@ -34,6 +34,7 @@ def _compare(model, loss, ref_loss, ref_grads, world_size) -> dict[str, float]:
     errors = {"loss": abs(mean.item() / world_size - ref_loss.item())}
     for name, param in model.named_parameters():
         assert param.grad is not None, name
+        name = name.replace("._checkpoint_wrapped_module", "")  # am-moe AC wrappers
         errors[name] = rel_err(_full(param.grad), ref_grads[name])
     return errors
 
@@ -73,21 +74,29 @@ def moe_ep_fsdp_matches_single_process(rank, world_size, checkpoint, ids):
 
 
 def dense_kv_sharing_fsdp_matches_single_process(rank, world_size, checkpoint, ids):
-    """FSDP2 per decoder layer with cast_forward_inputs=True on the E2B-like model: the
-    shared layers still read their source layer's K/V (loss and grads equal one process)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2 per decoder layer with cast_forward_inputs=True and am-moe's activation
+    checkpointing (parallelize_model) on the E2B-like model: the shared layers still read
+    their source layer's K/V (loss and every gradient equal one process)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from am_models_gemma4 import Gemma4ForConditionalGeneration
+    from am_moe.parallelizer import parallelize_model
 
     ref_loss, ref_grads = _reference(checkpoint, ids, world_size)
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp", "ep"))
     model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
     model.train()
     # param_dtype set: FSDP2 then really runs its input cast (and would copy a plain dict).
     policy = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=True)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    parallelize_model(
+        model,
+        mesh,
+        mp_policy=policy,
+        activation_checkpointing=True,
+        block_container="model.language_model.layers",
+    )
+    wrapped = model.model.language_model.layers[0]
+    assert hasattr(wrapped, "_checkpoint_wrapped_module")
     loss = model(ids[rank : rank + 1], labels=ids[rank : rank + 1], use_cache=False).loss
     loss.backward()
     return _compare(model, loss, ref_loss, ref_grads, world_size)

@@ -64,6 +64,42 @@ def test_logits_loss_and_every_gradient_match(saved):
         assert rel_err(param.grad, mapped[name]) <= 1e-4, name
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_gradient_checkpointing_recomputes_the_moe_layers_with_equal_gradients(saved):
+    _, path = saved
+    ours = Gemma4ForConditionalGeneration.from_pretrained(path, backend=cpu_backend()).train()
+    ids, labels = _batch(seed=7)
+    ours(ids, labels=labels, use_cache=False).loss.backward()
+    plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.gradient_checkpointing_enable({"use_reentrant": False})
+    calls = []
+    hook = ours.model.layers[1].moe.register_forward_hook(lambda *_: calls.append(1))
+    ours(ids, labels=labels, use_cache=False).loss.backward()
+    hook.remove()
+    assert len(calls) == 2  # forward, then the recompute during backward
+    for name, param in ours.named_parameters():
+        assert rel_err(param.grad, plain[name]) <= 1e-5, name
+
+
+def test_missing_and_misshaped_keys_are_named(saved, tmp_path):
+    hf, path = saved
+    from safetensors.torch import load_file, save_file
+
+    from am_utils.checkpointing import CheckpointLoadError
+
+    weights = load_file(path / "model.safetensors")
+    del weights["model.language_model.layers.2.router.per_expert_scale"]
+    weights["model.language_model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 32)
+    hf.config.save_pretrained(tmp_path)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointLoadError) as err:
+        Gemma4ForConditionalGeneration.from_pretrained(tmp_path, backend=cpu_backend())
+    message = str(err.value)
+    assert "model.language_model.layers.2.moe.gate.per_expert_scale" in message
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in message
+
+
 def test_reads_transformers_in_memory_and_per_expert_layouts(saved, tmp_path):
     hf, path = saved
     ours = Gemma4ForConditionalGeneration.from_pretrained(path, backend=cpu_backend())

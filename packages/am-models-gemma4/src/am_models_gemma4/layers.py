@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4RMSNorm,
     Gemma4TextAttention,
@@ -41,9 +42,13 @@ from am_moe.config import MoEConfig
 __all__ = ["Gemma4MoEDecoderLayer", "Gemma4MoETextModelBackend"]
 
 
-class Gemma4MoEDecoderLayer(nn.Module):
+class Gemma4MoEDecoderLayer(GradientCheckpointingLayer):
     """One Gemma 4 decoder layer with transformers' attention and dense MLP and an am-moe
-    `Gemma4MoE` in place of transformers' router + experts."""
+    `Gemma4MoE` in place of transformers' router + experts.
+
+    A `GradientCheckpointingLayer`, so transformers' `gradient_checkpointing_enable()`
+    checkpoints it as it does its own layers (am-moe's AC wraps it from outside instead).
+    """
 
     def __init__(
         self, config: Any, layer_idx: int, moe_config: MoEConfig, backend: BackendConfig
