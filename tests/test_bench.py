@@ -52,6 +52,7 @@ def _run(script: str, *args: str) -> str:
                 "goal fwd+bwd",
             ],
         ),
+        ("pp.py", ("--quick",), ["ratio pipeline / one rank", "ideal", "mask cache: build"]),
     ],
 )
 def test_bench_script_runs(script: str, args: tuple[str, ...], expected: list[str]) -> None:

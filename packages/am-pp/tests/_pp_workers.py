@@ -22,7 +22,7 @@ def reference_loss_and_grads(name: str, data: dict):
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return model, float(loss), grads
+    return model, float(loss.detach()), grads
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,7 +3,8 @@
 Tiny transformers Llama, Qwen3 (sliding + full layers), Mistral3 (Pixtral tower, two images
 in the global batch), Gemma 4 MoE text and Gemma 4 VLM (images) run as 2-stage 1F1B and
 2 ranks x 2 virtual stages Interleaved1F1B (2 ranks), and as 4-stage 1F1B (4 ranks), each
-built on the meta device and given the reference's weights. Every rank also computes the
+built on the meta device and given the reference's weights; Llama also under the
+zero-bubble, V-shaped and looped schedules, Qwen3 under GPipe from a real (CPU) model. Every rank also computes the
 reference (the unsplit transformers model on the whole global batch, token-mean cross
 entropy with ignored targets) and compares its own stages' gradients with it.
 """
@@ -42,9 +43,15 @@ def _check(per_rank: list[list[dict]], cases: list[tuple], num_stages: int) -> N
 def test_two_ranks_1f1b_and_interleaved_equal_one_process():
     cases = [(m, "1F1B", 4, 4, True) for m in MODELS]
     cases += [(m, "Interleaved1F1B", 4, 4, True) for m in MODELS]
+    # The other schedules torch provides (zero-bubble: split input/weight backward; V: rank
+    # r holds stages r and 2p-1-r), and a real (not meta) source model once.
+    extra = [(s, 4) for s in ("ZBVZeroBubble", "DualPipeV", "InterleavedZeroBubble", "LoopedBFS")]
+    cases += [("llama", s, 4, 4, True) for s, _ in extra] + [("qwen3", "GPipe", 4, 4, False)]
     per_rank = run_distributed(run_cases, 2, cases, timeout_s=300)
-    _check(per_rank, cases[: len(MODELS)], 2)
-    _check([r[len(MODELS) :] for r in per_rank], cases[len(MODELS) :], 4)
+    n = len(MODELS)
+    _check([r[:n] for r in per_rank], cases[:n], 2)
+    _check([r[n : 2 * n + len(extra)] for r in per_rank], cases[n : 2 * n + len(extra)], 4)
+    _check([r[-1:] for r in per_rank], cases[-1:], 2)
 
 
 @pytest.mark.distributed

@@ -237,3 +237,15 @@ def test_meta_build_restores_every_buffer(name):
         torch.testing.assert_close(
             stage(data["input_ids"], **data["image_kwargs"]), _hf_logits(ref, data), rtol=0, atol=0
         )
+
+
+def test_validate_rejects_models_the_forwards_cannot_run():
+    model = llama()
+    model.model.rotary_emb = None
+    with pytest.raises(ValueError, match="has no rotary_emb"):
+        validate_hf_model_for_pipeline_support(model)
+    with pytest.raises(ValueError, match="no decoder `layers`"):
+        validate_hf_model_for_pipeline_support(nn.Linear(2, 2))
+    kept = nn.Linear(2, 2)
+    kept._pp_keep_self_forward = True  # its own forward is PP-aware: not our business
+    validate_hf_model_for_pipeline_support(kept)

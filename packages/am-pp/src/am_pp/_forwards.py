@@ -84,10 +84,11 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
             {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}, model_class_name
         )
         h = embed_or_pass_through(self, input_ids, inputs_embeds)
-        position_ids = default_position_ids(h, position_ids, cache_position)
+        # The mask sees the ids as given: default positions are never packed (no check).
         masks = _build_or_reuse_pp_causal_mask(
             self, h, attention_mask, cache_position, position_ids
         )
+        position_ids = default_position_ids(h, position_ids, cache_position)
         position_embeddings = self.rotary_emb(h, position_ids)
         types_ = layer_types_of(self.config)
         for idx, layer in iter_layers(self):
@@ -133,10 +134,11 @@ def create_pipeline_forward_gemma4_text() -> Callable:
             "Gemma4TextModel",
         )
         h = embed_or_pass_through(self, input_ids, inputs_embeds)
-        position_ids = default_position_ids(h, position_ids, cache_position)
+        # The mask sees the ids as given: default positions are never packed (no check).
         masks = _build_or_reuse_pp_causal_mask(
             self, h, attention_mask, cache_position, position_ids
         )
+        position_ids = default_position_ids(h, position_ids, cache_position)
         types_ = self.config.layer_types
         rotary = {t: self.rotary_emb(h, position_ids, t) for t in sorted(set(types_))}
         shared_kv_states: dict = {}  # written by layers that store full-length K/V; read by none

@@ -29,13 +29,17 @@ _MASK_BUILDERS = {
 
 
 def _mask_layer_types(module: nn.Module) -> tuple[str, ...]:
-    unknown = set(layer_types_of(module.config)) - set(_MASK_BUILDERS)
-    if unknown:
-        raise ValueError(
-            f"{type(module).__name__}: no pipeline mask builder for layer types {sorted(unknown)}; "
-            f"known: {sorted(_MASK_BUILDERS)}"
-        )
-    return tuple(sorted(set(layer_types_of(module.config))))
+    kinds = module.__dict__.get("_pp_mask_layer_types")
+    if kinds is None:  # once per stage: the layer types never change
+        unknown = set(layer_types_of(module.config)) - set(_MASK_BUILDERS)
+        if unknown:
+            raise ValueError(
+                f"{type(module).__name__}: no pipeline mask builder for layer types "
+                f"{sorted(unknown)}; known: {sorted(_MASK_BUILDERS)}"
+            )
+        kinds = tuple(sorted(set(layer_types_of(module.config))))
+        module.__dict__["_pp_mask_layer_types"] = kinds
+    return kinds
 
 
 def _build_masks(module, inputs_embeds, attention_mask, position_ids, kinds) -> dict:
@@ -67,7 +71,9 @@ def _build_or_reuse_pp_causal_mask(
     if position_ids is None and cache_position is not None:
         position_ids = cache_position.unsqueeze(0)
     kinds = _mask_layer_types(module)
-    packed = position_ids is not None and find_packed_sequence_indices(position_ids) is not None
+    packed = position_ids is not None and (
+        position_ids.shape[-1] > 1 and find_packed_sequence_indices(position_ids) is not None
+    )
     if attention_mask is not None or packed:
         return _build_masks(module, inputs_embeds, attention_mask, position_ids, kinds)
     batch, seq = inputs_embeds.shape[:2]

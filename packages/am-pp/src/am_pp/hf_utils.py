@@ -231,6 +231,21 @@ def _gemma4_text_problems(text_config) -> list[str]:
     return problems
 
 
+def _generic_forward_problems(model: nn.Module) -> list[str]:
+    """What the patched forwards need from the text backbone: decoder layers and RoPE."""
+    text = get_text_module(model)
+    if text is model and not hasattr(model, "layers"):
+        text = getattr(model, "model", None)
+    if not isinstance(getattr(text, "layers", None), (nn.ModuleList, nn.ModuleDict)):
+        return ["no decoder `layers` found on the model, model.model or its text module"]
+    if getattr(text, "rotary_emb", None) is None:
+        return [
+            f"{type(text).__name__} has no rotary_emb: the pipeline forwards support RoPE "
+            "decoders (register model-specific forwards with register_pp_forwards)"
+        ]
+    return []
+
+
 def validate_hf_model_for_pipeline_support(model: torch.nn.Module) -> None:
     """Validate if a model is compatible with torch.distributed.pipelining; raise ValueError
     naming every problem found.
@@ -258,6 +273,8 @@ def validate_hf_model_for_pipeline_support(model: torch.nn.Module) -> None:
     if _model_type(model) in ("gemma4", "gemma4_text"):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         problems += _gemma4_text_problems(text_config)
+    if not model_keeps_self_forward(model):
+        problems += _generic_forward_problems(model)
     if problems:
         raise ValueError(
             f"{name} cannot run under pipeline parallelism: " + "; ".join(problems) + "."

@@ -1,0 +1,146 @@
+"""Pipeline step time: a 2-stage 1F1B pipeline (am_pp on torch.distributed.pipelining) vs one rank.
+
+Two gloo ranks with one intra-op thread each run one training step (forward + backward over
+the global batch, 8 microbatches) of a Llama-shaped transformers model split into 2 stages;
+rank 0 also times the same model on the same global batch alone (one process, one thread,
+one forward + backward), interleaved with the pipeline steps so both see the same machine
+load. The ideal pipeline time is the per-stage share of the work stretched by the bubble:
+T_pp / T_1 = (1/p) * (m + p - 1) / m, i.e. 1/p of the work plus the bubble, which is
+(p - 1) / (m + p - 1) of the pipeline step (0.5625 for p = 2, m = 8).
+
+Also: the time the per-stage causal-mask cache saves per microbatch (a mask-mapping build
+vs a cache hit at the microbatch shape, eager attention so the mask is a real tensor).
+
+    .venv/bin/python bench/pp.py            # hidden 512, 8 layers, batch 16 x seq 256
+    .venv/bin/python bench/pp.py --quick    # small shape, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+P = 2  # pipeline stages (= ranks)
+
+
+def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+        num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=4096,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float().train()
+
+
+def _single_step(model, ids) -> None:
+    logits = model(ids, use_cache=False).logits
+    target = F.pad(ids[:, 1:], (0, 1), value=-100)
+    F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100).backward()
+
+
+def rank_times(rank: int, world: int, shape: dict, repeats: int) -> dict:
+    from am_pp import pipeline_model
+
+    model = _model(shape["hidden"], shape["layers"], shape["vocab"])
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]),
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    pp = pipeline_model(model, None, "1F1B", shape["microbatches"])
+    pp_times, single_times = [], []
+    for _ in range(repeats + 1):  # the first round warms up (shape inference, allocator)
+        dist.barrier()
+        if rank == 0:
+            start = time.perf_counter()
+            _single_step(model, ids)
+            single_times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        dist.barrier()
+        start = time.perf_counter()
+        pp.step(ids, ids)
+        dist.barrier()
+        pp_times.append(time.perf_counter() - start)
+        for p in pp.parameters():
+            p.grad = None
+    return {
+        "pp": statistics.median(pp_times[1:]),
+        "single": statistics.median(single_times[1:]) if single_times else None,
+        "mask": _mask_cache_saving(pp, shape) if rank == 1 else None,
+    }
+
+
+def _mask_cache_saving(pp, shape: dict) -> dict:
+    """Build vs hit of the last stage's mask mapping at the microbatch shape."""
+    from am_pp._masks import _build_masks, _build_or_reuse_pp_causal_mask, _mask_layer_types
+
+    inner = pp.stages[0].model
+    mb = shape["batch"] // shape["microbatches"]
+    h = torch.zeros(mb, shape["seq"], shape["hidden"])
+    pos = torch.arange(shape["seq"]).unsqueeze(0)
+    kinds = _mask_layer_types(inner)
+    n = 50
+    start = time.perf_counter()
+    for _ in range(n):
+        _build_masks(inner, h, None, pos, kinds)
+    build = (time.perf_counter() - start) / n
+    _build_or_reuse_pp_causal_mask(inner, h, None, None, pos)
+    start = time.perf_counter()
+    for _ in range(n):
+        _build_or_reuse_pp_causal_mask(inner, h, None, None, pos)
+    hit = (time.perf_counter() - start) / n
+    return {"build": build, "hit": hit}
+
+
+def report(shape: dict, repeats: int) -> None:
+    from am_dtype.testing import run_distributed
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    load = os.getloadavg()
+    first, last = run_distributed(rank_times, P, shape, repeats, timeout_s=1200)
+    m = shape["microbatches"]
+    ideal = (1 / P) * (m + P - 1) / m
+    ratio = first["pp"] / first["single"]
+    mask = last["mask"]
+    mb_time = last["pp"] / m
+    print(f"shape: {shape}; 2 gloo ranks x 1 thread; median of {repeats} steps")
+    print(f"load average before the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+          f" on {os.cpu_count()} cores")  # fmt: skip
+    print(f"one rank, one thread, whole batch fwd+bwd: {first['single'] * 1e3:9.1f} ms")
+    print(f"2-stage 1F1B, {m} microbatches, step:      {first['pp'] * 1e3:9.1f} ms")
+    print(f"ratio pipeline / one rank: {ratio:.3f}; ideal (1/{P}) * (m+p-1)/m = {ideal:.4f} "
+          f"(bubble (p-1)/(m+p-1) = {(P - 1) / (m + P - 1):.3f}); "
+          f"ratio / ideal = {ratio / ideal:.3f} (goal <= 1.10)")  # fmt: skip
+    saved = mask["build"] - mask["hit"]
+    print(f"mask cache: build {mask['build'] * 1e6:.1f} us, hit {mask['hit'] * 1e6:.2f} us per "
+          f"microbatch per stage; saves {saved * 1e6:.1f} us per microbatch "
+          f"({100 * saved / mb_time:.2f}% of a microbatch's share of the step)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="hidden 64, 4 layers, seq 32")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    shape = dict(hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch,
+                 microbatches=args.microbatches, vocab=1024)  # fmt: skip
+    if args.quick:
+        shape.update(hidden=64, layers=4, seq=32, batch=8, vocab=256)
+        args.repeats = 2
+    report(shape, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
