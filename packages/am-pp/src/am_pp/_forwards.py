@@ -143,9 +143,10 @@ def create_pipeline_forward_gemma4_text() -> Callable:
         rotary = {t: self.rotary_emb(h, position_ids, t) for t in sorted(set(types_))}
         shared_kv_states: dict = {}  # written by layers that store full-length K/V; read by none
         for idx, layer in iter_layers(self):
+            # Keywords only after h: transformers' layer takes per_layer_input second
+            # (None here: validate rejects per-layer inputs), am-models-gemma4's rope.
             h = layer(
                 h,
-                None,  # per-layer input: rejected by validate_hf_model_for_pipeline_support
                 shared_kv_states=shared_kv_states,
                 position_embeddings=rotary[types_[idx]],
                 attention_mask=masks[types_[idx]],
