@@ -136,6 +136,43 @@ def test_freeze_by_attribute_and_patterns_helper():
     }
 
 
+class LookalikeNames(nn.Module):
+    """Towers under the names real VLMs use, beside modules whose names merely contain a tower
+    word inside a component (`revision`, `division_head`, `context_proj`, `subtext`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.vision_model = nn.Linear(2, 2)  # Idefics / SmolVLM
+        self.model.visual = nn.Linear(2, 2)  # Qwen2-VL
+        self.model.text_model = nn.Linear(2, 2)  # Idefics / SmolVLM
+        self.model.audio_tower = nn.Linear(2, 2)  # Gemma 4
+        self.model.revision = nn.Linear(2, 2)
+        self.division_head = nn.Linear(2, 2)
+        self.context_proj = nn.Linear(2, 2)
+        self.subtext = nn.Linear(2, 2)
+        self.naudio = nn.Linear(2, 2)
+
+
+def _frozen_modules(model: nn.Module) -> set[str]:
+    return {name.rpartition(".")[0] for name in frozen_names(model)}
+
+
+def test_tower_words_match_name_components_not_substrings():
+    everything = {"freeze_audio_tower": True, "freeze_language_model": True}
+    model = LookalikeNames()
+    apply_parameter_freezing(model, everything)
+    assert _frozen_modules(model) == {
+        "model.vision_model",
+        "model.visual",
+        "model.text_model",
+        "model.audio_tower",
+    }
+    vision_only = LookalikeNames()
+    apply_parameter_freezing(vision_only, {})
+    assert _frozen_modules(vision_only) == {"model.vision_model", "model.visual"}
+
+
 # --- KV sharing on a real transformers Gemma 4 text model -------------------------------------
 
 
@@ -285,3 +322,13 @@ def test_minimax_m3_indexer():
     }
     other = _indexer_model("minimax_m2", "indexer")
     assert freeze_minimax_m3_indexer_params(other) == []
+
+
+def test_kv_sharing_skips_towers_by_component_only():
+    model = nn.Module()
+    model.config = SimpleNamespace(num_kv_shared_layers=1, num_hidden_layers=2)
+    model.revision = nn.Module()  # the text decoder, under a name containing "vision"
+    model.revision.layers = _fake_layers(2)
+    model.visual = nn.Module()
+    model.visual.layers = _fake_layers(2)
+    assert freeze_unused_kv_sharing_params(model) == ["revision.layers.1.self_attn.k_proj.weight"]

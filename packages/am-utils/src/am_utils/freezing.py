@@ -18,11 +18,13 @@ __all__ = [
     "freeze_unused_kv_sharing_params",
 ]
 
-# Boolean keys of the freeze config: key -> (default, model attribute, lower-case substrings
-# of module names that belong to that part).
+# Boolean keys of the freeze config: key -> (default, model attribute, tower words). A module
+# belongs to the part when one of its dotted name components begins with a tower word
+# (case-insensitive): "vision" matches `model.vision_tower` and `vision_model`, never
+# `revision` or `division_head`; "text" matches `text_model`, never `context_proj`.
 _TOWER_KEYS: dict[str, tuple[bool, str, tuple[str, ...]]] = {
     "freeze_vision_tower": (True, "vision_tower", ("vision", "visual", "image_encoder")),
-    "freeze_audio_tower": (False, "audio_tower", ("audio", "audio_encoder", "speech", "sound")),
+    "freeze_audio_tower": (False, "audio_tower", ("audio", "speech", "sound")),
     "freeze_language_model": (False, "language_model", ("language", "text", "llm")),
 }
 _BOOL_KEYS = (*_TOWER_KEYS, "freeze_embeddings", "freeze_video_embedder")
@@ -36,14 +38,22 @@ _KV_SHARED_PARAM = re.compile(
 _NON_TEXT_TOWERS = ("vision", "visual", "audio")
 
 
+def _has_component_starting_with(name: str, words) -> bool:
+    """Whether a dotted module name has a component that begins with one of ``words``
+    (case-insensitive), e.g. ``model.vision_tower.blocks`` for ``"vision"``."""
+    return any(part.lower().startswith(tuple(words)) for part in name.split(".") if part)
+
+
 def _freeze_module_by_attribute_and_patterns(model, attribute_name, name_patterns):
-    """Freeze ``model.<attribute_name>`` and every module whose lower-cased name contains one
-    of ``name_patterns`` (plain substrings)."""
+    """Freeze ``model.<attribute_name>`` and every module one of whose dotted name components
+    begins with one of ``name_patterns`` (lower-case words, e.g. ``"vision"`` freezes
+    ``model.vision_tower`` but not ``model.revision``)."""
     part = getattr(model, attribute_name, None)
     if isinstance(part, nn.Module):
         part.requires_grad_(False)
+    words = tuple(pattern.lower() for pattern in name_patterns)
     for name, module in model.named_modules():
-        if any(pattern in name.lower() for pattern in name_patterns):
+        if name and _has_component_starting_with(name, words):
             module.requires_grad_(False)
 
 
@@ -103,12 +113,14 @@ def apply_parameter_freezing(model, freeze_config):
 
     ``freeze_config`` keys (all optional; unknown keys raise ``ValueError``):
 
-    - ``freeze_vision_tower`` (bool, default True): ``model.vision_tower`` and modules whose
-      name contains ``vision``, ``visual`` or ``image_encoder``.
-    - ``freeze_audio_tower`` (bool, default False): ``model.audio_tower`` and modules named
-      ``*audio*``, ``*speech*``, ``*sound*``.
+    - ``freeze_vision_tower`` (bool, default True): ``model.vision_tower`` and modules with a
+      name component beginning with ``vision``, ``visual`` or ``image_encoder``
+      (``vision_tower``, ``vision_model``, ``visual``; not ``revision``).
+    - ``freeze_audio_tower`` (bool, default False): ``model.audio_tower`` and modules with a
+      component beginning with ``audio``, ``speech`` or ``sound``.
     - ``freeze_language_model`` (bool, default False): ``model.language_model`` and modules
-      named ``*language*``, ``*text*``, ``*llm*``.
+      with a component beginning with ``language``, ``text`` or ``llm`` (``text_model``; not
+      ``context_proj``).
     - ``freeze_embeddings`` (bool, default False): the input embeddings
       (``get_input_embeddings()``, else every ``nn.Embedding``).
     - ``freeze_video_embedder`` (bool, default False): ``patch_generator.video_embedder``
@@ -160,7 +172,7 @@ def freeze_unused_kv_sharing_params(model) -> list[str]:
         match = _KV_SHARED_PARAM.search(name)
         if match is None or int(match.group(1)) < first_shared:
             continue
-        if any(tower in name[: match.start()].lower() for tower in _NON_TEXT_TOWERS):
+        if _has_component_starting_with(name[: match.start()], _NON_TEXT_TOWERS):
             continue
         param.requires_grad_(False)
         frozen.append(name)
