@@ -5,6 +5,13 @@ write exactly what transformers reads and writes, so checkpoints move freely bet
 The model may keep its own parameter layout in memory: an optional ``state_dict_adapter``
 (``to_hf(state_dict)`` / ``from_hf(hf_state_dict, device_mesh=None)``) converts at the file
 boundary.
+
+``save_pretrained`` is atomic: at every instant the directory holds either the complete
+previous checkpoint or the complete new one; an exception or a killed process part-way leaves
+the previous one loadable and unchanged, and never a file it did not replace is deleted. The
+protocol (staging directory, one-rename commit, idempotent roll forward) is described in
+``am_utils.checkpoint_files``; ``from_pretrained`` reads through it (a committed but
+unfinished save loads as the new checkpoint, leftovers of a killed one are ignored).
 """
 
 from __future__ import annotations
@@ -20,37 +27,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from am_utils.checkpoint_files import (
+    CONFIG_NAME,
+    CheckpointLoadError,
+    read_hf_state_dict,
+    resolve_checkpoint_files,
+    write_checkpoint,
+)
 from am_utils.init import init_empty_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointLoadError", "HFCheckpointingMixin", "parse_shard_size", "read_hf_state_dict"]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
-BIN_WEIGHTS_NAME = "pytorch_model.bin"
-BIN_INDEX_NAME = "pytorch_model.bin.index.json"
-# Files of a checkpoint, in the order the loader looks for them: (file, is_index).
-_CHECKPOINT_FILES = (
-    (SAFE_INDEX_NAME, True),
-    (SAFE_WEIGHTS_NAME, False),
-    (BIN_INDEX_NAME, True),
-    (BIN_WEIGHTS_NAME, False),
-)
-_STALE_WEIGHTS = re.compile(
-    r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin"
-    r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json)$"
-)
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
-
-
-class CheckpointLoadError(ValueError):
-    """A checkpoint does not match the model: lists missing, unexpected and mismatched keys."""
 
 
 def parse_shard_size(size: int | str) -> int:
@@ -146,95 +140,6 @@ def _drop_tied_duplicates(hf_sd: dict, tied: dict[str, str]) -> dict:
     if dropped:
         logger.info("Not writing tied duplicates %s", sorted(dropped))
     return {k: v for k, v in hf_sd.items() if k not in dropped}
-
-
-def _plan_shards(hf_sd: dict, max_bytes: int) -> list[list[str]]:
-    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    current = 0
-    for name, tensor in hf_sd.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and current + size > max_bytes:
-            shards.append([])
-            current = 0
-        shards[-1].append(name)
-        current += size
-    return shards
-
-
-def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
-    for path in directory.iterdir():
-        if path.is_file() and _STALE_WEIGHTS.match(path.name) and path.name not in keep:
-            path.unlink()
-
-
-def _write_shards(directory: Path, hf_sd: dict, max_bytes: int, safe: bool) -> list[str]:
-    shards = _plan_shards(hf_sd, max_bytes)
-    stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
-    if len(shards) == 1:
-        file_names = [f"{stem}.{ext}"]
-    else:
-        file_names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    storage_use: dict[int, int] = {}
-    for tensor in hf_sd.values():
-        ptr = tensor.untyped_storage().data_ptr()
-        storage_use[ptr] = storage_use.get(ptr, 0) + 1
-    for file_name, names in zip(file_names, shards, strict=True):
-        tensors = {}
-        for n in names:
-            tensor = hf_sd[n].contiguous()
-            # Views into one storage (e.g. an adapter splitting a fused weight) are copied:
-            # safetensors refuses tensors that share memory.
-            if storage_use[hf_sd[n].untyped_storage().data_ptr()] > 1:
-                tensor = tensor.clone()
-            tensors[n] = tensor
-        if safe:
-            save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, directory / file_name)
-    written = list(file_names)
-    if len(shards) > 1:
-        index_name = SAFE_INDEX_NAME if safe else BIN_INDEX_NAME
-        weight_map = {n: f for f, names in zip(file_names, shards, strict=True) for n in names}
-        index = {
-            "metadata": {
-                "total_size": sum(t.numel() * t.element_size() for t in hf_sd.values()),
-                "total_parameters": sum(t.numel() for t in hf_sd.values()),
-            },
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        written.append(index_name)
-    return written
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_hf_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of a local HF checkpoint directory onto the CPU.
-
-    Looks for, in order: ``model.safetensors.index.json`` (sharded), ``model.safetensors``,
-    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``.
-    """
-    directory = Path(directory)
-    for file_name, is_index in _CHECKPOINT_FILES:
-        path = directory / file_name
-        if not path.is_file():
-            continue
-        if not is_index:
-            return _load_file(path)
-        weight_map = json.loads(path.read_text())["weight_map"]
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state_dict.update(_load_file(directory / shard))
-        return state_dict
-    raise FileNotFoundError(
-        f"No weights in {str(directory)!r}: looked for {[f for f, _ in _CHECKPOINT_FILES]}"
-    )
 
 
 def _resolve_local_dir(path) -> Path:
@@ -439,6 +344,8 @@ class HFCheckpointingMixin:
       ``from_hf(hf_state_dict, device_mesh=None) -> dict``: files use HF key names and layout,
       memory uses the model's own;
     - ``config_class``: the config class ``from_pretrained`` reads (default ``AutoConfig``);
+    - ``_checkpoint_model_types``: the ``model_type`` values ``from_pretrained`` accepts in
+      ``config.json`` (default: ``config_class.model_type`` when set; else any);
     - ``_tied_weights_keys``: ``{target: source}`` (or a list of targets) in HF key names;
       with ``config.tie_word_embeddings`` the targets are not written, as transformers does;
     - ``_checkpoint_ignore_unexpected_keys``: regexes (``re.search``) of checkpoint keys to
@@ -449,6 +356,7 @@ class HFCheckpointingMixin:
 
     _checkpoint_ignore_unexpected_keys: tuple[str, ...] | list[str] = ()
     _checkpoint_optional_keys: tuple[str, ...] | list[str] = ()
+    _checkpoint_model_types: tuple[str, ...] | list[str] = ()
 
     def save_pretrained(
         self,
@@ -463,8 +371,14 @@ class HFCheckpointingMixin:
         ``model.safetensors.index.json`` above ``max_shard_size`` (``pytorch_model*.bin``
         when ``safe_serialization=False``). DTensor weights are gathered first, so with a
         process group every rank must call this; only the main process (rank 0 unless
-        ``is_main_process`` says otherwise) writes. Stale weight files are removed. Keyword
-        ``is_main_process`` is accepted; ``push_to_hub=True`` is not supported.
+        ``is_main_process`` says otherwise) writes. Keyword ``is_main_process`` is accepted;
+        ``push_to_hub=True`` is not supported.
+
+        Atomic (see ``am_utils.checkpoint_files``): files are staged in
+        ``.am-save-<hex>/`` and switched in after a one-rename commit, so an exception or a
+        killed process leaves the previous checkpoint loadable and unchanged. Only the files
+        of the replaced checkpoint are removed (its weights entry and the shards its index
+        lists); other files (README.md, ``pytorch_model.bin``, foreign shards) are kept.
         """
         is_main_process = _check_save_kwargs(kwargs)
         max_bytes = parse_shard_size(max_shard_size)
@@ -473,14 +387,21 @@ class HFCheckpointingMixin:
         hf_sd = dict(adapter.to_hf(full)) if adapter is not None else full
         hf_sd = _drop_tied_duplicates(hf_sd, _tied_pairs(self))
         if _is_main_process(is_main_process):
-            directory = Path(save_directory)
-            directory.mkdir(parents=True, exist_ok=True)
-            _config_to_save(self.config, hf_sd).save_pretrained(directory)
+            config = _config_to_save(self.config, hf_sd)
             generation_config = getattr(self, "generation_config", None)
-            if generation_config is not None:
-                generation_config.save_pretrained(directory)
-            written = _write_shards(directory, hf_sd, max_bytes, safe_serialization)
-            _remove_stale_weights(directory, set(written))
+
+            def write_metadata(stage: Path) -> None:
+                config.save_pretrained(stage)
+                if generation_config is not None:
+                    generation_config.save_pretrained(stage)
+
+            write_checkpoint(
+                save_directory,
+                hf_sd,
+                max_bytes=max_bytes,
+                safe=safe_serialization,
+                write_metadata=write_metadata,
+            )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
@@ -499,7 +420,10 @@ class HFCheckpointingMixin:
         """Build the model from a local HF checkpoint directory (ours or transformers').
 
         The config comes from ``config`` or the directory (``cls.config_class``, else
-        ``AutoConfig``). The model is constructed on the meta device (no allocation, no
+        ``AutoConfig``); a missing ``config.json`` raises ``FileNotFoundError``, one that is
+        not JSON or of a model type the class does not load (``_checkpoint_model_types``)
+        raises ``CheckpointLoadError`` naming the file, as does a corrupt weights file or
+        index. The model is constructed on the meta device (no allocation, no
         random init) with ``cls(config, *model_args, **kwargs)`` under ``dtype`` (alias
         ``torch_dtype``; ``"auto"`` reads the config, ``None`` keeps the default), and the
         checkpoint tensors are bound to it on ``device`` (default CPU) after
@@ -511,6 +435,7 @@ class HFCheckpointingMixin:
         directory = _resolve_local_dir(pretrained_model_name_or_path)
         if config is None:
             config = _load_config(cls, directory)
+        _check_config_type(cls, config, directory)
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if target_dtype is not None:
@@ -527,18 +452,73 @@ class HFCheckpointingMixin:
         return model.eval()
 
 
+def _accepted_model_types(cls) -> tuple[str, ...]:
+    declared = getattr(cls, "_checkpoint_model_types", None)
+    if declared:
+        return tuple(declared)
+    model_type = getattr(getattr(cls, "config_class", None), "model_type", "")
+    return (model_type,) if isinstance(model_type, str) and model_type else ()
+
+
+def _raw_model_types(path: Path) -> set[str]:
+    """``model_type`` of a config.json and of its sub-configs (a text config inside a VLM's)."""
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointLoadError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointLoadError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    found = {raw.get("model_type")} | {
+        v.get("model_type") for v in raw.values() if isinstance(v, dict)
+    }
+    return {t for t in found if isinstance(t, str)}
+
+
 def _load_config(cls, directory: Path):
+    """The config of the checkpoint in ``directory`` (through a committed unfinished save),
+    checked against the model types ``cls`` accepts."""
     from transformers import AutoConfig, PretrainedConfig
 
+    path = resolve_checkpoint_files(directory).get(CONFIG_NAME)
+    if path is None:
+        raise FileNotFoundError(
+            f"{directory / CONFIG_NAME} does not exist: from_pretrained reads the model's "
+            "config from it; save the config there or pass config=..."
+        )
+    accepted = _accepted_model_types(cls)
+    found = _raw_model_types(path)
+    if accepted and not found & set(accepted):
+        raise CheckpointLoadError(
+            f"{path} describes a model of type {sorted(found) or 'unknown (no model_type)'}, "
+            f"but {cls.__name__} loads {list(accepted)}"
+        )
     config_class = getattr(cls, "config_class", None)
-    if isinstance(config_class, type) and issubclass(config_class, PretrainedConfig):
-        return config_class.from_pretrained(directory)
-    return AutoConfig.from_pretrained(directory)
+    source = str(directory if path.parent == directory else path)
+    try:
+        if isinstance(config_class, type) and issubclass(config_class, PretrainedConfig):
+            return config_class.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointLoadError(f"{path} is not a loadable config: {err}") from err
+
+
+def _check_config_type(cls, config, directory: Path) -> None:
+    """A passed-in (or subclass-loaded) config must still be of a type ``cls`` accepts."""
+    accepted = _accepted_model_types(cls)
+    model_type = getattr(config, "model_type", None)
+    if accepted and isinstance(model_type, str) and model_type and model_type not in accepted:
+        raise CheckpointLoadError(
+            f"config of model type {model_type!r} (for {directory}) cannot build "
+            f"{cls.__name__}, which loads {list(accepted)}"
+        )
 
 
 def _maybe_load_generation_config(model, directory: Path) -> None:
-    if not (directory / "generation_config.json").is_file():
+    path = resolve_checkpoint_files(directory).get("generation_config.json")
+    if path is None:
         return
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.generation_config = GenerationConfig.from_pretrained(
+        path.parent, config_file_name=path.name
+    )
