@@ -8,15 +8,16 @@ so image features never straddle ranks; labels are shifted before sharding, so t
 token of a chunk still has its target.
 
 Attention: every text attention layer is switched to the `"am_gemma4_cp"` attention
-implementation, which gathers the keys/values of all CP ranks (a differentiable all-gather:
-its backward all-reduces the key/value gradients and keeps this rank's slice) and masks by
-*global* positions (the sharded `position_ids`): causal, and for sliding layers within the
-window. K/V-shared layers read their source layer's local K/V from the per-forward store and
-gather them the same way, so sharing holds under CP. Limits: one document per row, no
-padding (packed or padded rows need the same global-position masks per document, not done).
-The exchange is an all-gather, not a p2p ring: the same bytes per rank, not overlapped.
+implementation, a p2p ring attention (`_RingAttention`): each rank's K/V block travels once
+around the CP ranks while every rank merges its partial softmax by log-sum-exp; the backward
+sends each block's dK/dV around with it until it is home. Masks use *global* positions (the
+sharded `position_ids`): causal, and for sliding layers within the window. K/V-shared layers
+read their source layer's local K/V from the per-forward store and ring them the same way,
+so sharing holds under CP. Limits: one document per row, no padding (packed or padded rows
+would need per-document ids in the ring), no attention dropout; the block math is plain
+matmuls in fp32 (no fused kernel), and sends are not overlapped with compute.
 
-Shape legend: B batch, S local sequence, T global sequence, H heads, D head dim.
+Shape legend: B batch, S local sequence, H heads, D head dim.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CP_ATTENTION", "cp_attention", "load_balanced_indices", "setup_cp_attention"]
+
 
 CP_ATTENTION = "am_gemma4_cp"
 
@@ -47,31 +48,87 @@ def load_balanced_indices(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
     return torch.cat([first, torch.arange(last_chunk * size, (last_chunk + 1) * size)])
 
 
-class _GatherSeq(torch.autograd.Function):
-    """All-gather along dim -2 in rank order; backward sums the gradient over ranks and
-    returns this rank's slice."""
+def _allowed(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """[S_q, S_k] True where a query may attend a key, by global position."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def _exchange(tensors: list[Tensor], group: Any) -> list[Tensor]:
+    """Send `tensors` to the next CP rank and receive the previous rank's (p2p ring step)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    nxt = dist.get_global_rank(group, (rank + 1) % size)
+    prev = dist.get_global_rank(group, (rank - 1) % size)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = []
+    for t, r in zip(tensors, received, strict=True):
+        ops.append(dist.P2POp(dist.isend, t.contiguous(), nxt, group))
+        ops.append(dist.P2POp(dist.irecv, r, prev, group))
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received
+
+
+class _RingAttention(torch.autograd.Function):
+    """Exact causal / sliding-window attention over the CP ranks' keys, passed around a p2p
+    ring: at step i a rank holds the K/V block of rank (r - i) mod N, merges its partial
+    softmax into the running output (log-sum-exp), and forwards the block. Backward walks
+    the same ring, carrying each block's dK/dV with it until it is home again.
+
+    q, k, v: [B, H, S, D] (k/v already expanded to H heads), positions: [S] global.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        ctx.size = x.shape[-2]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-2)
+    def forward(ctx, q, k, v, positions, window, scale, group):
+        size = dist.get_world_size(group)
+        qf = q.float()
+        out = torch.zeros_like(qf)
+        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+        kb, vb, pb = k, v, positions
+        for step in range(size):
+            nxt = _exchange([kb, vb, pb], group) if step < size - 1 else None
+            scores = torch.matmul(qf, kb.float().transpose(-1, -2)) * scale
+            scores = scores.masked_fill(~_allowed(positions, pb, window), float("-inf"))
+            block_lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - block_lse[..., None]).nan_to_num(0.0)
+            block_out = torch.matmul(probs, vb.float())
+            new_lse = torch.logaddexp(lse, block_lse)
+            keep = torch.exp(lse - new_lse).nan_to_num(0.0)[..., None]
+            add = torch.exp(block_lse - new_lse).nan_to_num(0.0)[..., None]
+            out = out * keep + block_out * add
+            lse = new_lse
+            if nxt is not None:
+                kb, vb, pb = nxt
+        ctx.save_for_backward(q, k, v, positions, out, lse)
+        ctx.window, ctx.scale, ctx.group = window, scale, group
+        return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        start = ctx.rank * ctx.size
-        return grad[..., start : start + ctx.size, :], None
-
-
-def _gather_positions(position_ids: Tensor, group: Any) -> Tensor:
-    parts = [torch.empty_like(position_ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, position_ids.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    def backward(ctx, grad_out):
+        q, k, v, positions, out, lse = ctx.saved_tensors
+        size = dist.get_world_size(ctx.group)
+        qf, do = q.float(), grad_out.float()
+        delta = (do * out).sum(dim=-1, keepdim=True)
+        dq = torch.zeros_like(qf)
+        kb, vb, pb = k, v, positions
+        dkb, dvb = (
+            torch.zeros_like(k, dtype=torch.float32),
+            torch.zeros_like(v, dtype=torch.float32),
+        )
+        for _ in range(size):
+            kf = kb.float()
+            scores = torch.matmul(qf, kf.transpose(-1, -2)) * ctx.scale
+            scores = scores.masked_fill(~_allowed(positions, pb, ctx.window), float("-inf"))
+            probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+            dvb = dvb + torch.matmul(probs.transpose(-1, -2), do)
+            dscores = probs * (torch.matmul(do, vb.float().transpose(-1, -2)) - delta)
+            dq = dq + torch.matmul(dscores, kf) * ctx.scale
+            dkb = dkb + torch.matmul(dscores.transpose(-1, -2), qf) * ctx.scale
+            kb, vb, pb, dkb, dvb = _exchange([kb, vb, pb, dkb, dvb], ctx.group)
+        # After N steps every block (and its accumulated dK/dV) is back at its owner.
+        return dq.to(q.dtype), dkb.to(k.dtype), dvb.to(v.dtype), None, None, None, None
 
 
 def cp_attention(
@@ -87,29 +144,21 @@ def cp_attention(
     **_: Any,
 ) -> tuple[Tensor, None]:
     """transformers attention-interface function: q [B, H, S, D] local, k/v [B, Hkv, S, D]
-    local -> [B, S, H, D], attending over every CP rank's keys by global position."""
+    local -> [B, S, H, D], attending over every CP rank's keys (p2p ring) by global position."""
     group = getattr(module, "_am_cp_group", None)
     if group is None or position_ids is None:
         raise RuntimeError(
             "the CP attention needs setup_cp_attention(cp_mesh) and position_ids (global "
             "positions of this rank's tokens, as _cp_shard_batch produces)"
         )
-    k_all = _GatherSeq.apply(key, group)
-    v_all = _GatherSeq.apply(value, group)
-    q_pos = position_ids.reshape(-1, position_ids.shape[-1])[0]
-    k_pos = _gather_positions(q_pos, group)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if sliding_window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    out = F.scaled_dot_product_attention(
-        query,
-        k_all,
-        v_all,
-        attn_mask=allowed[None, None],
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=query.shape[1] != k_all.shape[1],
-    )
+    if dropout:
+        raise ValueError(f"the CP attention has no dropout (got attention_dropout={dropout})")
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    positions = position_ids.reshape(-1, position_ids.shape[-1])[0].contiguous()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _RingAttention.apply(query, key, value, positions, sliding_window, scale, group)
     return out.transpose(1, 2).contiguous(), None
 
 
