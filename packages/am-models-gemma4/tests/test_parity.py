@@ -132,6 +132,11 @@ def test_our_checkpoint_loads_back_into_transformers(saved, tmp_path):
     hf, path = saved
     ours = Gemma4ForConditionalGeneration.from_pretrained(path, backend=cpu_backend())
     ours.save_pretrained(tmp_path)
+    from am_utils.checkpointing import read_hf_state_dict
+
+    written = read_hf_state_dict(tmp_path)
+    assert "lm_head.weight" not in written  # the tied head is written once (as the embedding)
+    assert set(written) == set(read_hf_state_dict(path))
     reloaded, info = HFGemma4.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
