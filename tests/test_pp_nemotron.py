@@ -4,6 +4,7 @@ am-pp does not depend on am-models-nemotron, so this cross-package test lives he
 model keeps its own PP-aware forward (`_pp_keep_self_forward`); `am_pp.pipeline_model`
 calls its `customize_pipeline_stage_modules` hook (MTP pinned to the last stage) and
 `get_pipeline_stage_metas` hook (static stage shapes, 1 + D tensors between stages).
+2 ranks run 2-stage 1F1B and 2 x 2 virtual stages Interleaved1F1B; 4 ranks 4-stage 1F1B.
 """
 
 from __future__ import annotations
@@ -15,28 +16,41 @@ from _pp_nemotron_workers import run
 from am_dtype.testing import run_distributed
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_nemotron_mtp_pipelines_equal_one_process():
+def _batch():
     ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
     labels[1, 4] = -100
+    return ids, labels
+
+
+def _check(results: list[dict], schedule: str, num_stages: int) -> None:
+    assert sorted(s for r in results for s in r["stage_indices"]) == list(range(num_stages))
+    # The hook put MTP on the last stage only.
+    owners = [
+        s for r in results for s, m in zip(r["stage_indices"], r["has_mtp"], strict=True) if m
+    ]
+    assert owners == [num_stages - 1], (schedule, owners)
+    (loss,) = [r["loss"] for r in results if r["loss"] is not None]
+    ref = results[0]["ref_loss"]
+    assert abs(loss - ref) <= 2e-6 * abs(ref), (schedule, loss, ref)
+    names = [n for r in results for n in r["grad_errors"]]
+    assert len(names) == len(set(names)) == results[0]["n_params"]
+    assert any(n.startswith("mtp.layers.") for n in names)
+    worst = max((e, n) for r in results for n, e in r["grad_errors"].items())
+    assert worst[0] <= 1e-5, (schedule, worst)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nemotron_mtp_two_ranks_equal_one_process():
     cases = [("1F1B", 4), ("Interleaved1F1B", 4)]
-    per_rank = run_distributed(run, 2, ids, labels, cases, timeout_s=300)
-    for i, (schedule, _) in enumerate(cases):
-        results = [r[i] for r in per_rank]
-        num_stages = 2 if schedule == "1F1B" else 4
-        assert sorted(s for r in results for s in r["stage_indices"]) == list(range(num_stages))
-        # The hook put MTP on the last stage only.
-        owners = [
-            s for r in results for s, m in zip(r["stage_indices"], r["has_mtp"], strict=True) if m
-        ]
-        assert owners == [num_stages - 1], (schedule, owners)
-        (loss,) = [r["loss"] for r in results if r["loss"] is not None]
-        ref = results[0]["ref_loss"]
-        assert abs(loss - ref) <= 2e-6 * abs(ref), (schedule, loss, ref)
-        names = [n for r in results for n in r["grad_errors"]]
-        assert len(names) == len(set(names)) == results[0]["n_params"]
-        assert any(n.startswith("mtp.layers.") for n in names)
-        worst = max((e, n) for r in results for n, e in r["grad_errors"].items())
-        assert worst[0] <= 1e-5, (schedule, worst)
+    per_rank = run_distributed(run, 2, *_batch(), cases, timeout_s=300)
+    _check([r[0] for r in per_rank], "1F1B", 2)
+    _check([r[1] for r in per_rank], "Interleaved1F1B", 4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nemotron_mtp_four_stage_1f1b_equals_one_process():
+    per_rank = run_distributed(run, 4, *_batch(), [("1F1B", 4)], timeout_s=300)
+    _check([r[0] for r in per_rank], "1F1B", 4)

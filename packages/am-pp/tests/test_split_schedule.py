@@ -14,7 +14,6 @@ import torch.distributed as dist
 from _pp_models import CASES, llama, mistral3
 from torch import nn
 
-from am_dtype.testing import free_port
 from am_pp import SCHEDULES, get_schedule_spec, pipeline_model, stage_indices_for_rank
 from am_pp.split import generate_stage_module_names, materialize_stage, split_model_into_stages
 
@@ -127,12 +126,9 @@ def test_pipeline_model_rejects_bad_input_before_any_process_group_work():
 @pytest.fixture
 def one_rank_world():
     dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        rank=0,
-        world_size=1,
+        "gloo", store=dist.HashStore(), rank=0, world_size=1,
         timeout=datetime.timedelta(seconds=60),
-    )
+    )  # fmt: skip
     yield
     dist.destroy_process_group()
 
@@ -168,3 +164,14 @@ def test_first_stage_only_inputs_rejected_for_several_stages(one_rank_world):
     ids = torch.randint(6, 90, (2, 8))
     with pytest.raises(ValueError, match=r"\['attention_mask'\] would reach only the first"):
         pp.step(ids, ids, attention_mask=torch.ones_like(ids))
+
+
+def test_pp_group_may_be_a_device_mesh(one_rank_world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("pp",))
+    pp = pipeline_model(llama(), mesh["pp"], "1F1B", 2)
+    ids = torch.randint(6, 90, (2, 8))
+    loss = pp.step(ids, ids)
+    assert pp.stage_indices == [0] and torch.isfinite(loss)
+    assert all(p.grad is not None for p in pp.parameters())
