@@ -17,6 +17,9 @@ so sharing holds under CP. Limits: one document per row, no padding (packed or p
 would need per-document ids in the ring), no attention dropout; the block math is plain
 matmuls in fp32 (no fused kernel), and sends are not overlapped with compute.
 
+`Gemma4CPMixin` holds the model-owned entry points (`prepare_model_inputs_for_cp`,
+`_prepare_per_layer_inputs_for_cp`, `setup_cp_attention`, `_cp_shard_batch`).
+
 Shape legend: B batch, S local sequence, H heads, D head dim.
 """
 
@@ -26,12 +29,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CP_ATTENTION", "cp_attention", "load_balanced_indices", "setup_cp_attention"]
+__all__ = [
+    "CP_ATTENTION",
+    "Gemma4CPMixin",
+    "cp_attention",
+    "load_balanced_indices",
+    "setup_cp_attention",
+]
 
 
 CP_ATTENTION = "am_gemma4_cp"
+IGNORE_INDEX = -100
 
 
 def load_balanced_indices(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
@@ -186,3 +197,88 @@ def setup_cp_attention(model: Any, cp_mesh: Any) -> None:
         getattr(layer, "_checkpoint_wrapped_module", layer).self_attn._am_cp_group = group
     model._cp_mesh = cp_mesh
     model._cp_enabled = True
+
+
+class Gemma4CPMixin:
+    """The model-owned CP entry points of `Gemma4ForConditionalGeneration` (see module doc)."""
+
+    def _prepare_per_layer_inputs_for_cp(
+        self, input_ids: torch.Tensor, special_image_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-layer input embeddings (E2B/E4B) of the full sequence, image positions read
+        as the pad token (as transformers does); None for models without them."""
+        text_model = self.model.language_model
+        if not getattr(self.config.get_text_config(), "hidden_size_per_layer_input", 0):
+            return None
+        ids = torch.where(special_image_mask, self._get_text_pad_token_id(), input_ids)
+        return text_model.get_per_layer_inputs(ids, None)
+
+    def prepare_model_inputs_for_cp(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Embeddings of the full sequence before CP sharding: `inputs_embeds`,
+        `position_ids`, `per_layer_inputs` (when the model has them) and `_cp_make_batch_fn`
+        (this model's `_cp_shard_batch`, which also installs the CP attention)."""
+        image_mask = self._get_special_image_mask(input_ids, mm_token_type_ids)
+        out: dict[str, Any] = {
+            "inputs_embeds": self.prepare_inputs_embeds_for_cp(
+                input_ids, pixel_values, image_position_ids, mm_token_type_ids
+            ),
+            "position_ids": torch.arange(input_ids.shape[1], device=input_ids.device)[None],
+            "_cp_make_batch_fn": self._cp_shard_batch,
+        }
+        per_layer = self._prepare_per_layer_inputs_for_cp(input_ids, image_mask)
+        if per_layer is not None:
+            out["per_layer_inputs"] = per_layer
+        return out
+
+    def setup_cp_attention(self, cp_mesh: Any) -> None:
+        """Install the model-owned CP attention over `cp_mesh` on every text attention layer
+        (idempotent; see `am_models_gemma4.cp`)."""
+        setup_cp_attention(self, cp_mesh)
+
+    def _cp_shard_batch(
+        self,
+        cp_mesh: Any,
+        tp_mesh: Any,
+        batch: dict[str, Any],
+        loss_mask: torch.Tensor | None = None,
+        padding_token_id: int = 0,
+    ) -> dict[str, Any]:
+        """This CP rank's load-balanced share of a batch (installs the CP attention first).
+
+        Sequence tensors (`inputs_embeds`, `position_ids`, `per_layer_inputs`, `loss_mask`)
+        keep chunks r and 2N-1-r; `labels` are shifted on the full sequence and returned as
+        `shift_labels`; `input_ids` are dropped (the embeddings replace them). `tp_mesh` and
+        `padding_token_id` are accepted for the recipe's interface and unused.
+        """
+        self.setup_cp_attention(cp_mesh)
+        if "inputs_embeds" not in batch:
+            raise ValueError(
+                "_cp_shard_batch needs inputs_embeds (from prepare_model_inputs_for_cp)"
+            )
+        seq = batch["inputs_embeds"].shape[1]
+        index = load_balanced_indices(seq, cp_mesh.size(), cp_mesh.get_local_rank())
+        index = index.to(batch["inputs_embeds"].device)
+        out = {k: v for k, v in batch.items() if k not in ("input_ids", "_cp_make_batch_fn")}
+        if "position_ids" not in out:
+            out["position_ids"] = torch.arange(seq, device=index.device)[None]
+        labels = out.pop("labels", None)
+        if labels is not None:
+            out["shift_labels"] = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+        if loss_mask is not None:
+            out["loss_mask"] = loss_mask
+        for key in (
+            "inputs_embeds",
+            "position_ids",
+            "per_layer_inputs",
+            "shift_labels",
+            "loss_mask",
+        ):
+            if key in out and out[key] is not None:
+                out[key] = out[key].index_select(1, index)
+        return out

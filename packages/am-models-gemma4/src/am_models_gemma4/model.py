@@ -40,7 +40,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 from transformers.models.gemma4.modeling_gemma4 import Gemma4Model as HFGemma4Model
 
 from am_dtype.backend import BackendConfig, resolve_dtype
-from am_models_gemma4 import cp
+from am_models_gemma4.cp import Gemma4CPMixin
 from am_models_gemma4.kv_sharing import _kv_sharing_active
 from am_models_gemma4.layers import Gemma4MoEDecoderLayer, Gemma4MoETextModelBackend
 from am_models_gemma4.masks import _convert_bool_4d_mask_to_additive, _derive_padding_mask
@@ -157,7 +157,7 @@ def _apply_text_overrides(config: Any, overrides: dict | None) -> None:
 
 
 class Gemma4ForConditionalGeneration(
-    HFCheckpointingMixin, HFGemma4ForConditionalGeneration, MoEFSDPSyncMixin
+    HFCheckpointingMixin, Gemma4CPMixin, HFGemma4ForConditionalGeneration, MoEFSDPSyncMixin
 ):
     """Gemma 4 for conditional generation (text, images) with am-moe MoE blocks.
 
@@ -393,88 +393,6 @@ class Gemma4ForConditionalGeneration(
                 "image features"
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(embeds), flat)
-
-    # ------------------------------------------------------------------ context parallelism
-    def _prepare_per_layer_inputs_for_cp(
-        self, input_ids: torch.Tensor, special_image_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Per-layer input embeddings (E2B/E4B) of the full sequence, image positions read
-        as the pad token (as transformers does); None for models without them."""
-        text_model = self.model.language_model
-        if not getattr(self.config.get_text_config(), "hidden_size_per_layer_input", 0):
-            return None
-        ids = torch.where(special_image_mask, self._get_text_pad_token_id(), input_ids)
-        return text_model.get_per_layer_inputs(ids, None)
-
-    def prepare_model_inputs_for_cp(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_position_ids: torch.Tensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-    ) -> dict[str, Any]:
-        """Embeddings of the full sequence before CP sharding: `inputs_embeds`,
-        `position_ids`, `per_layer_inputs` (when the model has them) and `_cp_make_batch_fn`
-        (this model's `_cp_shard_batch`, which also installs the CP attention)."""
-        image_mask = self._get_special_image_mask(input_ids, mm_token_type_ids)
-        out: dict[str, Any] = {
-            "inputs_embeds": self.prepare_inputs_embeds_for_cp(
-                input_ids, pixel_values, image_position_ids, mm_token_type_ids
-            ),
-            "position_ids": torch.arange(input_ids.shape[1], device=input_ids.device)[None],
-            "_cp_make_batch_fn": self._cp_shard_batch,
-        }
-        per_layer = self._prepare_per_layer_inputs_for_cp(input_ids, image_mask)
-        if per_layer is not None:
-            out["per_layer_inputs"] = per_layer
-        return out
-
-    def setup_cp_attention(self, cp_mesh: Any) -> None:
-        """Install the model-owned CP attention over `cp_mesh` on every text attention layer
-        (idempotent; see `am_models_gemma4.cp`)."""
-        cp.setup_cp_attention(self, cp_mesh)
-
-    def _cp_shard_batch(
-        self,
-        cp_mesh: Any,
-        tp_mesh: Any,
-        batch: dict[str, Any],
-        loss_mask: torch.Tensor | None = None,
-        padding_token_id: int = 0,
-    ) -> dict[str, Any]:
-        """This CP rank's load-balanced share of a batch (installs the CP attention first).
-
-        Sequence tensors (`inputs_embeds`, `position_ids`, `per_layer_inputs`, `loss_mask`)
-        keep chunks r and 2N-1-r; `labels` are shifted on the full sequence and returned as
-        `shift_labels`; `input_ids` are dropped (the embeddings replace them). `tp_mesh` and
-        `padding_token_id` are accepted for the recipe's interface and unused.
-        """
-        self.setup_cp_attention(cp_mesh)
-        if "inputs_embeds" not in batch:
-            raise ValueError(
-                "_cp_shard_batch needs inputs_embeds (from prepare_model_inputs_for_cp)"
-            )
-        seq = batch["inputs_embeds"].shape[1]
-        index = cp.load_balanced_indices(seq, cp_mesh.size(), cp_mesh.get_local_rank())
-        index = index.to(batch["inputs_embeds"].device)
-        out = {k: v for k, v in batch.items() if k not in ("input_ids", "_cp_make_batch_fn")}
-        if "position_ids" not in out:
-            out["position_ids"] = torch.arange(seq, device=index.device)[None]
-        labels = out.pop("labels", None)
-        if labels is not None:
-            out["shift_labels"] = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-        if loss_mask is not None:
-            out["loss_mask"] = loss_mask
-        for key in (
-            "inputs_embeds",
-            "position_ids",
-            "per_layer_inputs",
-            "shift_labels",
-            "loss_mask",
-        ):
-            if key in out and out[key] is not None:
-                out[key] = out[key].index_select(1, index)
-        return out
 
     # ------------------------------------------------------------------ generation
     def get_experts_implementation(self) -> dict:
