@@ -208,3 +208,20 @@ def test_block_ids_match_transformers_for_one_document():
     assert torch.equal(
         _image_block_ids(mm, torch.ones_like(mm)), get_block_sequence_ids_for_mask(mm, "cpu")
     )
+
+
+def test_pre_embedding_for_cp_merges_the_images_as_the_forward_does(saved):
+    _, ours = saved
+    ids, pixels, positions, mm = _two_image_batch()
+    kwargs = dict(pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=mm)
+    with torch.no_grad():
+        embeds = ours(ids, _pre_embed_only=True, **kwargs)
+        assert embeds.shape == (*ids.shape, 32)
+        batch = ours.prepare_model_inputs_for_cp(ids, **kwargs)
+        assert torch.equal(batch["inputs_embeds"], embeds)
+        assert batch["_cp_make_batch_fn"] == ours._cp_shard_batch
+        expected = ours(ids, **kwargs).logits
+        got = ours(inputs_embeds=embeds, mm_token_type_ids=mm).logits
+    assert rel_err(got, expected) <= 1e-6
+    with pytest.raises(ValueError, match="image token positions"):
+        ours.prepare_inputs_embeds_for_cp(ids[:, :5], pixels, positions)
