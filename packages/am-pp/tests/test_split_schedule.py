@@ -175,3 +175,20 @@ def test_pp_group_may_be_a_device_mesh(one_rank_world):
     loss = pp.step(ids, ids)
     assert pp.stage_indices == [0] and torch.isfinite(loss)
     assert all(p.grad is not None for p in pp.parameters())
+
+
+def test_eval_step_gives_the_loss_and_leaves_gradients_alone(one_rank_world):
+    import torch.nn.functional as F
+
+    model = llama()
+    pp = pipeline_model(model, schedule="1F1B", n_microbatches=2)
+    ids = torch.randint(6, 90, (4, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = F.cross_entropy(
+            model(ids).logits.flatten(0, 1), F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+        )
+    loss = pp.eval_step(ids, ids)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    assert all(p.grad is None for p in pp.parameters())
+    torch.testing.assert_close(pp.step(ids, ids), ref, rtol=1e-6, atol=0)  # training after eval
+    assert all(p.grad is not None for p in pp.parameters())

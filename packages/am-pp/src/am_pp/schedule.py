@@ -3,6 +3,7 @@
     pp = pipeline_model(model, pp_group, schedule="1F1B", n_microbatches=8, device="cuda")
     loss = pp.step(input_ids, labels)      # every rank calls it; loss on the last stage's rank
     optimizer.step()                       # over pp.parameters()
+    val = pp.eval_step(input_ids, labels)  # forward only, no gradients
 
 `pipeline_model` validates everything it can before touching the process group, splits
 the model (`am_pp.split`), builds this rank's `PipelineStage`s and the torch schedule named
@@ -161,20 +162,7 @@ class PipelinedModel:
         for stage in self.stages:
             yield from stage.named_parameters()
 
-    def step(
-        self,
-        input_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        microbatch_kwargs: Sequence[Mapping[str, Any]] | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor | None:
-        """One forward+backward over the global batch; gradients accumulate in the stages.
-
-        input_ids (and whole-batch `kwargs`, split by rows) feed the first stage;
-        `microbatch_kwargs` adds per-microbatch first-stage inputs that do not split by rows
-        (e.g. each microbatch's images). `labels` (whole batch) are the loss target; pass
-        them on every rank. Returns the global-batch loss on the rank holding the last
-        stage, else None."""
+    def _microbatches(self, input_ids, labels, microbatch_kwargs, kwargs) -> dict:
         n = self.n_microbatches
         _reject_first_stage_only_inputs(kwargs, self.num_stages)
         target_mbs = None
@@ -197,17 +185,46 @@ class PipelinedModel:
                     )
                 for mb, extra in zip(kwarg_mbs, microbatch_kwargs, strict=True):
                     mb.update(extra)
-        losses: list[torch.Tensor] = []
-        self.schedule.step(
-            arg_mbs=arg_mbs,
-            kwarg_mbs=kwarg_mbs,
-            target_mbs=target_mbs,
-            losses=losses,
-            return_outputs=False,
-        )
+        return {"arg_mbs": arg_mbs, "kwarg_mbs": kwarg_mbs, "target_mbs": target_mbs}
+
+    def _batch_loss(self, losses: list[torch.Tensor]) -> torch.Tensor | None:
         if self.has_last_stage and losses:
             return torch.stack([loss.detach() for loss in losses]).sum()
         return None
+
+    def step(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        microbatch_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
+        """One forward+backward over the global batch; gradients accumulate in the stages.
+
+        input_ids (and whole-batch `kwargs`, split by rows) feed the first stage;
+        `microbatch_kwargs` adds per-microbatch first-stage inputs that do not split by rows
+        (e.g. each microbatch's images). `labels` (whole batch) are the loss target; pass
+        them on every rank. Returns the global-batch loss on the rank holding the last
+        stage, else None. Bad input raises before any communication."""
+        losses: list[torch.Tensor] = []
+        mbs = self._microbatches(input_ids, labels, microbatch_kwargs, kwargs)
+        self.schedule.step(**mbs, losses=losses, return_outputs=False)
+        return self._batch_loss(losses)
+
+    def eval_step(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        microbatch_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
+        """`step` without backward (validation): the global-batch loss on the last stage's
+        rank, no gradients touched."""
+        losses: list[torch.Tensor] = []
+        mbs = self._microbatches(input_ids, labels, microbatch_kwargs, kwargs)
+        with torch.no_grad():
+            self.schedule.eval(**mbs, losses=losses)
+        return self._batch_loss(losses)
 
 
 def _group_size_rank(pp_group) -> tuple[Any, int, int]:
