@@ -10,6 +10,7 @@ from am_dtype import (
     cast_frozen_modules_to_compute_dtype,
     cast_mixed_dtype_params_to_bf16,
     cast_model_to_dtype,
+    enforce_strict_fp32,
     yield_fp32_model,
 )
 from am_dtype.cast import (
@@ -294,3 +295,50 @@ def test_cast_mixed_dtype_params_to_bf16(toy):
         elif t.is_floating_point():
             assert t.dtype == torch.bfloat16, name
     assert toy.steps.dtype == torch.int64
+
+
+class _Block(nn.Module):
+    """A block whose fp32 parameters live in a `_fp32_params` holder (its own FSDP unit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self._fp32_params = nn.Module()
+        self._fp32_params.scale = nn.Parameter(torch.randn(4))
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(4, 4)
+
+
+def test_skip_modules_are_found_at_any_depth_and_reattached():
+    torch.manual_seed(0)
+    model = _Stack()
+    holders = [block._fp32_params for block in model.layers]
+    before = [h.scale.detach().clone() for h in holders]
+    cast_model_to_dtype(model, torch.bfloat16, skip_modules=("_fp32_params",))
+    for block, holder, value in zip(model.layers, holders, before, strict=True):
+        assert block._fp32_params is holder  # the same object, re-attached
+        assert holder.scale.dtype == torch.float32 and torch.equal(holder.scale, value)
+        assert block.proj.weight.dtype == torch.bfloat16
+    assert model.head.weight.dtype == torch.bfloat16
+    # A dotted name picks one holder; an unknown name is an error naming it.
+    cast_model_to_dtype(model, torch.float16, skip_modules=("layers.1._fp32_params",))
+    assert model.layers[0]._fp32_params.scale.dtype == torch.float16
+    assert model.layers[1]._fp32_params.scale.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\['_fp16_params'\] match no submodule.*any depth"):
+        cast_model_to_dtype(model, torch.bfloat16, skip_modules=("_fp16_params",))
+    assert all(b._fp32_params is h for b, h in zip(model.layers, holders, strict=True))
+
+
+def test_enforce_strict_fp32_upcasts_strict_tensors_of_a_low_precision_build():
+    model = Toy().to(torch.bfloat16)
+    assert enforce_strict_fp32(model) is model
+    assert model.router.weight.dtype == torch.float32
+    assert model.router.correction_bias.dtype == torch.float32
+    assert model.attn_hc.fn.dtype == torch.float32  # a keyword naming one parameter
+    assert model.attn_hc.scale.dtype == torch.bfloat16  # not strict
+    assert model.norm.weight.dtype == torch.bfloat16  # a non-strict hint is not enforced

@@ -9,6 +9,11 @@ import am_dtype
 import am_dtype.fp8
 
 EXPECTED = {
+    "DTYPE_ALIASES",
+    "config_dtype",
+    "enforce_strict_fp32",
+    "full_tensor",
+    "to_local",
     "ATTN_CHOICES",
     "DISPATCHER_CHOICES",
     "EXPERTS_CHOICES",

@@ -91,7 +91,7 @@ def pp_matches_single_process(
     run in this process on the same microbatches."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from am_models_nemotron.model import causal_lm_loss
+    from am_utils.loss import causal_lm_loss
 
     assert world_size == 2
     full = tiny_mtp_model()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from _nemotron_helpers import cpu_backend, rel_err, tiny_config
 
 from am_models_nemotron import BlockInputs, NemotronHForCausalLM
-from am_models_nemotron.model import causal_lm_loss
 from am_models_nemotron.mtp import mtp_embed_inputs
+from am_utils.loss import causal_lm_loss
 
 DEPTHS = 2
 HYBRID_MTP = ["linear_attention", "full_attention", "moe"]  # Mamba, attention and MoE heads

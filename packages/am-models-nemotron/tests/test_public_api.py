@@ -3,7 +3,6 @@
 import am_models_nemotron
 
 EXPECTED = [
-    "ATTENTION_BACKENDS",
     "BlockInputs",
     "MIXER_BUILDERS",
     "MTPConfig",

@@ -33,8 +33,8 @@ from _nemotron_helpers import cpu_backend, rel_err, tiny_config
 from torch import nn
 
 import am_dtype.backend as am_backend
-from am_models_nemotron import NemotronHForCausalLM, layers
-from am_models_nemotron.model import build_varlen_seqs
+from am_models_nemotron import NemotronHForCausalLM
+from am_utils.attention import build_varlen_seqs
 
 LENGTHS = (7, 12, 5)  # 12 > chunk_size: a boundary falls inside a Mamba chunk
 MASK_TYPES = (
@@ -171,7 +171,7 @@ def fake_te(monkeypatch):
     package.pytorch = pytorch
     monkeypatch.setitem(sys.modules, "transformer_engine", package)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
-    monkeypatch.setattr(layers, "HAVE_TE", True)
+    monkeypatch.setattr(am_backend, "HAVE_TE", True)
     monkeypatch.setitem(
         am_backend._REQUIREMENTS, ("attn", "te"), (True, "transformer_engine", "te")
     )
@@ -190,7 +190,7 @@ def models(fake_te):
     te = NemotronHForCausalLM(tiny_config(), backend=cpu_backend(attn="te"))
     te.load_state_dict(sdpa.state_dict())
     attn = [b.mixer for b in te.model.layers.values() if b.block_type == "attention"]
-    assert attn and all(isinstance(m.te_attn, _FakeDotProductAttention) for m in attn)
+    assert attn and all(isinstance(m.attn.te_attn, _FakeDotProductAttention) for m in attn)
     return sdpa.eval(), te.eval(), fake_te
 
 

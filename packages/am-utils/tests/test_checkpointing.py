@@ -218,7 +218,8 @@ def test_dtype_and_generation_config(tmp_path):
     assert torch.equal(ours.lm_head.weight, hf.lm_head.weight.to(torch.bfloat16))
     ours_str = NativeLlama.from_pretrained(tmp_path, torch_dtype="bfloat16")
     assert ours_str.output.weight.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype must be"):
+    assert NativeLlama.from_pretrained(tmp_path, dtype="bf16").output.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="from_pretrained dtype='float7' is not a known floating"):
         NativeLlama.from_pretrained(tmp_path, dtype="float7")
 
     out = tmp_path / "resaved"

@@ -163,3 +163,27 @@ def test_rope_config_legacy_attributes():
         get_rope_config(SimpleNamespace())
     with pytest.raises(ValueError, match="no 'rope_theta'"):
         get_rope_config(SimpleNamespace(rope_parameters={"rope_type": "default"}))
+
+
+class _RecordingHead(nn.Linear):
+    """nn.Linear that records the dtype and shape of what it is given."""
+
+    def forward(self, x):
+        self.seen = (x.dtype, tuple(x.shape))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_hidden_states_are_cast_to_the_head_dtype_after_slicing(keep):
+    torch.manual_seed(0)
+    head = _RecordingHead(H, V, bias=False)  # an fp32 head under a bf16 trunk
+    hidden = torch.randn(2, 5, H, dtype=torch.bfloat16)
+    out = compute_lm_head_logits(head, hidden, logits_to_keep=keep)
+    kept = 5 if keep == 0 else keep
+    assert head.seen == (torch.float32, (2, kept, H))  # sliced first, then cast
+    assert out.logits.dtype == torch.float32
+    want = reference(head, hidden[:, -kept:].float())
+    torch.testing.assert_close(out.logits.double(), want, rtol=1e-5, atol=1e-6)
+    # And the other way: a bf16 head given fp32 hidden states.
+    compute_lm_head_logits(head.to(torch.bfloat16), hidden.float(), logits_to_keep=keep)
+    assert head.seen[0] == torch.bfloat16

@@ -22,14 +22,16 @@ from am_dtype.backend import (
     BackendConfig,
     initialize_linear_module,
     initialize_rms_norm_module,
-    resolve_dtype,
 )
 from am_dtype.cast import (
     cast_frozen_modules_to_compute_dtype,
     cast_mixed_dtype_params_to_bf16,
     cast_model_to_dtype,
+    enforce_strict_fp32,
     yield_fp32_model,
 )
+from am_dtype.dtensor import full_tensor, to_local
+from am_dtype.dtypes import DTYPE_ALIASES, config_dtype, resolve_dtype
 from am_dtype.fp8 import (
     TEFp8Config,
     get_is_first_microbatch,
@@ -63,11 +65,15 @@ __all__ = [
     "LINEAR_CHOICES",
     "RMS_NORM_CHOICES",
     "BackendConfig",
+    "DTYPE_ALIASES",
     "Float32RMSNorm",
     "TEFp8Config",
     "cast_frozen_modules_to_compute_dtype",
     "cast_mixed_dtype_params_to_bf16",
     "cast_model_to_dtype",
+    "config_dtype",
+    "enforce_strict_fp32",
+    "full_tensor",
     "get_is_first_microbatch",
     "get_is_optim_step",
     "initialize_linear_module",
@@ -76,5 +82,6 @@ __all__ = [
     "resolve_dtype",
     "set_is_first_microbatch",
     "set_is_optim_step",
+    "to_local",
     "yield_fp32_model",
 ]

@@ -19,6 +19,7 @@ import torch
 
 from am_dtype import fp8 as _fp8
 from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP, _has
+from am_dtype.dtypes import resolve_dtype
 from am_dtype.fp8 import TEFp8Config
 
 logger = logging.getLogger(__name__)
@@ -44,36 +45,6 @@ _REQUIREMENTS: dict[tuple[str, str], tuple[bool, str, str]] = {
     ("dispatcher", "hybridep"): (HAVE_DEEP_EP, "deep_ep", "deepep"),
     ("dispatcher", "uccl_ep"): (HAVE_UCCL_EP, "uccl", "uccl"),
 }
-
-_DTYPE_ALIASES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
-
-
-def resolve_dtype(value: str | torch.dtype | None, *, name: str = "dtype") -> torch.dtype | None:
-    """Turn "float32", "bf16", "torch.float32" or a torch.dtype into a floating torch.dtype."""
-    if value is None or isinstance(value, torch.dtype):
-        if isinstance(value, torch.dtype) and not value.is_floating_point:
-            raise ValueError(f"{name}={value} is not a floating-point dtype")
-        return value
-    if isinstance(value, str):
-        key = value.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
-    raise ValueError(
-        f"{name}={value!r} is not a known floating dtype; accepted: a torch.dtype or one of "
-        f"{sorted(_DTYPE_ALIASES)}"
-    )
 
 
 def _default_experts() -> str:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from am_dtype.backend import resolve_dtype
+from am_dtype.dtypes import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -229,22 +229,48 @@ def _restore_strict_fp32_units(model: nn.Module, strict_keywords: list[str]) -> 
             tensor.data = tensor.data.float()
 
 
+def enforce_strict_fp32(model: nn.Module) -> nn.Module:
+    """Make every tensor named by `_keep_in_fp32_modules_strict` fp32 now; returns the model.
+
+    For construction: a model built under a lower default dtype (or with `dtype=bf16`)
+    still holds its strict state, such as a router's `e_score_correction_bias`, in fp32,
+    whose small offsets would round away in bf16. Buffers are re-created in fp32; plain
+    parameters are re-typed in place. A sharded (DTensor) parameter raises TypeError:
+    after sharding, use `cast_model_to_dtype`, which casts whole FSDP units.
+    """
+    _restore_fp32_modules(model, _get_strict_fp32_module_keywords(model))
+    return model
+
+
 @contextlib.contextmanager
 def _detached(model: nn.Module, skip_modules: tuple[str, ...]) -> Iterator[None]:
-    """Temporarily remove named immediate submodules so nothing visits them."""
-    missing = [name for name in skip_modules if model._modules.get(name) is None]
+    """Temporarily remove the named submodules, at any depth, so nothing visits them.
+
+    A name matches a submodule the way fp32 keywords do (a run of whole dot-separated
+    segments of its qualified name), so "_fp32_params" finds the holder of every block and
+    "layers.0.mlp" one module; only the outermost match of a subtree is detached. Each is
+    re-attached to its parent, the same object, when the block ends, even on error.
+    """
+    found = _topmost_matching_modules(model, list(skip_modules)) if skip_modules else []
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [kw for kw in skip_modules if not any(_matches(n, [kw]) for n in names)]
     if missing:
         raise ValueError(
-            f"skip_modules {missing} are not immediate submodules of {type(model).__name__}; "
-            f"accepted: {sorted(n for n, m in model._modules.items() if m is not None)}"
+            f"skip_modules {missing} match no submodule of {type(model).__name__} at any depth "
+            "(a name matches whole dot-separated components of a submodule's path); accepted: "
+            f"{sorted(n for n, m in model._modules.items() if m is not None)} or names inside them"
         )
-    saved = {name: model._modules[name] for name in skip_modules}
-    for name in saved:
-        model._modules[name] = None
+    saved = []
+    for name, module in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        saved.append((parent, attr, module))
+        parent._modules[attr] = None
     try:
         yield
     finally:
-        model._modules.update(saved)
+        for parent, attr, module in saved:
+            parent._modules[attr] = module
 
 
 def cast_model_to_dtype(
@@ -259,9 +285,10 @@ def cast_model_to_dtype(
     FSDP2-sharded model (DTensor parameters) strict fp32 modules -- expected to
     be their own uniform fp32 FSDP units -- are cast back to fp32, while
     non-strict hints keep only their buffers fp32, since their parameters may
-    share a unit with lower-precision ones. `skip_modules` names immediate
-    submodules that are detached during the cast and left entirely untouched
-    (each must be its own dtype-uniform FSDP unit).
+    share a unit with lower-precision ones. `skip_modules` names submodules, found
+    at any depth (e.g. "_fp32_params" matches one holder per block), that are
+    detached during the cast, left entirely untouched and re-attached (each must
+    be its own dtype-uniform FSDP unit when sharded).
     """
     dtype = resolve_dtype(dtype, name="cast_model_to_dtype dtype")
     all_keywords = _get_fp32_module_keywords(model)

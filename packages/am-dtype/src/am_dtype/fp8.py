@@ -129,10 +129,10 @@ def is_tensor_unallocated(tensor: torch.Tensor) -> bool:
     A DTensor is judged by its local shard.
     """
     from torch._subclasses.fake_tensor import FakeTensor
-    from torch.distributed.tensor import DTensor
 
-    if isinstance(tensor, DTensor):
-        tensor = tensor.to_local()
+    from am_dtype.dtensor import to_local
+
+    tensor = to_local(tensor)
     if tensor.is_meta or isinstance(tensor, FakeTensor):
         return True
     try:

@@ -2,7 +2,6 @@
 
 from am_models_nemotron.cache import NemotronHybridCache
 from am_models_nemotron.layers import (
-    ATTENTION_BACKENDS,
     MIXER_BUILDERS,
     BlockInputs,
     NemotronAttention,
@@ -22,7 +21,6 @@ from am_models_nemotron.mtp import MTPConfig, NemotronMTP
 from am_models_nemotron.state_dict_adapter import NemotronHStateDictAdapter
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "MIXER_BUILDERS",
     "BlockInputs",
     "Mamba2Mixer",

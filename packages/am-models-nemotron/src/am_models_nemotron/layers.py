@@ -7,10 +7,11 @@ transformers 5 names (`layers_block_type`: "linear_attention",
 characters of released checkpoints ("M", "*", "-", "E").
 
 Attention has no positional embedding (Nemotron-H relies on its Mamba
-layers for order) and uses grouped-query heads. Its kernel is picked by
-`BackendConfig.attn` from `ATTENTION_BACKENDS`: "sdpa", "eager" and "flex"
-run on CPU and take a dense mask; "te" (Transformer Engine) needs CUDA and
-the `te` extra, and takes packed or padded batches as sequence boundaries
+layers for order) and uses grouped-query heads. Its kernel is am-utils'
+`AttentionKernel`, picked by `BackendConfig.attn` from
+`am_utils.attention.ATTENTION_KERNELS`: "sdpa", "eager" and "flex" run on CPU
+and take a dense mask; "te" (Transformer Engine) needs CUDA and the `te`
+extra, and takes packed or padded batches as sequence boundaries
 (`VarlenSeqs`, Transformer Engine's THD / cu_seqlens form) instead of a mask.
 """
 
@@ -21,11 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from am_dtype.backend import HAVE_TE, BackendConfig, initialize_linear_module
+from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.backend import initialize_rms_norm_module as _rms_norm
+from am_dtype.dtypes import config_dtype
+from am_moe.activation_checkpointing import unwrap_checkpointed
+from am_moe.layers import MLP
+from am_utils.attention import AttentionKernel, VarlenSeqs
 
 # Canonical block type for every spelling accepted in a config.
 BLOCK_TYPE_ALIASES: dict[str, str] = {
@@ -74,257 +78,50 @@ def resolve_block_types(config: Any, attr: str = "layers_block_type") -> list[st
     return [canonical_block_type(n) for n in names]
 
 
-def model_dtype(config: Any) -> torch.dtype:
-    """Parameter dtype from `config.dtype` (a string or torch.dtype); bfloat16 when unset."""
-    from am_dtype.backend import resolve_dtype
-
-    # transformers 5 spells it `dtype` (reading `torch_dtype` there warns); v4 `torch_dtype`.
-    value = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
-    return resolve_dtype(value, name="config.dtype") or torch.bfloat16
-
-
-class _Relu2(torch.autograd.Function):
-    """relu(x)^2 saving only r = relu(x); the gradient is 2 r g.
-
-    Autograd through `square(relu(x))` runs pow's generic backward (pow(r, 1), two products)
-    then relu's mask: measured ~3x slower on CPU than these two passes, for equal values.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        r = F.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (r,) = ctx.saved_tensors
-        return (r + r).mul_(grad)
-
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """Squared ReLU, Nemotron-H's MLP and expert activation."""
-    return _Relu2.apply(x)
-
-
-class NemotronMLP(nn.Module):
-    """Dense non-gated MLP: down_proj(relu2(up_proj(x)))."""
+class NemotronMLP(MLP):
+    """Dense non-gated MLP: down_proj(relu2(up_proj(x))), am-moe's `MLP` built from a config."""
 
     def __init__(self, config: Any, backend: BackendConfig, intermediate_size: int | None = None):
-        super().__init__()
-        inter = intermediate_size or config.intermediate_size
-        dtype = model_dtype(config)
-        bias = config.mlp_bias
-        self.up_proj = initialize_linear_module(
-            backend.linear, config.hidden_size, inter, bias=bias, dtype=dtype
+        super().__init__(
+            config.hidden_size,
+            intermediate_size or config.intermediate_size,
+            backend.linear,
+            config_dtype(config),
+            activation="relu2",
+            bias=config.mlp_bias,
         )
-        self.down_proj = initialize_linear_module(
-            backend.linear, inter, config.hidden_size, bias=bias, dtype=dtype
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(relu2(self.up_proj(x)))
-
-
-# --------------------------------------------------------------------------- attention kernels
-# q: [B, H, Q, Dh]; k, v: [B, Hkv, K, Dh]; mask: None (plain causal when Q == K, none when
-# Q == 1) or [B or 1, 1, Q, K] bool (True = may attend) / additive float.
-
-
-def _to_bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    # Additive float masks use 0 for "attend" and a large negative value for "blocked".
-    return mask if mask.dtype == torch.bool else mask == 0
-
-
-def _explicit_mask(q_len: int, k_len: int, mask: torch.Tensor | None, device) -> torch.Tensor:
-    if mask is not None:
-        return _to_bool_mask(mask)
-    # Causal aligned to the end of the keys (queries are the last q_len positions).
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)
-    return (torch.arange(k_len, device=device)[None, :] <= q_pos[:, None])[None, None]
-
-
-def _sdpa_attention(module, q, k, v, mask, scale, varlen=None):
-    q_len, k_len = q.shape[2], k.shape[2]
-    if mask is None and q_len != k_len and q_len != 1:
-        mask = _explicit_mask(q_len, k_len, None, q.device)
-    is_causal = mask is None and q_len == k_len and q_len > 1
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-        dropout_p=module.dropout_p if module.training else 0.0,
-    )
-
-
-def _eager_attention(module, q, k, v, mask, scale, varlen=None):
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is not None and mask.dtype != torch.bool:
-        scores = scores + mask
-    elif mask is not None or q.shape[2] > 1:
-        allowed = _explicit_mask(q.shape[2], k.shape[2], mask, q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    probs = F.dropout(probs, p=module.dropout_p, training=module.training)
-    return torch.matmul(probs, v)
-
-
-def _flex_attention(module, q, k, v, mask, scale, varlen=None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    allowed = _explicit_mask(q.shape[2], k.shape[2], mask, q.device)
-    allowed = allowed.expand(q.shape[0], 1, q.shape[2], k.shape[2])
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        # torch's CPU FlexAttention has no backward; the same mask through SDPA is the same math.
-        _warn_once("attn='flex' on CPU with autograd runs the equivalent masked SDPA")
-        return _sdpa_attention(module, q, k, v, allowed, scale)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[b, 0, q_idx, kv_idx]
-
-    block_mask = create_block_mask(
-        mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device.type
-    )
-    return flex_attention(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        import logging
-
-        logging.getLogger(__name__).warning(message)
-
-
-@dataclass
-class VarlenSeqs:
-    """A packed or padded batch as Transformer Engine's THD ("varlen") attention takes it.
-
-    The queries [B, Q] and keys [B, K] of one attention call are flattened row-major;
-    `q_index` / `kv_index` pick, in order, the tokens that take part (None: all of them,
-    as in a packed [1, T] batch without padding). The picked tokens are laid out as
-    [T, heads, head_dim], sequence i holding rows cu_seqlens[i]:cu_seqlens[i + 1] and
-    attending causally only within itself. Built once per forward by the model
-    (`build_varlen_seqs` in model.py) and shared by every attention layer.
-
-    cu_seqlens_q / cu_seqlens_kv: [N + 1] int32 cumulative sequence lengths.
-    max_seqlen_q / max_seqlen_kv: the longest sequence (Python ints, no device sync later).
-    attn_mask_type: "padding_causal" (queries and keys are the same tokens) or
-        "padding_causal_bottom_right" (decoding a padded batch with a cache: each
-        sequence's queries are its last keys).
-    """
-
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_kv: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_kv: int
-    q_index: torch.Tensor | None = None
-    kv_index: torch.Tensor | None = None
-    attn_mask_type: str = "padding_causal"
-
-
-def _to_thd(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    # [B, H, S, Dh] -> [B * S, H, Dh] (a view when x came from a projection), then the picked rows.
-    t = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-    return t if index is None else t.index_select(0, index)
-
-
-def _te_attention(module, q, k, v, mask, scale, varlen: VarlenSeqs | None = None):
-    """Transformer Engine DotProductAttention; one module, the layout chosen per call.
-
-    Without `varlen` (unpadded batches, decode with a cache): "bshd" [B, S, H, Dh] with
-    the module's "causal_bottom_right" mask (plain causal when Q == K; decode rows see
-    the whole cache). With `varlen` (packed and/or padded batches): "thd" [T, H, Dh]
-    with `qkv_format`, `attn_mask_type`, `cu_seqlens_q/kv` and `max_seqlen_q/kv` passed
-    to forward, which overrides the construction-time format and mask type; TE never
-    attends across a cu_seqlens boundary. Query rows left out by `varlen.q_index`
-    (padding) come back as zeros. TE's default softmax scale is head_dim**-0.5 == scale.
-    """
-    if mask is not None:
-        raise ValueError(
-            "attn='te' takes sequence boundaries, not a dense attention mask: pass packed "
-            "sequences as cu_seqlens or seq_idx and padding as a 2D attention_mask or "
-            "padding_mask; an explicit 4D attention_mask or causal_mask_mapping needs "
-            "attn='sdpa', 'flex' or 'eager'"
-        )
-    B, H, Q, D = q.shape
-    if varlen is None:
-        out = module.te_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.view(B, Q, H, D).transpose(1, 2)
-    out = module.te_attn(
-        _to_thd(q, varlen.q_index),
-        _to_thd(k, varlen.kv_index),
-        _to_thd(v, varlen.kv_index),
-        qkv_format="thd",
-        attn_mask_type=varlen.attn_mask_type,
-        cu_seqlens_q=varlen.cu_seqlens_q,
-        cu_seqlens_kv=varlen.cu_seqlens_kv,
-        max_seqlen_q=varlen.max_seqlen_q,
-        max_seqlen_kv=varlen.max_seqlen_kv,
-    ).reshape(-1, H * D)
-    if varlen.q_index is not None:
-        out = out.new_zeros(B * Q, H * D).index_copy(0, varlen.q_index, out)
-    return out.view(B, Q, H, D).transpose(1, 2)
-
-
-# Every kernel is kernel(module, q, k, v, mask, scale, varlen) with q/k/v [B, H, S, Dh]:
-# sdpa / eager / flex read the dense `mask` (varlen is None for them), te the `varlen`
-# sequence boundaries.
-ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "sdpa": _sdpa_attention,
-    "eager": _eager_attention,
-    "flex": _flex_attention,
-    "te": _te_attention,
-}
 
 
 class NemotronAttention(nn.Module):
-    """Grouped-query self-attention without positional embedding (Nemotron-H)."""
+    """Grouped-query self-attention without positional embedding (Nemotron-H).
+
+    The kernel after the projections is am-utils' `AttentionKernel` (`BackendConfig.attn`,
+    `compile_attn`), held as `attn`.
+    """
 
     def __init__(self, config: Any, layer_idx: int, backend: BackendConfig):
         super().__init__()
-        if backend.attn not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"BackendConfig.attn={backend.attn!r} is not supported by Nemotron-H attention; "
-                f"accepted: {sorted(ATTENTION_BACKENDS)}"
-            )
         self.layer_idx = layer_idx
-        self.attn_backend = backend.attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_kv_heads}"
-            )
-        self.scale = self.head_dim**-0.5
-        self.dropout_p = float(config.attention_dropout)
-        dtype, bias, hidden = model_dtype(config), config.attention_bias, config.hidden_size
+        self.attn = AttentionKernel(
+            backend.attn,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            dropout=float(config.attention_dropout),
+            compile=backend.compile_attn,
+        )
+        dtype, bias, hidden = config_dtype(config), config.attention_bias, config.hidden_size
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         lin = backend.linear
         self.q_proj = initialize_linear_module(lin, hidden, q_dim, bias=bias, dtype=dtype)
         self.k_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
         self.v_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
         self.o_proj = initialize_linear_module(lin, q_dim, hidden, bias=bias, dtype=dtype)
-        if backend.attn == "te":
-            self.te_attn = _build_te_attention(
-                self.num_heads, self.num_kv_heads, self.head_dim, self.dropout_p
-            )
 
     def forward(
         self,
@@ -345,34 +142,14 @@ class NemotronAttention(nn.Module):
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)
-        kernel = ATTENTION_BACKENDS[self.attn_backend]
-        out = kernel(self, q, k, v, attention_mask, self.scale, varlen)
+        out = self.attn(q, k, v, attention_mask, varlen)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
-
-def _build_te_attention(
-    num_heads: int, num_kv_heads: int, head_dim: int, dropout: float = 0.0
-) -> nn.Module:
-    """One TE DotProductAttention per layer, built for the unpadded "bshd" path.
-
-    `qkv_format` and `attn_mask_type` given here are defaults that TE's forward lets a
-    call override (documented for both arguments); `_te_attention` overrides them with
-    "thd" / "padding_causal[_bottom_right]" for packed or padded batches, so one module
-    (one set of FP8 / backend state) serves both layouts.
-    """
-    if not HAVE_TE:
-        raise ImportError("attn='te' needs transformer_engine; install the 'te' extra of am-dtype")
-    import transformer_engine.pytorch as te
-
-    return te.DotProductAttention(
-        num_heads,
-        head_dim,
-        num_gqa_groups=num_kv_heads,
-        attention_dropout=dropout,
-        # Bottom-right alignment keeps decode rows (1 query, many cached keys) fully visible.
-        attn_mask_type="causal_bottom_right",
-        qkv_format="bshd",
-    )
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None, init_std: float = 0.02):
+        """normal(0, init_std) q/k/v/o weights, zero biases (whatever linear class built them)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            init_linear(proj, init_std)
 
 
 # --------------------------------------------------------------------------- the block
@@ -382,7 +159,7 @@ def _build_te_attention(
 class BlockInputs:
     """What the mixers of one forward need besides the hidden states.
 
-    attention_mask: attention mask (see ATTENTION_BACKENDS) or None for plain causal.
+    attention_mask: dense attention mask (see am_utils.masks) or None for plain causal.
     token_mask: [B, S] bool, True = real token (not padding), consumed by Mamba and MoE.
     seq_idx: [B, S] int32 sequence index of packed (THD) tokens, consumed by Mamba.
     cache: a NemotronHybridCache for incremental decoding, or None.
@@ -473,7 +250,7 @@ class NemotronBlock(nn.Module):
             backend.rms_norm,
             config.hidden_size,
             eps=config.layer_norm_epsilon,
-            dtype=model_dtype(config),
+            dtype=config_dtype(config),
         )
         self.mixer = build(config, layer_idx, backend, moe_config)
 
@@ -484,8 +261,11 @@ class NemotronBlock(nn.Module):
 
 # --------------------------------------------------------------------------- initialization
 # transformers' NemotronH `_init_weights`: normal(0, initializer_range) for projections,
-# router and experts, ones for norms. Mamba2Mixer and am-moe's MoE carry their own recipes
-# (A_log / D / dt_bias, out_proj rescaling; gate, experts, shared experts, latent projections).
+# router and experts, ones for norms. Every mixer has the components' one init API,
+# `init_weights(buffer_device=None, init_std=...)`, with its own recipe (Mamba2Mixer: A_log /
+# D / dt_bias, out_proj rescaling; am-moe's MoE: gate, experts, shared experts, latent
+# projections). Projections are initialized by name, not by type, so every module
+# `BackendConfig.linear` builds (nn.Linear, te.Linear) is covered.
 
 
 def init_linear(module: nn.Module, std: float) -> None:
@@ -500,26 +280,12 @@ def init_norm(module: nn.Module) -> None:
     nn.init.ones_(module.weight)
 
 
-def _init_projections(mixer: nn.Module, config: Any, buffer_device) -> None:
-    for module in mixer.modules():
-        if isinstance(module, nn.Linear):
-            init_linear(module, config.initializer_range)
-
-
-MIXER_INIT: dict[str, Callable[[nn.Module, Any, Any], None]] = {
-    "mamba": lambda mixer, config, device: mixer.init_weights(),
-    "attention": _init_projections,
-    "mlp": _init_projections,
-    "moe": lambda mixer, config, device: mixer.init_weights(device, config.initializer_range),
-}
-
-
 @torch.no_grad()
 def init_block_weights(block: nn.Module, config: Any, buffer_device=None) -> None:
     """Initialize one (possibly checkpoint-wrapped) Nemotron block or MTP sub-layer in place."""
-    block = getattr(block, "_checkpoint_wrapped_module", block)
+    block = unwrap_checkpointed(block)
     init_norm(block.norm)
-    MIXER_INIT[block.block_type](block.mixer, config, buffer_device)
+    block.mixer.init_weights(buffer_device, config.initializer_range)
     for name in ("enorm", "hnorm", "final_layernorm"):  # MTP sub-layer extras
         if hasattr(block, name):
             init_norm(getattr(block, name))

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from am_dtype.backend import BackendConfig, initialize_linear_module, resolve_dtype
+from am_dtype.backend import BackendConfig, initialize_linear_module
+from am_dtype.dtypes import config_dtype, resolve_dtype
 from am_models_nemotron import ssd
 
 
@@ -73,11 +74,6 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, gate: Tensor) -> Tensor:
         return ssd.gated_rms_norm(y, gate, self.weight, self.group_size, self.eps)
-
-
-def _param_dtype(config: Any) -> torch.dtype:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return resolve_dtype(value, name="config.dtype") or torch.bfloat16
 
 
 def _num_layers(config: Any) -> int:
@@ -124,7 +120,7 @@ class Mamba2Mixer(nn.Module):
         self._check_shapes()
 
         backend = backend or BackendConfig()
-        dtype = _param_dtype(config)
+        dtype = config_dtype(config)
         proj_size = self.intermediate_size + self.conv_dim + self.num_heads
         self.in_proj = initialize_linear_module(
             backend.linear, self.hidden_size, proj_size, bias=config.use_bias, dtype=dtype
@@ -171,8 +167,13 @@ class Mamba2Mixer(nn.Module):
     # ------------------------------------------------------------------ init
 
     @torch.no_grad()
-    def init_weights(self, init_std: float | None = None) -> None:
+    def init_weights(
+        self, buffer_device: torch.device | None = None, init_std: float | None = None
+    ) -> None:
         """Initialize like transformers' `NemotronHPreTrainedModel._init_weights`.
+
+        The components' init API: `buffer_device` is accepted for it (the mixer has no
+        buffers); `init_std` defaults to `config.initializer_range`.
 
         in_proj / conv1d weights ~ N(0, initializer_range), biases 0; A_log = log(1..H);
         D = 1; dt_bias = softplus^-1(dt) with dt log-uniform in [time_step_min,
@@ -200,7 +201,7 @@ class Mamba2Mixer(nn.Module):
             self.out_proj.weight.copy_(w / math.sqrt(_num_layers(cfg)))
 
     def reset_parameters(self) -> None:
-        """Alias of `init_weights()` with the config's defaults."""
+        """`nn.Module` convention: `init_weights()` with the config's defaults."""
         self.init_weights()
 
     def empty_state(

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from am_dtype.backend import BackendConfig, initialize_linear_module, resolve_dtype
+from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.backend import initialize_rms_norm_module as _rms_norm
+from am_dtype.cast import enforce_strict_fp32
+from am_dtype.dtypes import config_dtype, resolve_dtype
 from am_models_nemotron.cache import NemotronHybridCache
 from am_models_nemotron.config import nemotron_config, uses_moe
 from am_models_nemotron.inputs import (
@@ -51,21 +52,30 @@ from am_models_nemotron.inputs import (
 from am_models_nemotron.layers import (
     BlockInputs,
     NemotronBlock,
-    VarlenSeqs,
     init_block_weights,
     init_linear,
     init_norm,
-    model_dtype,
     resolve_block_types,
 )
-from am_models_nemotron.mtp import IGNORE_INDEX, MTPConfig, NemotronMTP, mtp_embed_inputs, mtp_loss
+from am_models_nemotron.mtp import MTPConfig, NemotronMTP, mtp_embed_inputs, mtp_loss
 from am_models_nemotron.outputs import empty_batch_loss, select_hidden_states, want_hidden_states
 from am_models_nemotron.state_dict_adapter import NemotronHStateDictAdapter
+from am_moe.activation_checkpointing import checkpoint_blocks, is_checkpointed, uncheckpoint_blocks
 from am_moe.config import MoEConfig
 from am_moe.fsdp_mixin import MoEFSDPSyncMixin
+from am_utils.attention import build_varlen_seqs
 from am_utils.checkpointing import HFCheckpointingMixin
 from am_utils.config import generation_config_for
-from am_utils.validation import check_cu_seqlens, check_generate_inputs
+from am_utils.lm_head import compute_lm_head_logits
+from am_utils.loss import causal_lm_loss
+from am_utils.masks import (
+    build_attention_mask,
+    causal_mask,
+    seq_idx_from_cu_seqlens,
+    to_additive_mask,
+    token_mask_from,
+)
+from am_utils.validation import check_generate_inputs
 
 
 @dataclass
@@ -101,7 +111,7 @@ def nemotron_moe_config(config: Any, overrides: dict | None = None) -> MoEConfig
         router_bias=False,
         expert_bias=config.mlp_bias,
         expert_activation="relu2",
-        dtype=model_dtype(config),
+        dtype=config_dtype(config),
         shared_expert_gate=False,
         shared_expert_inter_dim=config.moe_shared_expert_intermediate_size,
         shared_expert_activation="relu2",
@@ -143,143 +153,6 @@ def resolve_moe_config(
     return None
 
 
-def _token_mask(attention_mask, padding_mask) -> torch.Tensor | None:
-    """[B, K] bool, True = real token, from a 2D attention_mask (1 = real) or a padding_mask
-    (True = padding, the training-recipe convention); None when nothing is padded."""
-    if padding_mask is not None:
-        mask = ~padding_mask.bool()
-    elif attention_mask is not None and attention_mask.dim() == 2:
-        mask = attention_mask.bool()
-    else:
-        return None
-    if mask.dim() == 1:  # a squeezed THD batch: [T] for the [1, T] tokens
-        mask = mask.unsqueeze(0)
-    return None if bool(mask.all()) else mask
-
-
-def _seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, total] int32 index of the packed sequence each token belongs to."""
-    cu = cu_seqlens.reshape(-1).to(torch.long)
-    pos = torch.arange(total, device=cu.device)
-    return (torch.bucketize(pos, cu[1:], right=True)).to(torch.int32).unsqueeze(0)
-
-
-def build_attention_mask(
-    q_len: int,
-    kv_len: int,
-    token_mask: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """[B, 1, Q, K] bool mask (True = may attend), or None for plain causal attention.
-
-    Queries are the last `q_len` of `kv_len` positions. `token_mask` [B, K] (True = real)
-    blocks padded keys; `seq_idx` [B, Q] (packed sequences, Q == K) blocks
-    keys of other sequences. Rows with nothing to attend (padded queries)
-    attend everywhere, so they stay finite; their outputs are never used.
-    """
-    if token_mask is None and seq_idx is None:
-        return None
-    device = (token_mask if token_mask is not None else seq_idx).device
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
-    allowed = (torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None])[None, None]
-    if seq_idx is not None:
-        if q_len != kv_len:
-            raise ValueError(
-                "packed sequences (seq_idx / cu_seqlens) cannot be combined with a cache"
-            )
-        allowed = allowed & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
-    if token_mask is not None:
-        allowed = allowed & token_mask[:, None, None, -kv_len:]
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
-def build_varlen_seqs(
-    q_len: int,
-    kv_len: int,
-    batch: int,
-    token_mask: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> VarlenSeqs | None:
-    """The attention pattern of `build_attention_mask` as THD sequence boundaries (attn='te').
-
-    Returns None for plain causal attention (nothing packed or padded). Otherwise every
-    sequence of every row becomes one THD sequence of its real tokens:
-
-    - `cu_seqlens` (with a [1, T] batch and no padding) is used as given, in int32 (it
-      starts at 0 and ends at T: `inputs.check_model_inputs`).
-    - `seq_idx` [B, S]: each run of equal values in a row is a sequence (a sequence must be
-      one contiguous run; a value that reappears later in the row is rejected, since the
-      dense mask would join the two runs). Padded tokens (`token_mask` False) are left out.
-    - `token_mask` alone (padded batch): each row's real tokens form one sequence; with a
-      cache (q_len < kv_len) a row's queries are its last real keys, so the mask is
-      "padding_causal_bottom_right".
-
-    Reading the lengths back costs a host sync or two per forward (not per layer): TE
-    takes `max_seqlen_q/kv` as Python ints.
-    """
-    if token_mask is None and seq_idx is None:
-        return None
-    if seq_idx is not None and q_len != kv_len:
-        raise ValueError("packed sequences (seq_idx / cu_seqlens) cannot be combined with a cache")
-    if seq_idx is None:
-        return _varlen_from_padding(q_len, kv_len, token_mask)
-    if token_mask is None and cu_seqlens is not None and batch == 1:
-        return _varlen_from_cu_seqlens(cu_seqlens.to(seq_idx.device), q_len)
-    return _varlen_from_seq_idx(seq_idx.expand(batch, q_len), token_mask)
-
-
-def _cu_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-
-
-def _varlen_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> VarlenSeqs:
-    # TE needs the longest length on the host: read the values once and check them too.
-    values = check_cu_seqlens(cu_seqlens, total, force=True)
-    longest = max(b - a for a, b in zip(values, values[1:], strict=False))
-    cu = cu_seqlens.reshape(-1).to(torch.int32)
-    return VarlenSeqs(cu, cu, longest, longest)
-
-
-def _varlen_from_seq_idx(seq_idx: torch.Tensor, token_mask: torch.Tensor | None) -> VarlenSeqs:
-    B, S = seq_idx.shape
-    starts = torch.ones(B, S, dtype=torch.bool, device=seq_idx.device)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    run = starts.reshape(-1).cumsum(0)  # contiguous-run id of every token, row-major
-    low, high, runs = torch.stack([seq_idx.min().long(), seq_idx.max().long(), run[-1]]).tolist()
-    rows = torch.arange(B, device=seq_idx.device)[:, None]
-    labels = rows * (high - low + 1) + (seq_idx - low)
-    if runs != torch.unique(labels).numel():
-        raise ValueError(
-            "attn='te' needs every packed sequence to be one contiguous run of seq_idx values "
-            "within a row"
-        )
-    index = None
-    if token_mask is not None:
-        index = token_mask.reshape(-1).nonzero().squeeze(1)
-        run = run[index]
-    counts = torch.unique_consecutive(run, return_counts=True)[1]
-    cu = _cu_from_counts(counts)
-    longest = int(counts.max()) if counts.numel() else 0
-    return VarlenSeqs(cu, cu, longest, longest, q_index=index, kv_index=index)
-
-
-def _varlen_from_padding(q_len: int, kv_len: int, token_mask: torch.Tensor) -> VarlenSeqs:
-    keep_kv = token_mask[:, -kv_len:]
-    keep_q = keep_kv[:, -q_len:]
-    n_q, n_kv = keep_q.sum(1), keep_kv.sum(1)
-    max_q, max_kv = torch.stack([n_q.max(), n_kv.max()]).tolist()
-    return VarlenSeqs(
-        _cu_from_counts(n_q),
-        _cu_from_counts(n_kv),
-        max_q,
-        max_kv,
-        q_index=keep_q.reshape(-1).nonzero().squeeze(1),
-        kv_index=keep_kv.reshape(-1).nonzero().squeeze(1),
-        attn_mask_type="padding_causal" if q_len == kv_len else "padding_causal_bottom_right",
-    )
-
-
 class NemotronV3Model(nn.Module):
     """NemotronV3 base model (without LM head): embeddings, hybrid blocks, final norm."""
 
@@ -297,7 +170,7 @@ class NemotronV3Model(nn.Module):
         self.config = config
         self.backend = backend or BackendConfig()
         self.moe_config = resolve_moe_config(config, moe_config, moe_overrides)
-        dtype = model_dtype(config)
+        dtype = config_dtype(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleDict(
             {
@@ -308,7 +181,7 @@ class NemotronV3Model(nn.Module):
         self.norm = _rms_norm(
             self.backend.rms_norm, config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype
         )
-        _keep_strict_fp32_buffers(self)
+        enforce_strict_fp32(self)
 
     def forward(
         self,
@@ -371,13 +244,13 @@ class NemotronV3Model(nn.Module):
         return self.embed_tokens(input_ids)
 
     def _block_inputs(self, h, attention_mask, causal_mask_mapping, cache, kwargs) -> BlockInputs:
-        token_mask = _token_mask(attention_mask, kwargs.get("padding_mask"))
+        token_mask = token_mask_from(attention_mask, kwargs.get("padding_mask"))
         attn_mask = (causal_mask_mapping or {}).get("full_attention")
         if attn_mask is None and attention_mask is not None and attention_mask.dim() == 4:
             attn_mask = attention_mask
         seq_idx = kwargs.get("seq_idx")
         if seq_idx is None and kwargs.get("cu_seqlens") is not None:
-            seq_idx = _seq_idx_from_cu_seqlens(kwargs["cu_seqlens"], h.shape[1]).to(h.device)
+            seq_idx = seq_idx_from_cu_seqlens(kwargs["cu_seqlens"], h.shape[1]).to(h.device)
         if seq_idx is not None and seq_idx.dim() == 1:
             seq_idx = seq_idx.unsqueeze(0)
         q_len = h.shape[1]
@@ -404,19 +277,6 @@ class NemotronV3Model(nn.Module):
                 init_norm(self.norm)
             for block in self.layers.values():
                 init_block_weights(block, self.config, buffer_device)
-
-
-def _keep_strict_fp32_buffers(model: nn.Module) -> None:
-    """Make `e_score_correction_bias` fp32 even when built under a lower default dtype.
-
-    Router selection adds it to sigmoid scores in [0, 1]; in bf16 its small per-expert
-    offsets would round away (and transformers keeps it fp32 too).
-    """
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if name in NemotronV3Model._keep_in_fp32_modules_strict and buf is not None:
-                if buf.dtype != torch.float32:
-                    module._buffers[name] = buf.float()
 
 
 def _first_device(module: nn.Module) -> torch.device:
@@ -466,7 +326,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
                 f"NemotronHForCausalLM got unexpected keyword arguments {sorted(kwargs)}"
             )
         self.model = NemotronV3Model(config, self.backend, moe_config=moe_config)
-        dtype = model_dtype(config)
+        dtype = config_dtype(config)
         self.lm_head = initialize_linear_module(
             self.backend.linear, config.hidden_size, config.vocab_size, bias=False, dtype=dtype
         )
@@ -475,7 +335,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             if self.mtp_config.enabled
             else None
         )
-        _keep_strict_fp32_buffers(self)
+        enforce_strict_fp32(self)
         self.output_hidden_states = bool(getattr(config, "output_hidden_states", False))
         if self.backend.enable_hf_state_dict_adapter:
             self.state_dict_adapter = NemotronHStateDictAdapter(
@@ -607,7 +467,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         if pp_stage:
             return self._pp_stage_outputs(h, input_ids, mtp_embed_inputs, inputs)
         per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels, inputs)
-        logits = self.lm_head(_keep_last(h, logits_to_keep))
+        logits = compute_lm_head_logits(self.lm_head, h, logits_to_keep).logits
         return NemotronHCausalLMOutputWithPast(
             loss=self._loss(logits, labels, per_depth, inputs),
             logits=logits,
@@ -833,49 +693,32 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         query_len: int, kv_len: int, batch_size: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """Additive [B, 1, Q, K] mask: lower-triangular for prefill, all zeros for a decode row."""
-        mask = torch.zeros(batch_size, 1, query_len, kv_len, dtype=dtype, device=device)
-        if query_len == 1:
-            return mask
-        q_pos = torch.arange(kv_len - query_len, kv_len, device=device)
-        blocked = torch.arange(kv_len, device=device)[None, :] > q_pos[:, None]
-        return mask.masked_fill(blocked, torch.finfo(dtype).min)
+        allowed = causal_mask(query_len, kv_len, device=device)
+        return to_additive_mask(allowed, dtype).expand(batch_size, 1, query_len, kv_len).clone()
 
     # ------------------------------------------------------------------ training utilities
-    def _blocks(self) -> list[tuple[nn.Module, str]]:
-        out = []
-        if self.model.layers is not None:
-            out += [(self.model.layers, name) for name in self.model.layers]
-        if self.mtp is not None:
-            out += [(self.mtp.layers, name) for name in self.mtp.layers]
-        return out
+    def _block_containers(self) -> list[nn.ModuleDict]:
+        """The decoder blocks and the MTP sub-layers (the activation-checkpointing units)."""
+        out = [self.model.layers] if self.model.layers is not None else []
+        return out + ([self.mtp.layers] if self.mtp is not None else [])
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None) -> None:
         """Wrap every block (and MTP sub-layer) in a non-reentrant checkpoint wrapper. Idempotent."""
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointImpl,
-            CheckpointWrapper,
-            checkpoint_wrapper,
-        )
-
-        for container, name in self._blocks():
-            if not isinstance(container[name], CheckpointWrapper):
-                container[name] = checkpoint_wrapper(
-                    container[name], checkpoint_impl=CheckpointImpl.NO_REENTRANT
-                )
+        for container in self._block_containers():
+            checkpoint_blocks(container)
 
     def gradient_checkpointing_disable(self) -> None:
         """Unwrap blocks wrapped by gradient_checkpointing_enable."""
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-        for container, name in self._blocks():
-            if isinstance(container[name], CheckpointWrapper):
-                container[name] = container[name]._checkpoint_wrapped_module
+        for container in self._block_containers():
+            uncheckpoint_blocks(container)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-        return any(isinstance(c[n], CheckpointWrapper) for c, n in self._blocks())
+        return any(
+            is_checkpointed(block)
+            for container in self._block_containers()
+            for block in container.values()
+        )
 
     @torch.no_grad()
     def initialize_weights(
@@ -896,36 +739,6 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
                 if self.mtp is not None:
                     for layer in self.mtp.layers.values():
                         init_block_weights(layer, self.config, buffer_device)
-
-
-def _keep_last(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    if isinstance(logits_to_keep, int):
-        return h if logits_to_keep == 0 else h[..., -logits_to_keep:, :]
-    return h[..., logits_to_keep, :]
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 ignored.
-
-    With `seq_idx` ([B or 1, S] packed sequences of the labels' rows) the last token of a sequence has
-    no target: the next label belongs to another sequence. Labels that already mark each
-    sequence's first token -100 (transformers' packing convention) give the same loss.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
-        )
-    target = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    if seq_idx is not None:
-        rows = labels.reshape(-1, labels.shape[-1])
-        seq_idx = seq_idx.reshape(-1, seq_idx.shape[-1]).expand_as(rows).reshape(labels.shape)
-        crosses = seq_idx[..., 1:] != seq_idx[..., :-1]
-        target[..., :-1] = target[..., :-1].masked_fill(crosses, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
-    )
 
 
 ModelClass = NemotronHForCausalLM

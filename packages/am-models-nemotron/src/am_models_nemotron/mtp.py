@@ -42,14 +42,9 @@ from torch import nn
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.backend import initialize_rms_norm_module as _rms_norm
-from am_models_nemotron.layers import (
-    BlockInputs,
-    NemotronBlock,
-    model_dtype,
-    resolve_block_types,
-)
-
-IGNORE_INDEX = -100
+from am_dtype.dtypes import config_dtype
+from am_models_nemotron.layers import BlockInputs, NemotronBlock, resolve_block_types
+from am_utils.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -105,7 +100,7 @@ class NemotronMTPSublayer(NemotronBlock):
         has_final_norm: bool,
     ):
         super().__init__(config, layer_idx, block_type, backend, moe_config)
-        hidden, eps, dtype = config.hidden_size, config.layer_norm_epsilon, model_dtype(config)
+        hidden, eps, dtype = config.hidden_size, config.layer_norm_epsilon, config_dtype(config)
         if has_fusion:
             self.enorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
             self.hnorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from am_dtype.backend import resolve_dtype
+from am_dtype.dtypes import resolve_dtype
 
 __all__ = [
     "EXPERT_ACTIVATIONS",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from am_dtype.dtensor import to_local
 from am_moe.config import MoEConfig
 
 if TYPE_CHECKING:
@@ -199,18 +200,14 @@ class Gate(nn.Module):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None, init_std: float = 0.02):
         """Normal(0, init_std) router weight; zero router bias and correction bias."""
-        _local(self.weight).normal_(0.0, init_std)
+        to_local(self.weight).normal_(0.0, init_std)
         if self.bias is not None:
-            _local(self.bias).zero_()
+            to_local(self.bias).zero_()
         if self.e_score_correction_bias is not None:
             device = buffer_device or self.e_score_correction_bias.device
             self.e_score_correction_bias = torch.zeros(self.n_experts, device=device)
         self._load_since_update = None
         self._bias_master = None
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _cp_sum(probs_BE: Tensor, load_BE: Tensor, tokens_B: Tensor, cp_mesh: DeviceMesh):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
+from am_dtype.dtensor import to_local
 from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
 from am_moe.gate import FakeBalancedGate, Gate
@@ -33,13 +34,38 @@ from am_moe.gate import FakeBalancedGate, Gate
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["MLP", "MoE"]
+__all__ = ["MLP", "MoE", "relu2"]
+
+
+class _Relu2(torch.autograd.Function):
+    """relu(x)^2 saving only r = relu(x); the gradient is 2 r g.
+
+    Autograd through `square(relu(x))` runs pow's generic backward (pow(r, 1), two products)
+    then relu's mask: measured ~3x slower on CPU than these two passes, for equal values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return (r + r).mul_(grad)
+
+
+def relu2(x: Tensor) -> Tensor:
+    """Squared ReLU, relu(x)^2 (Nemotron-H's dense MLP and shared-expert activation)."""
+    return _Relu2.apply(x)
+
 
 # Dense MLP activations: name -> (has a gate_proj, fn(gate_or_None, up) -> hidden).
 _MLP_ACTIVATIONS = {
     "swiglu": (True, lambda g, u: F.silu(g) * u),
     "geglu": (True, lambda g, u: F.gelu(g, approximate="tanh") * u),
-    "relu2": (False, lambda g, u: torch.square(F.relu(u))),
+    "relu2": (False, lambda g, u: relu2(u)),
 }
 
 
@@ -86,11 +112,9 @@ class MLP(nn.Module):
 
 
 def _init_linear(linear: nn.Module, init_std: float) -> None:
-    weight = linear.weight
-    (weight.to_local() if hasattr(weight, "to_local") else weight).normal_(0.0, init_std)
+    to_local(linear.weight).normal_(0.0, init_std)
     if getattr(linear, "bias", None) is not None:
-        bias = linear.bias
-        (bias.to_local() if hasattr(bias, "to_local") else bias).zero_()
+        to_local(linear.bias).zero_()
 
 
 class _AttachAuxLoss(torch.autograd.Function):

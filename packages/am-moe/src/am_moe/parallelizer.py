@@ -6,7 +6,7 @@ The model is ordinary single-device code; `parallelize_model` rewrites it in pla
    DTensor `Shard(0)` over the `ep` mesh axis (each EP rank keeps E / ep experts), and the
    block's `experts.dispatcher` becomes the all-to-all dispatcher named by the backend.
 2. Activation checkpointing (optional): each transformer block is wrapped in a non-reentrant
-   `checkpoint_wrapper`.
+   `checkpoint_wrapper` (`am_moe.activation_checkpointing`, the same one models use).
 3. FSDP2: routed experts are `fully_shard`-ed over the data axes only (the axes orthogonal to
    EP: EP ranks hold different experts, so expert gradients must not be reduced across EP);
    blocks and the root over the data axes and `ep` flattened together (tokens on different EP
@@ -22,14 +22,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl,
-    checkpoint_wrapper,
-)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from am_moe.activation_checkpointing import checkpoint_blocks
 from am_moe.dispatch import build_dispatcher
 
 __all__ = ["apply_ep", "parallelize_model"]
@@ -108,14 +105,6 @@ def _find_block_container(model: nn.Module, block_container: str | None) -> nn.M
     return None
 
 
-def _apply_activation_checkpointing(container: nn.Module) -> None:
-    keys = container.keys() if isinstance(container, nn.ModuleDict) else range(len(container))
-    for key in list(keys):
-        container[key] = checkpoint_wrapper(
-            container[key], checkpoint_impl=CheckpointImpl.NO_REENTRANT
-        )
-
-
 def _blocks_of(container: nn.Module | None) -> list[nn.Module]:
     if container is None:
         return []
@@ -181,7 +170,7 @@ def parallelize_model(
                 "activation_checkpointing=True but no transformer blocks were found; pass "
                 "block_container='path.to.layers'"
             )
-        _apply_activation_checkpointing(container)
+        checkpoint_blocks(container)
 
     data_axes = dp_axis_names + ((ep_axis_name,) if use_ep else ())
     data_mesh = _submesh(world_mesh, data_axes)

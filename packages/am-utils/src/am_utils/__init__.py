@@ -1,6 +1,13 @@
-"""Model utilities: LM-head logits, THD squeeze, freezing, parameter counts, empty init,
-HF checkpoint mixin."""
+"""Model utilities: attention kernels and masks, causal-LM loss, LM-head logits, THD squeeze,
+freezing, parameter counts, empty init, HF checkpoint mixin."""
 
+from am_utils.attention import (
+    ATTENTION_KERNELS,
+    AttentionKernel,
+    VarlenSeqs,
+    build_te_attention,
+    build_varlen_seqs,
+)
 from am_utils.checkpointing import HFCheckpointingMixin
 from am_utils.freezing import (
     apply_parameter_freezing,
@@ -18,13 +25,31 @@ from am_utils.introspect import (
     resolve_trust_remote_code,
 )
 from am_utils.lm_head import compute_lm_head_logits, get_rope_config
+from am_utils.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets
+from am_utils.masks import (
+    build_attention_mask,
+    causal_mask,
+    seq_idx_from_cu_seqlens,
+    to_additive_mask,
+    to_bool_mask,
+    token_mask_from,
+)
 from am_utils.params import count_model_parameters, print_trainable_parameters
 from am_utils.thd import squeeze_input_for_thd
 
 __all__ = [
+    "ATTENTION_KERNELS",
+    "AttentionKernel",
     "HFCheckpointingMixin",
+    "IGNORE_INDEX",
     "VLM_INPUT_KEYS",
+    "VarlenSeqs",
     "apply_parameter_freezing",
+    "build_attention_mask",
+    "build_te_attention",
+    "build_varlen_seqs",
+    "causal_lm_loss",
+    "causal_mask",
     "compute_lm_head_logits",
     "count_model_parameters",
     "enable_radio_vit_fused_attn",
@@ -36,8 +61,13 @@ __all__ = [
     "get_lm_head_weight",
     "get_rope_config",
     "init_empty_weights",
+    "next_token_targets",
     "print_trainable_parameters",
     "resolve_trust_remote_code",
+    "seq_idx_from_cu_seqlens",
     "skip_random_init",
     "squeeze_input_for_thd",
+    "to_additive_mask",
+    "to_bool_mask",
+    "token_mask_from",
 ]

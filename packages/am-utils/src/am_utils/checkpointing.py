@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from am_dtype.dtensor import full_tensor, to_local
+from am_dtype.dtypes import resolve_dtype
 from am_utils.checkpoint_files import (
     CONFIG_NAME,
     CheckpointLoadError,
@@ -72,7 +74,7 @@ def parse_shard_size(size: int | str) -> int:
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
     """Identity of the memory a tensor views (its local shard for a DTensor)."""
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    local = to_local(tensor)
     if local.numel() == 0:  # empty tensors may all report data_ptr 0
         return ("empty", id(tensor))
     return (
@@ -94,7 +96,7 @@ def _gather_full(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             raise ValueError(f"Cannot save {name!r}: it is on the meta device (never materialized)")
         key = _storage_key(tensor)
         if key not in gathered:
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            full = full_tensor(tensor)
             gathered[key] = full.detach().cpu()
         out[name] = gathered[key]
     return out
@@ -156,14 +158,7 @@ def _resolve_dtype(dtype, config) -> torch.dtype | None:
     """``None`` keeps the construction dtype; ``"auto"`` takes the config's dtype."""
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(
-            f"dtype must be a torch.dtype, a name such as 'bfloat16', 'auto' or None; got {dtype!r}"
-        )
-    return resolved
+    return resolve_dtype(dtype, name="from_pretrained dtype")
 
 
 @contextmanager

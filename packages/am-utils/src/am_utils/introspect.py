@@ -9,6 +9,8 @@ import os
 import torch
 from torch import nn
 
+from am_dtype.dtensor import full_tensor
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -108,12 +110,6 @@ def get_lm_head_module(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """Gather a DTensor into a plain tensor (a collective on its mesh); plain tensors pass."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
-
-
 def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
     """Return the LM-head weight as a full tensor (DTensor weights are gathered).
 
@@ -121,10 +117,10 @@ def get_lm_head_weight(model: nn.Module) -> torch.Tensor:
     """
     head = get_lm_head_module(model)
     if head is not None and getattr(head, "weight", None) is not None:
-        return _full(head.weight)
+        return full_tensor(head.weight)
     for name, param in model.named_parameters(remove_duplicate=False):
         if "lm_head" in name and name.endswith(".weight"):
-            return _full(param)
+            return full_tensor(param)
     raise ValueError(
         f"No LM-head weight found in {type(model).__name__}: get_output_embeddings() returned "
         "None and no module or parameter is named 'lm_head'"

@@ -39,6 +39,15 @@ def _select_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.T
     )
 
 
+def _to_weight_dtype(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """`hidden` in the head's floating weight dtype (a bf16 trunk feeding an fp32 head)."""
+    weight = getattr(lm_head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        if hidden.is_floating_point() and hidden.dtype != weight.dtype:
+            return hidden.to(weight.dtype)
+    return hidden
+
+
 def compute_lm_head_logits(
     lm_head: nn.Module | None,
     hidden_states: torch.Tensor,
@@ -56,6 +65,9 @@ def compute_lm_head_logits(
       keeps those position indices. Works on 2D ``[T, H]`` and 3D ``[B, S, H]`` inputs.
     - ``is_thd``: a 2D result (logits and the attached hidden states) gets its batch dim of 1
       back (``[1, T, *]``); tensors that are already 3D are left as they are.
+    - The kept positions are cast to the head's weight dtype when they differ (a bf16 trunk
+      with an fp32 head), after slicing so only those positions are converted; the logits
+      come out in the head's dtype.
     - ``fp32_lm_head``: project in fp32 through the module itself (so DTensor redistribution
       still applies) and cast the logits back to the input dtype.
     - ``output_hidden_states``: attach the full-sequence hidden states (for fused
@@ -68,7 +80,7 @@ def compute_lm_head_logits(
         if fp32_lm_head:
             logits = lm_head(selected.float()).to(hidden_states.dtype)
         else:
-            logits = lm_head(selected)
+            logits = lm_head(_to_weight_dtype(selected, lm_head))
     if is_thd and logits.dim() == 2:
         logits = logits.unsqueeze(0)
 

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from am_dtype.dtensor import to_local
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["count_model_parameters", "print_trainable_parameters"]
@@ -27,11 +29,6 @@ def _get_logical_numel(param) -> int:
     return param.numel()
 
 
-def _local_values(param: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(param, "to_local", None)
-    return to_local() if callable(to_local) else param
-
-
 @torch.no_grad()
 def _get_model_param_stats(model: nn.Module) -> tuple[int, int, float]:
     """Return ``(total_params, trainable_params, local_sq_norm)``.
@@ -42,7 +39,7 @@ def _get_model_param_stats(model: nn.Module) -> tuple[int, int, float]:
     total, trainable = count_model_parameters(model)[::-1]
     sq_norm = 0.0
     for param in model.parameters():
-        local = _local_values(param.detach())
+        local = to_local(param.detach())
         if local.is_meta or local.numel() == 0 or not local.is_floating_point():
             continue
         sq_norm += float(local.float().pow(2).sum())

@@ -1,0 +1,249 @@
+"""The attention kernel table against a naive fp64 reference; THD boundaries; compile_attn."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import am_dtype.backend as am_backend
+from am_utils.attention import (
+    ATTENTION_KERNELS,
+    AttentionKernel,
+    VarlenSeqs,
+    build_te_attention,
+    build_varlen_seqs,
+)
+from am_utils.masks import build_attention_mask, causal_mask, to_additive_mask
+
+H, HKV, D = 4, 2, 8
+CPU_KERNELS = ["sdpa", "eager", "flex"]
+# "eager" takes its softmax in fp32 (as transformers' eager attention does), even for fp64.
+TOL = {"sdpa": 1e-10, "flex": 1e-10, "eager": 1e-5}
+
+
+def _qkv(batch=2, q_len=6, kv_len=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return rand(batch, H, q_len, D), rand(batch, HKV, kv_len, D), rand(batch, HKV, kv_len, D)
+
+
+def _reference(q, k, v, allowed, scale):
+    """softmax(q k^T * scale) v over the allowed keys, GQA by repetition, in fp64."""
+    k = k.repeat_interleave(H // HKV, dim=1)
+    v = v.repeat_interleave(H // HKV, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _kernel(name, **kwargs):
+    return AttentionKernel(name, H, HKV, D, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("q_len,kv_len", [(6, 6), (1, 6), (3, 7)])
+@pytest.mark.parametrize("window", [None, 2])
+def test_cpu_kernels_causal_decode_and_window(name, q_len, kv_len, window):
+    q, k, v = _qkv(q_len=q_len, kv_len=kv_len)
+    allowed = causal_mask(q_len, kv_len, sliding_window=window)
+    want = _reference(q, k, v, allowed, D**-0.5)
+    with torch.no_grad():
+        got = _kernel(name, sliding_window=window)(q, k, v)
+    torch.testing.assert_close(got, want, rtol=TOL[name], atol=TOL[name])
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("form", ["bool", "additive"])
+def test_cpu_kernels_take_bool_and_additive_masks_and_a_custom_scale(name, form):
+    q, k, v = _qkv()
+    token_mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]).bool()
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    allowed = build_attention_mask(6, 6, token_mask, seq_idx)
+    mask = allowed if form == "bool" else to_additive_mask(allowed, torch.float64)
+    want = _reference(q, k, v, allowed, 1.0)
+    with torch.no_grad():
+        got = _kernel(name, scale=1.0)(q, k, v, mask)
+    torch.testing.assert_close(got, want, rtol=TOL[name], atol=TOL[name])
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+def test_sliding_window_also_applies_on_top_of_an_explicit_mask(name):
+    q, k, v = _qkv()
+    packed = build_attention_mask(6, 6, None, torch.tensor([[0, 0, 0, 0, 0, 1]]))
+    want = _reference(q, k, v, packed & causal_mask(6, 6, sliding_window=2), D**-0.5)
+    with torch.no_grad():
+        got = _kernel(name, sliding_window=2)(q, k, v, packed)
+        additive = _kernel(name, sliding_window=2)(q, k, v, to_additive_mask(packed, q.dtype))
+    torch.testing.assert_close(got, want, rtol=TOL[name], atol=TOL[name])
+    torch.testing.assert_close(additive, want, rtol=TOL[name], atol=TOL[name])
+
+
+@pytest.mark.parametrize("name", ["sdpa", "eager", "flex"])
+def test_gradients_match_the_reference(name):
+    q, k, v = (t.requires_grad_() for t in _qkv(q_len=5, kv_len=5))
+    _kernel(name, sliding_window=3)(q, k, v).square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    _reference(q, k, v, causal_mask(5, 5, sliding_window=3), D**-0.5).square().sum().backward()
+    for a, t in zip(got, (q, k, v), strict=True):
+        torch.testing.assert_close(a, t.grad, rtol=TOL[name] * 10, atol=TOL[name] * 10)
+
+
+def test_dropout_only_in_training():
+    q, k, v = _qkv()
+    kernel = AttentionKernel("eager", H, HKV, D, dropout=0.5)
+    torch.testing.assert_close(kernel.eval()(q, k, v), _kernel("eager")(q, k, v))
+    torch.manual_seed(0)
+    assert not torch.allclose(kernel.train()(q, k, v), _kernel("eager")(q, k, v))
+
+
+def test_bad_arguments_are_rejected_at_construction():
+    with pytest.raises(ValueError, match=r"BackendConfig.attn='tilelang' has no attention kernel"):
+        AttentionKernel("tilelang", H, HKV, D)
+    with pytest.raises(ValueError, match="num_attention_heads=4 must be a positive multiple"):
+        AttentionKernel("sdpa", 4, 3, D)
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        AttentionKernel("sdpa", H, HKV, D, sliding_window=0)
+    with pytest.raises(ValueError, match=r"dropout=1\.0"):
+        AttentionKernel("sdpa", H, HKV, D, dropout=1.0)
+    with pytest.raises(TypeError, match="compile='yes'"):
+        AttentionKernel("sdpa", H, HKV, D, compile="yes")
+    assert sorted(ATTENTION_KERNELS) == ["eager", "flex", "sdpa", "te"]
+
+
+# --------------------------------------------------------------------------- compile_attn
+
+
+def test_compile_wraps_the_kernel_call(monkeypatch):
+    """compile=True runs the kernel through torch.compile (a counting backend here: fast)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    q, k, v = _qkv()
+    mask = build_attention_mask(6, 6, None, torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    compiled = _kernel("sdpa", compile=True, sliding_window=4)
+    eager = _kernel("sdpa", sliding_window=4)
+    with torch.no_grad():
+        got = compiled(q, k, v, mask)
+    assert counter.frame_count >= 1 and counter.op_count > 0
+    torch.testing.assert_close(got, eager(q, k, v, mask), rtol=0, atol=0)
+    assert not eager.compiled and compiled.compiled
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_on_cpu_matches_eager():
+    torch._dynamo.reset()
+    q, k, v = (t.float() for t in _qkv())
+    got = _kernel("eager", compile=True)(q, k, v)
+    torch.testing.assert_close(got, _kernel("eager")(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_with_te_is_rejected():
+    with pytest.raises(ValueError, match="compile_attn=True cannot be combined with attn='te'"):
+        AttentionKernel("te", H, HKV, D, compile=True)
+
+
+# --------------------------------------------------------------------------- te (emulated)
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """A stand-in transformer_engine.pytorch.DotProductAttention that records its calls."""
+    calls: list = []
+
+    class DotProductAttention(nn.Module):
+        def __init__(self, heads, head_dim, **kwargs):
+            super().__init__()
+            self.init = {"heads": heads, "head_dim": head_dim, **kwargs}
+
+        def forward(self, q, k, v, **kwargs):
+            calls.append({"q": tuple(q.shape), "k": tuple(k.shape), **kwargs})
+            return q.new_ones(*q.shape[:-2], q.shape[-2] * q.shape[-1])
+
+    package = types.ModuleType("transformer_engine")
+    package.pytorch = types.ModuleType("transformer_engine.pytorch")
+    package.pytorch.DotProductAttention = DotProductAttention
+    monkeypatch.setitem(sys.modules, "transformer_engine", package)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", package.pytorch)
+    monkeypatch.setattr(am_backend, "HAVE_TE", True)
+    return calls
+
+
+def test_te_module_gets_scale_and_sliding_window(fake_te):
+    te = build_te_attention(H, HKV, D, 0.1, scale=1.0, sliding_window=5)
+    assert te.init == {
+        "heads": H,
+        "head_dim": D,
+        "num_gqa_groups": HKV,
+        "attention_dropout": 0.1,
+        "attn_mask_type": "causal_bottom_right",
+        "qkv_format": "bshd",
+        "softmax_scale": 1.0,
+        "window_size": (4, 0),  # W - 1 keys left of the diagonal: i - W < j <= i
+    }
+    assert "window_size" not in build_te_attention(H, HKV, D).init
+
+
+def test_te_kernel_bshd_and_thd_calls(fake_te):
+    kernel = _kernel("te", sliding_window=3)
+    q, k, v = _qkv(batch=2, q_len=5, kv_len=5)
+    assert kernel(q, k, v).shape == q.shape
+    assert fake_te[-1] == {"q": (2, 5, H, D), "k": (2, 5, HKV, D)}
+    token_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]).bool()
+    varlen = build_varlen_seqs(5, 5, 2, token_mask, None)
+    out = kernel(q, k, v, None, varlen)
+    call = fake_te[-1]
+    assert call["qkv_format"] == "thd" and call["q"] == (8, H, D)
+    assert call["cu_seqlens_q"].tolist() == [0, 5, 8] and call["max_seqlen_q"] == 5
+    assert (out[1, :, :2] == 0).all() and (out[1, :, 2:] == 1).all()  # padded rows are zeros
+    with pytest.raises(ValueError, match="not a dense attention mask"):
+        kernel(q, k, v, causal_mask(5, 5))
+
+
+def test_te_without_transformer_engine_names_the_extra(monkeypatch):
+    monkeypatch.setattr(am_backend, "HAVE_TE", False)
+    with pytest.raises(ImportError, match="install the 'te' extra"):
+        AttentionKernel("te", H, HKV, D)
+
+
+# --------------------------------------------------------------------------- THD boundaries
+
+
+def test_varlen_from_cu_seqlens_is_taken_as_given_and_checked():
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    got = build_varlen_seqs(6, 6, 1, None, seq_idx, torch.tensor([0, 2, 5, 6]))
+    assert got.cu_seqlens_q.dtype == torch.int32
+    assert got.cu_seqlens_q.tolist() == [0, 2, 5, 6] and got.max_seqlen_q == 3
+    assert got.q_index is None and got.attn_mask_type == "padding_causal"
+    with pytest.raises(ValueError, match="end at the 6 tokens of the batch; got"):
+        build_varlen_seqs(6, 6, 1, None, seq_idx, torch.tensor([0, 2, 5]))
+
+
+def test_varlen_from_seq_idx_rows_with_padding():
+    seq_idx = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]])
+    token_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    got = build_varlen_seqs(4, 4, 2, token_mask, seq_idx)
+    assert got.cu_seqlens_q.tolist() == [0, 2, 4, 7] and got.max_seqlen_q == 3
+    assert got.q_index.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="one contiguous run"):
+        build_varlen_seqs(4, 4, 1, None, torch.tensor([[0, 1, 1, 0]]))
+
+
+def test_varlen_padded_decode_is_bottom_right():
+    token_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]).bool()
+    got = build_varlen_seqs(1, 4, 2, token_mask, None)
+    assert isinstance(got, VarlenSeqs)
+    assert got.attn_mask_type == "padding_causal_bottom_right"
+    assert got.cu_seqlens_q.tolist() == [0, 1, 2] and got.cu_seqlens_kv.tolist() == [0, 3, 7]
+    assert build_varlen_seqs(4, 4, 2, None, None) is None
