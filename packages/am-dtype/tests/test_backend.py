@@ -208,3 +208,10 @@ def test_te_builders_create_te_modules_and_patch_them(fake_te):
     # Building a TE module applied the runtime patches.
     assert getattr(fake_te.pytorch.Linear.forward, "_am_te_patched", False)
     assert getattr(fake_te.pytorch.RMSNorm.forward, "_am_te_patched", False)
+
+
+def test_compile_attn_with_te_attention_is_rejected(monkeypatch):
+    monkeypatch.setitem(backend._REQUIREMENTS, ("attn", "te"), (True, "transformer_engine", "te"))
+    with pytest.raises(ValueError, match="compile_attn=True cannot be combined with attn='te'"):
+        BackendConfig(attn="te", compile_attn=True)
+    assert BackendConfig(attn="sdpa", compile_attn=True).compile_attn is True

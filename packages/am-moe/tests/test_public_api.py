@@ -30,15 +30,20 @@ EXPECTED = [
     "apply_activation",
     "apply_ep",
     "build_dispatcher",
+    "checkpoint_blocks",
     "convert_hf_to_native",
     "convert_native_to_hf",
     "hf_to_native_experts",
+    "is_checkpointed",
     "is_gated",
     "iter_fsdp_modules",
     "local_expert_range",
     "native_to_hf_experts",
     "parallelize_model",
+    "relu2",
     "run_experts",
+    "uncheckpoint_blocks",
+    "unwrap_checkpointed",
 ]
 
 MODULES = (
@@ -50,6 +55,7 @@ MODULES = (
     "parallelizer",
     "fsdp_mixin",
     "state_dict",
+    "activation_checkpointing",
 )
 
 

@@ -64,7 +64,8 @@ class BackendConfig:
     accepted. `enable_deepep` is the legacy switch for `dispatcher` (True ->
     "deepep", False -> "torch"). `gate_precision` accepts a dtype or a string
     such as "float32" and is stored as a torch.dtype (or None: router math in
-    the activation dtype).
+    the activation dtype). `compile_attn` wraps the attention kernel call in
+    `torch.compile` (am-utils' `AttentionKernel`); "te" attention cannot be compiled.
     """
 
     attn: Literal["te", "sdpa", "flex", "eager", "tilelang"] = "te" if HAVE_TE and _CUDA else "sdpa"
@@ -117,6 +118,12 @@ class BackendConfig:
         self.gate_precision = resolve_dtype(
             self.gate_precision, name="BackendConfig.gate_precision"
         )
+        if self.compile_attn and self.attn == "te":
+            raise ValueError(
+                "BackendConfig.compile_attn=True cannot be combined with attn='te': Transformer "
+                "Engine's attention is already a fused CUDA kernel that torch.compile does not "
+                "trace; set compile_attn=False or choose attn='sdpa', 'flex' or 'eager'"
+            )
         if self.te_fp8 is not None and not HAVE_TE:
             raise ImportError(
                 "BackendConfig.te_fp8 enables Transformer Engine FP8, but 'transformer_engine' is "

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "run_experts": "experts",
     "MLP": "layers",
     "MoE": "layers",
+    "relu2": "layers",
     "TokenDispatcher": "dispatch",
     "LocalDispatcher": "dispatch",
     "AllToAllDispatcher": "dispatch",

@@ -66,5 +66,7 @@ def causal_lm_loss(
         )
     target = next_token_targets(labels, seq_idx, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index
+        logits.float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1).to(logits.device),
+        ignore_index=ignore_index,
     )

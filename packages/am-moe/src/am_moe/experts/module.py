@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from am_dtype.dtensor import to_local as _local
 from am_moe.config import MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
 from am_moe.experts.activations import ACTIVATIONS
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
     from am_dtype.backend import BackendConfig
 
 __all__ = ["GroupedExperts"]
-
-
-def _local(t: Tensor | None) -> Tensor | None:
-    """The local shard of an expert-parallel DTensor (Shard(0) over EP), else the tensor."""
-    return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
 # Kernels with a fused gather -> experts -> weighted-sum path when no expert parallelism is on.
