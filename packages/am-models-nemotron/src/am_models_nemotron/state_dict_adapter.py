@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from am_dtype.dtensor import full_tensor
 from am_moe.state_dict import convert_hf_to_native, convert_native_to_hf, local_expert_range
 
 # (native prefix, on-disk HF prefix); the first match wins.
@@ -44,10 +45,6 @@ def _rename(key: str, src: int, dst: int) -> str:
         if key.startswith(pair[src]):
             return pair[dst] + key[len(pair[src]) :]
     return key
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _ep_mesh(device_mesh: Any) -> Any:
@@ -81,7 +78,7 @@ class NemotronHStateDictAdapter:
         self, state_dict: dict[str, torch.Tensor], exclude_key_regex: str | None = None, **_: Any
     ) -> dict[str, torch.Tensor]:
         """Native state dict -> on-disk HF layout (per-expert tensors, `backbone.` prefix)."""
-        full = {k: _full(v) for k, v in state_dict.items()}
+        full = {k: full_tensor(v) for k, v in state_dict.items()}
         hf = convert_native_to_hf(full, gated=False, layout="per_expert")
         out = {_rename(k, 0, 1): v for k, v in hf.items()}
         if exclude_key_regex is not None:
