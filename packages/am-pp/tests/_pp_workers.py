@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _pp_models import CASES, IGNORE_INDEX, batch
+from _pp_models import CASES, IGNORE_INDEX, SEQ, batch
 
 from am_pp.schedule import pipeline_model
 
 
-def reference_loss_and_grads(name: str, data: dict):
+def packed_position_ids(batch_size: int) -> torch.Tensor:
+    """Every row holds two packed sequences (5 and SEQ - 5 tokens)."""
+    row = list(range(5)) + list(range(SEQ - 5))
+    return torch.tensor([row] * batch_size)
+
+
+def reference_loss_and_grads(name: str, data: dict, position_ids=None):
     """The one-process reference: loss and every parameter's gradient."""
     model = CASES[name]()
-    logits = model(input_ids=data["input_ids"], **data["image_kwargs"]).logits
+    extra = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+    logits = model(input_ids=data["input_ids"], **data["image_kwargs"], **extra).logits
     targets = F.pad(data["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
@@ -30,10 +37,12 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(
-    name: str, schedule: str, n_microbatches: int, batch_size: int, from_meta: bool
-) -> dict:
+    name: str, schedule: str, n_microbatches: int, batch_size: int, from_meta: bool,
+    packed: bool = False,
+) -> dict:  # fmt: skip
     data = batch(name, batch_size, n_microbatches)
-    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data)
+    position_ids = packed_position_ids(batch_size) if packed else None
+    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data, position_ids)
     if from_meta:
         with torch.device("meta"):
             source = CASES[name]()
@@ -41,7 +50,10 @@ def run_case(
     else:
         source, state_dict = CASES[name](), None
     pp = pipeline_model(source, None, schedule, n_microbatches, state_dict=state_dict)
-    loss = pp.step(data["input_ids"], data["labels"], microbatch_kwargs=data["image_kwargs_mbs"])
+    loss = pp.step(
+        data["input_ids"], data["labels"], microbatch_kwargs=data["image_kwargs_mbs"],
+        position_ids=position_ids,
+    )  # fmt: skip
     errors = {}
     for pname, p in pp.named_parameters():
         ref = ref_grads.get(pname)

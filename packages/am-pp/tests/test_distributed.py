@@ -47,11 +47,15 @@ def test_two_ranks_1f1b_and_interleaved_equal_one_process():
     # r holds stages r and 2p-1-r), and a real (not meta) source model once.
     extra = [(s, 4) for s in ("ZBVZeroBubble", "DualPipeV", "InterleavedZeroBubble", "LoopedBFS")]
     cases += [("llama", s, 4, 4, True) for s, _ in extra] + [("qwen3", "GPipe", 4, 4, False)]
+    # Packed rows: position_ids travel with the hidden states to every stage.
+    cases += [("llama", "1F1B", 4, 4, True, True), ("qwen3", "Interleaved1F1B", 4, 4, True, True)]
     per_rank = run_distributed(run_cases, 2, cases, timeout_s=300)
     n = len(MODELS)
     _check([r[:n] for r in per_rank], cases[:n], 2)
     _check([r[n : 2 * n + len(extra)] for r in per_rank], cases[n : 2 * n + len(extra)], 4)
-    _check([r[-1:] for r in per_rank], cases[-1:], 2)
+    _check([r[-3:-2] for r in per_rank], cases[-3:-2], 2)
+    _check([r[-2:-1] for r in per_rank], cases[-2:-1], 2)
+    _check([r[-1:] for r in per_rank], cases[-1:], 4)
 
 
 @pytest.mark.distributed

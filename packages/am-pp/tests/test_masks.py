@@ -112,3 +112,22 @@ def test_every_stage_builds_once_across_microbatches():
             ids = _ids(1, 12, seed)
             torch.testing.assert_close(last(first(ids)), model(ids).logits, rtol=0, atol=0)
     assert _builds(first) == 1 and _builds(last) == 1
+
+
+def test_packed_position_ids_travel_to_every_stage():
+    """Stage 0 returns (hidden states, position ids); later stages take both positionally and
+    build the packed mask themselves: the chained logits equal transformers' packed ones."""
+    for model in (llama(), qwen3()):
+        names = generate_stage_module_names(model, 3, layers_per_stage=[1, 2, 1])
+        stages = split_model_into_stages(model, names, [0, 1, 2])
+        ids = _ids(2, 12, 5)
+        packed = torch.tensor([list(range(5)) + list(range(7)), list(range(4)) * 3])
+        with torch.no_grad():
+            out = stages[0](ids, position_ids=packed)
+            assert isinstance(out, tuple) and out[1] is packed
+            out = stages[1](*out)
+            logits = stages[2](*out)
+            want = model(ids, position_ids=packed, use_cache=False).logits
+            torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
+            assert (logits - model(ids).logits).abs().max() > 1e-4  # packing mattered
+        assert all(_builds(s) == 1 for s in stages)  # each built its own (packed) mask

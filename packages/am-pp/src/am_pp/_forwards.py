@@ -58,9 +58,30 @@ def default_position_ids(h: torch.Tensor, position_ids, cache_position) -> torch
     return torch.arange(h.shape[1], device=h.device).unsqueeze(0)
 
 
-def norm_if_last(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def carried_position_ids(carried: tuple, position_ids):
+    """Explicit position ids travel with the hidden states (`(h, position_ids)` from the
+    previous stage, positionally): packed rows need them on every stage. The carried ones
+    win: torch's shape inference also hands the first microbatch's root kwargs to later
+    local stages of a multi-stage schedule (the same ids, so only shapes are checked)."""
+    if not carried:
+        return position_ids
+    if len(carried) != 1 or (
+        position_ids is not None and tuple(position_ids.shape) != tuple(carried[0].shape)
+    ):
+        raise TypeError(
+            "a pipeline stage takes (hidden_states, position_ids) positionally; got "
+            f"{1 + len(carried)} positional inputs and position_ids={position_ids is not None}"
+        )
+    return carried[0]
+
+
+def norm_or_carry(module: nn.Module, h: torch.Tensor, position_ids):
+    """Last stage (it owns the final norm): normed h. Other stages: h, plus the explicit
+    position ids (if any) for the next stage."""
     norm = getattr(module, "norm", None)
-    return norm(h) if norm is not None else h
+    if norm is not None:
+        return norm(h)
+    return (h, position_ids) if position_ids is not None else h
 
 
 def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
@@ -72,6 +93,7 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
     def forward(
         self,
         input_ids=None,
+        *carried,
         attention_mask=None,
         position_ids=None,
         past_key_values=None,
@@ -84,10 +106,12 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
             {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}, model_class_name
         )
         h = embed_or_pass_through(self, input_ids, inputs_embeds)
+        position_ids = carried_position_ids(carried, position_ids)
         # The mask sees the ids as given: default positions are never packed (no check).
         masks = _build_or_reuse_pp_causal_mask(
             self, h, attention_mask, cache_position, position_ids
         )
+        given_position_ids = position_ids
         position_ids = default_position_ids(h, position_ids, cache_position)
         position_embeddings = self.rotary_emb(h, position_ids)
         types_ = layer_types_of(self.config)
@@ -98,7 +122,7 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
             )
-        return norm_if_last(self, h)
+        return norm_or_carry(self, h, given_position_ids)
 
     forward.__qualname__ = f"{model_class_name}.pipeline_forward"
     return forward
@@ -115,6 +139,7 @@ def create_pipeline_forward_gemma4_text() -> Callable:
     def forward(
         self,
         input_ids=None,
+        *carried,
         attention_mask=None,
         position_ids=None,
         past_key_values=None,
@@ -134,10 +159,12 @@ def create_pipeline_forward_gemma4_text() -> Callable:
             "Gemma4TextModel",
         )
         h = embed_or_pass_through(self, input_ids, inputs_embeds)
+        position_ids = carried_position_ids(carried, position_ids)
         # The mask sees the ids as given: default positions are never packed (no check).
         masks = _build_or_reuse_pp_causal_mask(
             self, h, attention_mask, cache_position, position_ids
         )
+        given_position_ids = position_ids
         position_ids = default_position_ids(h, position_ids, cache_position)
         types_ = self.config.layer_types
         rotary = {t: self.rotary_emb(h, position_ids, t) for t in sorted(set(types_))}
@@ -152,7 +179,7 @@ def create_pipeline_forward_gemma4_text() -> Callable:
                 attention_mask=masks[types_[idx]],
                 position_ids=position_ids,
             )
-        return norm_if_last(self, h)
+        return norm_or_carry(self, h, given_position_ids)
 
     forward.__qualname__ = "Gemma4TextModel.pipeline_forward"
     return forward
@@ -162,7 +189,7 @@ def lm_head_or_hidden(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Logits (with the config's final-logit softcapping) on the last stage, else `h`."""
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None:
-        return h
+        return h  # hidden states, or (hidden states, position ids) for the next stage
     logits = lm_head(h)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -179,6 +206,7 @@ def create_pipeline_forward_causal_lm() -> Callable:
     def forward(
         self,
         input_ids=None,
+        *carried,
         attention_mask=None,
         position_ids=None,
         past_key_values=None,
@@ -197,6 +225,7 @@ def create_pipeline_forward_causal_lm() -> Callable:
         reject_unused({"logits_to_keep": logits_to_keep or None, **kwargs}, type(self).__name__)
         h = self.model(
             input_ids,
+            *carried,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,

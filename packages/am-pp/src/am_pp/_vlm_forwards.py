@@ -55,6 +55,7 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
     def forward(
         self,
         input_ids=None,
+        *carried,
         attention_mask=None,
         position_ids=None,
         pixel_values=None,
@@ -88,6 +89,7 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
             input_ids = None
         h = lm(
             input_ids,
+            *carried,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -111,6 +113,7 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
     def forward(
         self,
         input_ids=None,
+        *carried,
         attention_mask=None,
         position_ids=None,
         pixel_values=None,
@@ -137,6 +140,7 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
             input_ids = None
         h = lm(
             input_ids,
+            *carried,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,

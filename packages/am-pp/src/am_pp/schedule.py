@@ -125,12 +125,17 @@ def _split_rows(value: Any, n: int, name: str) -> list[Any]:
     return [value] * n  # non-tensors (flags, ints) go to every microbatch
 
 
-# Per-token inputs every stage would need, but PipelineStage hands only to the first one.
+# Per-token inputs every stage would need, but PipelineStage hands only to the first one
+# (position_ids travel with the hidden states through the patched forwards).
 _FIRST_STAGE_ONLY = ("attention_mask", "position_ids", "cache_position")
 
 
-def _reject_first_stage_only_inputs(kwargs: Mapping[str, Any], num_stages: int) -> None:
+def _reject_first_stage_only_inputs(
+    kwargs: Mapping[str, Any], num_stages: int, carries_position_ids: bool
+) -> None:
     given = [k for k in _FIRST_STAGE_ONLY if kwargs.get(k) is not None]
+    if carries_position_ids and "position_ids" in given:
+        given.remove("position_ids")
     if given and num_stages > 1:
         raise ValueError(
             f"{given} would reach only the first of {num_stages} stages (later stages get "
@@ -153,6 +158,7 @@ class PipelinedModel:
     has_last_stage: bool
     stage_indices: list[int] = field(default_factory=list)
     num_stages: int = 1
+    carries_position_ids: bool = True  # the patched forwards do; a model's own may not
 
     def parameters(self):
         for stage in self.stages:
@@ -164,7 +170,7 @@ class PipelinedModel:
 
     def _microbatches(self, input_ids, labels, microbatch_kwargs, kwargs) -> dict:
         n = self.n_microbatches
-        _reject_first_stage_only_inputs(kwargs, self.num_stages)
+        _reject_first_stage_only_inputs(kwargs, self.num_stages, self.carries_position_ids)
         target_mbs = None
         if labels is not None:
             target_mbs = _split_rows(labels, n, "labels")
@@ -306,4 +312,5 @@ def pipeline_model(
         has_last_stage=num_stages - 1 in indices,
         stage_indices=indices,
         num_stages=num_stages,
+        carries_position_ids=not model_keeps_self_forward(model),
     )
