@@ -163,7 +163,8 @@ def test_packed_mask_forms_and_document_isolation():
     assert sliding[1, 2] and not sliding[2, 3] and not sliding[3, 1]  # images end at doc edges
     assert sliding[3, 4]  # same image in document 2, bidirectional
     assert not masks["full_attention"][0, 0, 3, 4]
-    assert masks["full_attention"][0, 0, 5].tolist() == [False] * 5 + [True]  # padding row
+    for kind in masks:  # no real query sees padding; the padding row stays finite
+        assert not masks[kind][0, 0, :5, 5].any() and masks[kind][0, 0, 5].any()
     additive = _build_packed_gemma4_causal_mask_mapping(
         seq_ids, mm, torch.bfloat16, 4, as_additive=True
     )

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
+
+from am_utils.loss import next_token_targets
 
 __all__ = [
     "CP_ATTENTION",
@@ -42,7 +43,6 @@ __all__ = [
 
 
 CP_ATTENTION = "am_gemma4_cp"
-IGNORE_INDEX = -100
 
 
 def load_balanced_indices(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
@@ -269,7 +269,7 @@ class Gemma4CPMixin:
             out["position_ids"] = torch.arange(seq, device=index.device)[None]
         labels = out.pop("labels", None)
         if labels is not None:
-            out["shift_labels"] = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+            out["shift_labels"] = next_token_targets(labels)
         if loss_mask is not None:
             out["loss_mask"] = loss_mask
         for key in (

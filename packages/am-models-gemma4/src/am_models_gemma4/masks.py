@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from am_utils.masks import build_attention_mask, to_bool_mask
+
 __all__ = [
     "_build_packed_gemma4_causal_mask_mapping",
     "_convert_bool_4d_mask_to_additive",
@@ -15,11 +17,9 @@ __all__ = [
 
 def _allowed_from_4d(mask: Tensor) -> Tensor:
     """[B, H, Q, K] bool (True = may attend) from a bool or additive (0 = attend) 4D mask."""
-    if mask.dtype == torch.bool:
-        return mask
-    if not mask.is_floating_point():
+    if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"a 4D attention_mask must be bool or floating point, got {mask.dtype}")
-    return mask == 0
+    return to_bool_mask(mask)
 
 
 def _derive_padding_mask(attention_mask: Tensor) -> Tensor:
@@ -91,8 +91,9 @@ def _build_packed_gemma4_causal_mask_mapping(
     allow a key when it is inside the window (`q - k < sliding_window`) AND (causal OR in
     the same image as the query): image tokens see their whole image bidirectionally, but
     never beyond the window into the past nor on full-attention layers (the rule of
-    transformers 5.23's `create_masks_for_vision_model`, per document). Padding queries
-    attend only to themselves, so every row stays finite.
+    transformers 5.23's `create_masks_for_vision_model`, per document). Built on
+    `am_utils.masks.build_attention_mask`; padding queries attend everywhere (finite rows,
+    outputs unused) and no real query attends a padding key.
 
     Returns [B, 1, S, S] bool masks (True = may attend), additive ones in `dtype` (0 / -inf)
     with `as_additive`, or flex-attention `BlockMask`s with `as_block_mask`.
@@ -102,20 +103,18 @@ def _build_packed_gemma4_causal_mask_mapping(
     if as_additive and as_block_mask:
         raise ValueError("choose at most one of as_additive and as_block_mask")
     ids = packed_seq_ids.long()
+    real = ids > 0
     S = ids.shape[1]
-    pos = torch.arange(S, device=ids.device)
-    causal = (pos[None, :] <= pos[:, None])[None]
-    same_doc = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] > 0)
+    # causal within each document, padded keys blocked (am_utils.masks); rows with nothing
+    # to attend (padding queries) attend everywhere, so they stay finite
+    full = build_attention_mask(S, S, real, ids)
+    sliding = build_attention_mask(S, S, real, ids, sliding_window=sliding_window)
     blocks = _image_block_ids(mm_token_type_ids, ids)
     same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-    window = torch.ones_like(causal)
     if sliding_window is not None:
-        window = (pos[None, :] > pos[:, None] - sliding_window)[None]
-    self_only = torch.eye(S, dtype=torch.bool, device=ids.device)[None] & (ids == 0)[:, :, None]
-    masks = {
-        "full_attention": (causal & same_doc) | self_only,
-        "sliding_attention": (same_doc & window & (causal | same_image)) | self_only,
-    }
+        pos = torch.arange(S, device=ids.device)
+        same_image &= (pos[None, :] > pos[:, None] - sliding_window)[None]
+    masks = {"full_attention": full[:, 0], "sliding_attention": sliding[:, 0] | same_image}
     if as_block_mask:
         return {k: _to_block_mask(v, flex_block_size) for k, v in masks.items()}
     masks = {k: v.unsqueeze(1) for k, v in masks.items()}

@@ -50,10 +50,10 @@ from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
 from am_moe.fsdp_mixin import MoEFSDPSyncMixin
 from am_utils.checkpointing import HFCheckpointingMixin
+from am_utils.loss import IGNORE_INDEX, causal_lm_loss
 
 __all__ = ["Gemma4ForConditionalGeneration", "Gemma4MoEModel", "ModelCapabilities", "ModelClass"]
 
-IGNORE_INDEX = -100
 # BackendConfig.attn -> transformers' attention implementation for the text layers.
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
 
@@ -366,8 +366,12 @@ class Gemma4ForConditionalGeneration(
         )
         if labels is not None:
             outputs.loss = causal_lm_loss(outputs.logits, labels)
-        elif shift_labels is not None:
-            outputs.loss = causal_lm_loss(outputs.logits, shift_labels, shifted=True)
+        elif shift_labels is not None:  # CP: targets shifted on the full sequence already
+            outputs.loss = F.cross_entropy(
+                outputs.logits.float().flatten(0, -2),
+                shift_labels.flatten().to(outputs.logits.device),
+                ignore_index=IGNORE_INDEX,
+            )
         return outputs
 
     def prepare_inputs_embeds_for_cp(
@@ -401,23 +405,6 @@ class Gemma4ForConditionalGeneration(
 
     def set_experts_implementation(self, *_: Any, **__: Any) -> None:
         """Accepted for GenerationMixin; am-moe experts have no transformers switch."""
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False
-) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1] (labels[t]
-    when `shifted`, as context parallelism passes them); -100 ignored."""
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
-        )
-    target = labels if shifted else F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-    )
 
 
 ModelClass = Gemma4ForConditionalGeneration

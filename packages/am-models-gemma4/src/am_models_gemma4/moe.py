@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
 from am_dtype.backend import BackendConfig
+from am_dtype.dtensor import to_local
 from am_moe.config import MoEConfig
 from am_moe.layers import MoE
 
@@ -113,13 +114,9 @@ class Gemma4Gate(nn.Module):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None, init_std: float = 0.02):
         """transformers' init: normal(0, init_std) projection, unit scales."""
-        nn.init.normal_(_local(self.proj.weight), mean=0.0, std=init_std)
-        nn.init.ones_(_local(self.scale))
-        nn.init.ones_(_local(self.per_expert_scale))
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+        nn.init.normal_(to_local(self.proj.weight), mean=0.0, std=init_std)
+        nn.init.ones_(to_local(self.scale))
+        nn.init.ones_(to_local(self.per_expert_scale))
 
 
 class Gemma4MoE(MoE):

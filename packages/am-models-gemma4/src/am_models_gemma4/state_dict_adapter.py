@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from am_dtype.dtensor import full_tensor
 from am_moe.state_dict import convert_hf_to_native, convert_native_to_hf, local_expert_range
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ _DEAD_KV = re.compile(_TEXT_LAYER + r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.
 _EXPERT_PARAMS = (".moe.experts.gate_and_up_projs", ".moe.experts.down_projs")
 _TO_OURS = {"router": "gate", "experts": "experts"}
 _TO_HF = {"gate": "router", "experts": "experts"}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _ep_mesh(device_mesh: Any) -> Any:
@@ -77,7 +74,7 @@ class Gemma4StateDictAdapter:
         self, state_dict: dict[str, torch.Tensor], exclude_key_regex: str | None = None, **_: Any
     ) -> dict[str, torch.Tensor]:
         """Our state dict -> transformers' layout (stacked experts, `router.` names)."""
-        full = {k: _full(v) for k, v in state_dict.items()}
+        full = {k: full_tensor(v) for k, v in state_dict.items()}
         if self.num_experts:
             full = convert_native_to_hf(full, gated=True, layout="stacked")
         out = {}
