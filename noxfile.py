@@ -6,6 +6,7 @@
     uv run nox -s tests             # all packages + top-level tests/, with coverage
     uv run nox -s gpu               # the gpu extras and `-m gpu` tests; skips without CUDA
     uv run nox -s lint
+    uv run nox -s meta              # a fresh venv with only am-automodel: every package + the tiny recipe
 
 Versions come from uv.lock in every session (`uv export --frozen`), so a
 session tests what a user installing from the lock gets.
@@ -130,3 +131,21 @@ def gpu(session: nox.Session) -> None:
             *session.posargs,
             success_codes=[0, 5],
         )
+
+
+@nox.session
+def meta(session: nox.Session) -> None:
+    """A fresh venv holding only `am-automodel` (from the lock) gets every am package and runs
+    the tiny recipe end to end: train a few steps, export, generate from the export."""
+    _install_locked(session, "--package", "am-automodel", "--no-dev")
+    session.chdir(session.create_tmp())
+    imports = "; ".join(f"import {_package_import_name(p)}" for p in PACKAGES)
+    session.run("python", "-c", f"{imports}; print('every am package imports')")
+    recipe = str(ROOT / "examples" / "tiny_nemotron.yaml")
+    session.run(
+        "automodel", "train", recipe, "--train.steps=4", "--train.eval_every=2",
+        "--data.builtin_documents=200", "--checkpoint.dir=meta_run", "--checkpoint.resume=never",
+        "--logging.progress=false", env={"OMP_NUM_THREADS": "2"},
+    )  # fmt: skip
+    session.run("automodel", "generate", "meta_run/hf/final", "--prompt", "Ada went to",
+                "--max-new-tokens", "8")  # fmt: skip
