@@ -53,6 +53,7 @@ def _run(script: str, *args: str) -> str:
             ],
         ),
         ("pp.py", ("--quick",), ["ratio pipeline / one rank", "ideal", "mask cache: build"]),
+        ("train.py", ("--quick",), ["automodel / bare loop", "automodel / HF Trainer"]),
     ],
 )
 def test_bench_script_runs(script: str, args: tuple[str, ...], expected: list[str]) -> None:
