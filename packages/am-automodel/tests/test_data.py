@@ -133,3 +133,13 @@ def test_packed_rows_reach_the_model_as_separate_documents() -> None:
     with torch.no_grad():
         leaky = model(input_ids=rows.input_ids).logits[0]
     assert not torch.allclose(leaky[len(docs[0]) :], alone[1], atol=1e-3)
+
+
+def test_one_document_per_row_when_not_packing() -> None:
+    from am_automodel.data import rows_per_document
+
+    rows = rows_per_document([[1, 10, 11, 2], [1, *range(20, 27), 2]], seq_len=5, pad_id=0)
+    # the long document continues in a row of its own; every row is right-padded
+    assert rows.input_ids.tolist() == [[1, 10, 11, 2, 0], [1, 20, 21, 22, 23], [24, 25, 26, 2, 0]]
+    N = IGNORE_INDEX
+    assert rows.labels.tolist() == [[10, 11, 2, N, N], [20, 21, 22, 23, N], [25, 26, 2, N, N]]

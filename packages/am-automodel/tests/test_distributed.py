@@ -1,5 +1,6 @@
-"""Two gloo ranks (spawned) match one process: dp_shard=2 (FSDP2) and ep=2 (experts split,
-with gradient accumulation through MoEFSDPSyncMixin), over the first 10 steps.
+"""Two gloo ranks (spawned) match one process: dp_shard=2 (FSDP2), ep=2 (experts split,
+with gradient accumulation through MoEFSDPSyncMixin) and pp=2 (am-pp 1F1B, 2 microbatches,
+one document per row), over the first 10 steps.
 
 Tolerance: fp32, losses within 2e-5 absolute (about 1e-5 relative); the only difference is
 the order of floating-point sums in the reduce-scatter / all-to-all.
@@ -41,23 +42,30 @@ def test_dp_shard_2_and_ep_2_match_one_process(tmp_path) -> None:
     from am_utils.checkpointing import read_hf_state_dict
 
     single = run(build_recipe(_raw(tmp_path / "single", micro_batch_size=4)))
+    unpacked = _raw(tmp_path / "single_unpacked", micro_batch_size=4)
+    unpacked["data"]["pack"] = False
+    single_unpacked = run(build_recipe(unpacked))
     dp = _raw(tmp_path / "dp", micro_batch_size=2)
     dp["parallelism"] = {"dp_shard": 2}
     ep = _raw(tmp_path / "ep", micro_batch_size=1, grad_accum=2)
     ep["parallelism"] = {"dp_shard": 1, "ep": 2}
     ep["model"]["backend"]["enable_fsdp_optimizations"] = True  # deferred reduction in accumulation
-    results = run_distributed(_ranks, 2, [dp, ep], timeout_s=600)
+    pp = _raw(tmp_path / "pp", micro_batch_size=4)
+    pp["data"]["pack"] = False
+    pp["parallelism"] = {"dp_shard": 1, "pp": 2, "pp_microbatches": 2}
+    results = run_distributed(_ranks, 2, [dp, ep, pp], timeout_s=600)
     assert results[0] == results[1] or all(
         r["losses"] == results[0][i]["losses"] for i, r in enumerate(results[1])
     )
-    for name, got in zip(("dp_shard=2", "ep=2"), results[0], strict=True):
+    refs = (single, single, single_unpacked)
+    for name, got, ref_run in zip(("dp_shard=2", "ep=2", "pp=2"), results[0], refs, strict=True):
         assert sorted(got["losses"]) == list(range(1, STEPS + 1)), name
-        for step, loss in single.losses.items():
+        for step, loss in ref_run.losses.items():
             assert abs(got["losses"][step] - loss) <= TOL, (name, step, got["losses"][step], loss)
-        for step, loss in single.eval_losses.items():
+        for step, loss in ref_run.eval_losses.items():
             assert abs(got["eval"][step] - loss) <= TOL, (name, "eval", step)
         # the gathered export equals the single-process weights
-        ours, ref = read_hf_state_dict(got["export"]), read_hf_state_dict(single.export_dir)
+        ours, ref = read_hf_state_dict(got["export"]), read_hf_state_dict(ref_run.export_dir)
         assert ours.keys() == ref.keys()
         for key in ref:
             # weights ~0.06-0.09: Adam turns reduction-order noise of ~1e-7 in small

@@ -24,7 +24,9 @@ STEPS = 8
 
 
 def _raw(run_dir):
-    return tiny_raw(run_dir, train={"steps": STEPS, "eval_every": 4}, checkpoint={"every": 2, "keep_last": 2})
+    return tiny_raw(
+        run_dir, train={"steps": STEPS, "eval_every": 4}, checkpoint={"every": 2, "keep_last": 2}
+    )
 
 
 def _start(run_dir, tmp_path, fault: str | None = None) -> subprocess.Popen:
@@ -53,7 +55,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_sigkill_in_training_and_in_a_save_then_resume_is_bit_identical(tmp_path, one_thread) -> None:
+def test_sigkill_in_training_and_in_a_save_then_resume_is_bit_identical(
+    tmp_path, one_thread
+) -> None:
     reference = run(build_recipe(_raw(tmp_path / "reference")))
     assert sorted(reference.losses) == list(range(1, STEPS + 1))
 
@@ -79,16 +83,28 @@ def test_sigkill_in_training_and_in_a_save_then_resume_is_bit_identical(tmp_path
     assert names == ["step_00000002", "step_00000004", "step_00000006.tmp"], names
 
     for run_dir, last_good in ((killed, None), (in_save, 4)):
-        complete = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if ".tmp" not in p.name)
+        complete = sorted(
+            p.name for p in (run_dir / "checkpoints").iterdir() if ".tmp" not in p.name
+        )
         resumed = run(build_recipe(_raw(run_dir)))
         start = int(complete[-1].split("_")[1])
         assert last_good is None or start == last_good
-        assert resumed.start_step == start and sorted(resumed.losses) == list(range(start + 1, STEPS + 1))
+        assert resumed.start_step == start and sorted(resumed.losses) == list(
+            range(start + 1, STEPS + 1)
+        )
         for step, loss in resumed.losses.items():
-            assert loss == reference.losses[step], (run_dir.name, step, loss, reference.losses[step])
+            assert loss == reference.losses[step], (
+                run_dir.name,
+                step,
+                loss,
+                reference.losses[step],
+            )
         for step, loss in resumed.eval_losses.items():
             assert loss == reference.eval_losses[step], (run_dir.name, "eval", step)
         # the metrics file now tells one history, equal to the uninterrupted run's
         assert _logged(run_dir) == reference.losses
         assert not list((run_dir / "checkpoints").glob("*.tmp"))
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+            "step_00000006",
+            "step_00000008",
+        ]

@@ -130,27 +130,49 @@ def tokenize_documents(records: list[Any], tokenizer, chat: bool, where: str) ->
     return [bos + list(b) + eos for b in bodies if b]
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> PackedRows:
-    """Concatenate documents and cut into [N, seq_len] rows with per-document boundaries."""
+def pack_documents(
+    docs: list[list[int]], seq_len: int, pad_id: int, one_per_row: bool = False
+) -> PackedRows:
+    """Concatenate documents and cut into [N, seq_len] rows with per-document boundaries.
+
+    `one_per_row`: each document (at most seq_len tokens) gets a row of its own instead.
+    """
     if not docs:
         raise RecipeError("the dataset has no documents (after dropping empty ones)")
-    ids = torch.tensor([t for d in docs for t in d], dtype=torch.long)
-    doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs]))
-    n_rows = -(-ids.numel() // seq_len)
-    pad = n_rows * seq_len - ids.numel()
-    ids = torch.cat([ids, ids.new_full((pad,), pad_id)]).view(n_rows, seq_len)
-    doc = torch.cat([doc, doc.new_full((pad,), len(docs))]).view(n_rows, seq_len)
+    if one_per_row:
+        ids = torch.full((len(docs), seq_len), pad_id, dtype=torch.long)
+        doc = torch.full((len(docs), seq_len), len(docs), dtype=torch.long)
+        for i, d in enumerate(docs):
+            ids[i, : len(d)] = torch.tensor(d)
+            doc[i, : len(d)] = i
+    else:
+        ids = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+        doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs]))
+        n_rows = -(-ids.numel() // seq_len)
+        pad = n_rows * seq_len - ids.numel()
+        ids = torch.cat([ids, ids.new_full((pad,), pad_id)]).view(n_rows, seq_len)
+        doc = torch.cat([doc, doc.new_full((pad,), len(docs))]).view(n_rows, seq_len)
     # A new segment starts at every row start and wherever the document changes.
     starts = torch.ones_like(doc, dtype=torch.bool)
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
     seq_idx = starts.cumsum(1) - 1
-    col = torch.arange(seq_len).expand(n_rows, seq_len)
+    col = torch.arange(seq_len).expand(ids.shape[0], seq_len)
     start_col = torch.where(starts, col, torch.zeros_like(col)).cummax(1).values
     labels = torch.full_like(ids, IGNORE_INDEX)
     same = seq_idx[:, 1:] == seq_idx[:, :-1]
     labels[:, :-1] = torch.where(same, ids[:, 1:], IGNORE_INDEX)
     labels[doc == len(docs)] = IGNORE_INDEX  # padding predicts nothing
     return PackedRows(ids, labels, seq_idx.to(torch.int32), col - start_col)
+
+
+def rows_per_document(docs: list[list[int]], seq_len: int, pad_id: int) -> PackedRows:
+    """One document per row (long ones continue in further rows), right-padded.
+
+    With right padding no real token sees a pad token (attention and Mamba are causal), so
+    the model needs no boundary input at all: what pipeline stages after the first require.
+    """
+    pieces = [d[i : i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
+    return pack_documents(pieces, seq_len, pad_id, one_per_row=True)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -174,13 +196,12 @@ def build_datasets(
         val_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train = pack_documents(
-        tokenize_documents(records, tokenizer, chat, "data.path"), section.seq_len, pad
-    )
+    pack = pack_documents if section.pack else rows_per_document
+    train = pack(tokenize_documents(records, tokenizer, chat, "data.path"), section.seq_len, pad)
     val = None
     if val_records:
         val_docs = tokenize_documents(val_records, tokenizer, chat, "data.val_path")
-        val = pack_documents(val_docs, section.seq_len, pad)
+        val = pack(val_docs, section.seq_len, pad)
     return train, val
 
 

@@ -10,6 +10,7 @@ must be the world size, `ep` must divide the routed experts, `pp` cannot exceed 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,34 @@ def _device(choice: str) -> str:
     return choice
 
 
-def plan_mesh(section: ParallelismSection, world_size: int, spec, config, seq_len: int) -> MeshPlan:
+def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> None:
+    if importlib.util.find_spec("am_pp") is None:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "
+            "which is not installed"
+        )
+    others = {"dp_shard": dp_shard, "dp_replicate": section.dp_replicate, "ep": section.ep}
+    combined = [f"{k}={v}" for k, v in others.items() if v > 1]
+    if combined:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp} with {', '.join(combined)}: pipeline stages are not "
+            "combined with FSDP / EP in automodel train yet; use pp alone"
+        )
+    if section.activation_checkpointing or section.mixed_precision != "none":
+        raise RecipeError(
+            f"parallelism.pp = {section.pp}: activation_checkpointing and mixed_precision are "
+            "not wired for pipeline stages yet"
+        )
+    if pack:
+        raise RecipeError(
+            f"parallelism.pp = {section.pp} needs data.pack = false: stages after the first "
+            "receive hidden states only, so they cannot see packed-document boundaries"
+        )
+
+
+def plan_mesh(
+    section: ParallelismSection, world_size: int, spec, config, seq_len: int, pack: bool = True
+) -> MeshPlan:
     """Check the recipe's parallel sizes against the world and the model; resolve dp_shard=-1."""
     others = section.dp_replicate * section.ep * section.pp * section.cp
     dp_shard = section.dp_shard
@@ -83,16 +111,8 @@ def plan_mesh(section: ParallelismSection, world_size: int, spec, config, seq_le
         raise RecipeError(
             f"parallelism.pp = {section.pp} is larger than the model's {layers} layers"
         )
-    if section.pp > 1 and importlib.util.find_spec("am_pp") is None:
-        raise RecipeError(
-            f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "
-            "which is not installed"
-        )
     if section.pp > 1:
-        raise RecipeError(
-            f"parallelism.pp = {section.pp}: pipeline stages are not wired into automodel "
-            "train yet; use pp=1"
-        )
+        _check_pipeline(section, dp_shard, pack)
     if section.cp > 1 and not spec.supports_cp:
         raise RecipeError(
             f"parallelism.cp = {section.cp}: {type(config).__name__} does not support context "
@@ -102,7 +122,7 @@ def plan_mesh(section: ParallelismSection, world_size: int, spec, config, seq_le
         raise RecipeError(f"parallelism.cp = {section.cp} does not divide data.seq_len = {seq_len}")
     device = _device(section.device)
     data = section.dp_replicate * dp_shard * section.ep
-    use_fsdp = data > 1 or section.mixed_precision != "none"
+    use_fsdp = (data > 1 or section.mixed_precision != "none") and section.pp == 1
     return MeshPlan(world_size, device, section.pp, section.dp_replicate, dp_shard, section.ep,
                     section.cp, use_fsdp)  # fmt: skip
 
@@ -134,15 +154,13 @@ class ProcessGroup:
         if not dist.is_initialized():
             backend = "nccl" if self.plan.device == "cuda" else "gloo"
             timeout = datetime.timedelta(minutes=10)
-            if self.plan.world_size == 1 and "MASTER_ADDR" not in __import__("os").environ:
+            if self.plan.world_size == 1 and "MASTER_ADDR" not in os.environ:
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                         timeout=timeout)  # fmt: skip
             else:
                 dist.init_process_group(backend, timeout=timeout)
             self.created = True
         if self.plan.device == "cuda":
-            import os
-
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return self
 

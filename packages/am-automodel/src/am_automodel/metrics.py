@@ -34,10 +34,11 @@ def peak_memory_mb(device: str) -> float:
 class ExpertLoadMonitor:
     """Counts the tokens each MoE router sends to each expert (forward hooks on the gates)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, reduce: bool = True) -> None:
         from am_moe.gate import Gate
         from am_moe.layers import MoE
 
+        self.reduce = reduce  # False under PP: each rank holds different MoE layers
         self.moe_blocks = [m for m in model.modules() if isinstance(m, MoE)]
         self._counts: list[torch.Tensor | None] = [None] * len(self.moe_blocks)
         self._handles = []
@@ -65,7 +66,7 @@ class ExpertLoadMonitor:
         out: dict[str, float] = {}
         if counts:
             stacked = torch.stack(counts)
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            if self.reduce and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(stacked)
             per_layer = stacked.max(dim=1).values / stacked.mean(dim=1).clamp_min(1e-9)
             out["moe_load_imbalance"] = float(per_layer.mean())

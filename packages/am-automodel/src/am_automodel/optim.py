@@ -72,25 +72,30 @@ def _group_key(grad: torch.Tensor):
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, group=None) -> torch.Tensor:
     """The global L2 norm of all gradients (over every shard); scale them to `max_norm` if above.
 
-    `max_norm <= 0` only measures. Returns the norm before clipping as a plain fp32 tensor.
+    `max_norm <= 0` only measures. `group`: ranks holding *different* parameters (pipeline
+    stages), whose squared norms are summed. Returns the norm before clipping (fp32 tensor).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault(_group_key(g), []).append(g)
     total_sq = torch.zeros((), dtype=torch.float32)
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+    for grads_of_mesh in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads_of_mesh, norm_type=2.0)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         total_sq = total_sq + norm.float().cpu() ** 2
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total_sq, group=group)
     total = total_sq.sqrt()
     if max_norm > 0:
         coef = max_norm / (float(total) + 1e-6)
         if coef < 1.0:
-            for group in groups.values():
-                torch._foreach_mul_(group, coef)
+            for grads_of_mesh in groups.values():
+                torch._foreach_mul_(grads_of_mesh, coef)
     return total

@@ -118,6 +118,9 @@ class DataSection(_Section):
         2000, ge=10, description="size of the built-in embedded dataset (documents)"
     )
     shuffle: bool = Field(True, description="shuffle rows each epoch (seeded)")
+    pack: bool = Field(
+        True, description="pack documents into rows; false: one document per row, right-padded"
+    )
 
 
 class ParallelismSection(_Section):

@@ -72,12 +72,31 @@ def prepare(recipe: Recipe) -> Prepared:
     tokenizer = build_tokenizer(recipe.tokenizer)
     config = build_model_config(recipe.model, len(tokenizer))
     spec = model_spec(config)
-    plan = plan_mesh(recipe.parallelism, world_size, spec, config, recipe.data.seq_len)
+    plan = plan_mesh(recipe.parallelism, world_size, spec, config, recipe.data.seq_len,
+                     recipe.data.pack)  # fmt: skip
+    if plan.pp > 1:
+        _check_pipeline_batch(recipe)
     check_data_files(recipe.data)
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never") and not (Path(resume) / ".metadata").is_file():
         raise RecipeError(f"checkpoint.resume = {resume!r}: not a complete checkpoint directory")
     return Prepared(recipe, tokenizer, config, spec, BackendConfig(**recipe.model.backend), plan)
+
+
+def _check_pipeline_batch(recipe: Recipe) -> None:
+    from am_pp.schedule import get_schedule_spec
+
+    par, tr = recipe.parallelism, recipe.train
+    try:
+        get_schedule_spec(par.pp_schedule)
+    except ValueError as err:
+        raise RecipeError(f"parallelism.pp_schedule = {par.pp_schedule!r}: {err}") from None
+    n_mb, rows = par.pp_microbatches or par.pp, tr.micro_batch_size * tr.grad_accum
+    if rows % n_mb:
+        raise RecipeError(
+            f"parallelism.pp_microbatches = {n_mb} does not divide the {rows} rows of a step "
+            "(train.micro_batch_size * train.grad_accum)"
+        )
 
 
 def _batch_loss_sum(model, batch: dict, packing: str, device) -> tuple[torch.Tensor, int]:
@@ -168,7 +187,8 @@ def _run(prep: Prepared) -> TrainResult:
         else []
     )
 
-    model = build_model(recipe, prep.config, prep.spec, prep.backend, plan, mesh, rank)
+    engine = (PipelineEngine if plan.pp > 1 else LocalEngine)(prep, mesh, rank, device)
+    model = engine.module
     optimizer = build_optimizer(model, recipe.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, recipe.optimizer, tr.steps)
     ckpt = Checkpointer(run_dir, recipe.checkpoint.keep_last, rank)
@@ -186,7 +206,7 @@ def _run(prep: Prepared) -> TrainResult:
         print(f"automodel: {type(model).__name__} on {plan.world_size} rank(s) {dict(zip(('pp', 'dp_replicate', 'dp_shard', 'ep', 'cp'), plan.shape, strict=True))}; "
               f"{len(train_rows)} train rows x {recipe.data.seq_len} tokens; "
               f"{'resuming after step ' + str(start) if start else 'fresh start'}", flush=True)  # fmt: skip
-    monitor = ExpertLoadMonitor(model)
+    monitor = ExpertLoadMonitor(model, reduce=plan.pp == 1)
     cfg = recipe.checkpoint
     tokens_per_step = tr.micro_batch_size * tr.grad_accum * plan.data_size * recipe.data.seq_len
     run_start, steps_done = time.perf_counter(), 0
@@ -195,8 +215,7 @@ def _run(prep: Prepared) -> TrainResult:
             t0 = time.perf_counter()
             batches = [loader.next_batch() for _ in range(tr.grad_accum)]
             lr = optimizer.param_groups[0]["lr"]
-            loss, grad_norm = _train_step(model, batches, prep.spec.packing, plan, device,
-                                          optimizer, recipe.optimizer.max_grad_norm)  # fmt: skip
+            loss, grad_norm = engine.train_step(batches, optimizer, recipe.optimizer.max_grad_norm)
             scheduler.step()
             dt = time.perf_counter() - t0
             steps_done += 1
@@ -209,21 +228,20 @@ def _run(prep: Prepared) -> TrainResult:
             if step % recipe.logging.log_every == 0 or step == tr.steps:
                 log.log(record)
             if val and ((tr.eval_every and step % tr.eval_every == 0) or step == tr.steps):
-                result.eval_losses[step] = _evaluate(model, val, prep.spec.packing, device)
+                result.eval_losses[step] = engine.evaluate(val)
                 log.log({"step": step, "eval_loss": result.eval_losses[step]}, echo=True)
             if (cfg.every and step % cfg.every == 0) or step == tr.steps:
                 ckpt.save(step, model, optimizer, scheduler, loader)
             if cfg.export_every and step % cfg.export_every == 0 and step != tr.steps:
-                export_hf(
-                    model,
+                engine.export(
                     prep.tokenizer,
                     recipe.to_yaml(),
                     run_dir / "hf" / f"step_{step:08d}",
                     rank,
                 )
         if cfg.export_final:
-            result.export_dir = export_hf(
-                model, prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / "final", rank
+            result.export_dir = engine.export(
+                prep.tokenizer, recipe.to_yaml(), run_dir / "hf" / "final", rank
             )
     finally:
         log.close()
@@ -240,3 +258,61 @@ def _data_rank(mesh) -> int:
     return (coords["dp_replicate"] * sizes["dp_shard"] + coords["dp_shard"]) * sizes["ep"] + coords[
         "ep"
     ]
+
+
+class LocalEngine:
+    """One model per rank (plain, or sharded by FSDP2 / EP): the model runs whole on each rank."""
+
+    def __init__(self, prep: Prepared, mesh, rank: int, device) -> None:
+        self.prep, self.rank, self.device = prep, rank, device
+        self.module = build_model(prep.recipe, prep.config, prep.spec, prep.backend, prep.plan,
+                                  mesh, rank)  # fmt: skip
+
+    def train_step(self, batches, optimizer, max_grad_norm):
+        return _train_step(self.module, batches, self.prep.spec.packing, self.prep.plan,
+                           self.device, optimizer, max_grad_norm)  # fmt: skip
+
+    def evaluate(self, batches) -> float:
+        return _evaluate(self.module, batches, self.prep.spec.packing, self.device)
+
+    def export(self, tokenizer, recipe_yaml, directory, rank):
+        return export_hf(self.module, tokenizer, recipe_yaml, directory, rank)
+
+
+class PipelineEngine:
+    """This rank's pipeline stages (am-pp); see `pipeline.py`."""
+
+    def __init__(self, prep: Prepared, mesh, rank: int, device) -> None:
+        from torch import nn
+
+        from am_automodel.pipeline import build_pipeline
+
+        self.prep, self.group = prep, mesh["pp"].get_group()
+        self.pp = build_pipeline(prep.recipe, prep.config, prep.spec, prep.backend, prep.plan,
+                                 mesh, device)  # fmt: skip
+        stages = self.pp.stages
+        self.module = stages[0] if len(stages) == 1 else nn.ModuleList(stages)
+
+    def train_step(self, batches, optimizer, max_grad_norm):
+        from am_automodel.pipeline import pipeline_train_step
+
+        return pipeline_train_step(self.pp, batches, optimizer, max_grad_norm, self.group)
+
+    def evaluate(self, batches) -> float:
+        from am_automodel.pipeline import pipeline_eval
+
+        k = self.prep.recipe.train.grad_accum  # the schedule takes whole global batches
+        merged = [
+            {key: torch.cat([b[key] for b in batches[i : i + k]]) for key in batches[i]}
+            for i in range(0, len(batches), k)
+        ]
+        return pipeline_eval(self.pp, merged, self.group)
+
+    def export(self, tokenizer, recipe_yaml, directory, rank):
+        from am_automodel.pipeline import gather_full_state_dict
+
+        full = gather_full_state_dict(self.pp, self.group)
+        with torch.device("cpu"):
+            plain = self.prep.spec.build(self.prep.config, self.prep.backend)
+        plain.load_state_dict(full)
+        return export_hf(plain, tokenizer, recipe_yaml, directory, rank)
