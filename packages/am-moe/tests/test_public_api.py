@@ -16,6 +16,7 @@ EXPECTED = [
     "AllToAllDispatcher",
     "DeepEPDispatcher",
     "DispatchStats",
+    "ExpertCheckpointError",
     "FakeBalancedGate",
     "Gate",
     "GroupedExperts",

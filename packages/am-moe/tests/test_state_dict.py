@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from am_moe.state_dict import (
+    ExpertCheckpointError,
     convert_hf_to_native,
     convert_native_to_hf,
     hf_to_native_experts,
@@ -112,6 +113,73 @@ def test_errors_name_the_problem():
     del hf[f"{P}experts.2.up_proj.weight"]
     with pytest.raises(KeyError, match="experts.2.up_proj.weight"):
         convert_hf_to_native(hf, n_experts=E, gated=True)
+
+
+def test_expert_keys_the_model_does_not_use_are_kept_for_the_loader_to_report():
+    hf = _per_expert_hf(gated=False)
+    unused = {
+        f"{P}experts.{E}.up_proj.weight": torch.zeros(F, D),  # beyond the model's E experts
+        f"{P}experts.{E}.down_proj.weight": torch.zeros(D, F),
+        f"{P}experts.0.gate_proj.weight": torch.zeros(F, D),  # relu2 experts have no gate
+    }
+    native = convert_hf_to_native({**hf, **unused}, n_experts=E, gated=False)
+    for key, value in unused.items():
+        assert native[key] is value, key
+    _assert_same(
+        {k: v for k, v in native.items() if k not in unused},
+        convert_hf_to_native(hf, n_experts=E, gated=False),
+    )
+    # Under EP the other ranks' experts are used (there), not reported.
+    local = convert_hf_to_native(hf, n_experts=E, gated=False, expert_range=(0, 2))
+    assert not any(".experts.3." in k or ".experts.2." in k for k in local)
+
+
+def test_missing_and_misshaped_expert_tensors_are_all_named(caplog):
+    hf = _per_expert_hf(gated=True)
+    del hf[f"{P}experts.2.up_proj.weight"]
+    hf[f"{P}experts.1.down_proj.weight"] = torch.zeros(D, F + 1)
+    hf[f"{P}experts.3.gate_proj.weight"] = torch.zeros(F, D + 1)
+    with pytest.raises(ExpertCheckpointError) as info:
+        convert_hf_to_native(hf, n_experts=E, gated=True)
+    err = info.value
+    assert isinstance(err, KeyError) and isinstance(err, ValueError)
+    assert err.missing == [f"{P}experts.2.up_proj.weight"]
+    assert {k for k, _ in err.mismatched} == {
+        f"{P}experts.1.down_proj.weight",
+        f"{P}experts.3.gate_proj.weight",
+    }
+    assert (
+        f"{P}experts.1.down_proj.weight: shape [6, 4], other experts of this block: [6, 3]"
+        in str(err)
+    )
+    with caplog.at_level("WARNING"):
+        native = convert_hf_to_native(hf, n_experts=E, gated=True, strict=False)
+    assert f"{P}experts.2.up_proj.weight" in caplog.text
+    assert f"{P}experts.gate_and_up_projs" not in native  # left for the loader to re-init
+    assert torch.equal(native[f"{P}gate.weight"], hf[f"{P}gate.weight"])
+
+
+def test_stacked_layout_checks_the_expert_dim_and_the_activation():
+    stacked = native_to_hf_experts(
+        convert_hf_to_native(_per_expert_hf(gated=False), n_experts=E, gated=False),
+        prefix=P,
+        gated=False,
+        layout="stacked",
+    )
+    with pytest.raises(
+        ExpertCheckpointError,
+        match=r"experts\.up_proj: shape \[4, 3, 6\]: dim 0 must be the 5 experts",
+    ):
+        convert_hf_to_native(stacked, n_experts=E + 1, gated=False)
+    # A gated (gate_up_proj) checkpoint for relu2 experts: up_proj is missing.
+    gated = {
+        f"{P}experts.gate_up_proj": torch.zeros(E, 2 * F, D),
+        f"{P}experts.down_proj": torch.zeros(E, D, F),
+    }
+    with pytest.raises(
+        ExpertCheckpointError, match=r"missing \(1\): \['model.layers.1.mixer.experts.up_proj'\]"
+    ):
+        convert_hf_to_native(gated, n_experts=E, gated=False)
 
 
 def test_transformers_module_state_dict_round_trip():

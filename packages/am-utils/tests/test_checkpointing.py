@@ -275,6 +275,21 @@ def test_shape_mismatch_error_names_shapes(tmp_path):
     )
 
 
+def test_tied_keys_with_different_values_are_rejected(tmp_path):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_llama_config(tie=True))
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1  # a distinct head
+    hf.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointLoadError, match=r"tied keys with different values") as info:
+        MixinLlama.from_pretrained(tmp_path)
+    assert "lm_head.weight" in str(info.value) and "model.embed_tokens.weight" in str(info.value)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # equal: fine
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    MixinLlama.from_pretrained(tmp_path)
+
+
 def test_non_strict_initializes_missing_and_reports(tmp_path, caplog):
     hf = _write_hf_checkpoint(tmp_path, lambda s: s.pop("model.layers.0.mlp.down_proj.weight"))
     model = MixinLlama.from_pretrained(tmp_path, strict=False)

@@ -295,6 +295,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
 
     _is_stateful = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _checkpoint_model_types = ("nemotron_h",)  # from_pretrained rejects other config.json types
     _pp_keep_self_forward = True
     main_input_name = "input_ids"
 

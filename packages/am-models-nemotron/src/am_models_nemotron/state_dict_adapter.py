@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from am_dtype.dtensor import full_tensor
-from am_moe.state_dict import convert_hf_to_native, convert_native_to_hf, local_expert_range
+from am_moe.state_dict import (
+    ExpertCheckpointError,
+    convert_hf_to_native,
+    convert_native_to_hf,
+    local_expert_range,
+)
 
 # (native prefix, on-disk HF prefix); the first match wins.
 PREFIX_MAP: tuple[tuple[str, str], ...] = (
@@ -38,6 +43,11 @@ PREFIX_MAP: tuple[tuple[str, str], ...] = (
 )
 _EXPERT_PARAMS = ("experts.gate_and_up_projs", "experts.down_projs")
 _EXPERT_BIASES = ("experts.gate_up_proj_bias", "experts.down_proj_bias")
+# HF expert tensors (either layout): left over after conversion means the model has no use
+# for them, and the loader reports them under their checkpoint names.
+_HF_EXPERT_KEY = re.compile(
+    r"\.experts\.(\d+\.(gate|up|down)_proj\.(weight|bias)|(gate_up|up|down)_proj(_bias)?)$"
+)
 
 
 def _rename(key: str, src: int, dst: int) -> str:
@@ -86,12 +96,21 @@ class NemotronHStateDictAdapter:
         return out
 
     def from_hf(
-        self, hf_state_dict: dict[str, torch.Tensor], device_mesh: Any = None, **_: Any
+        self,
+        hf_state_dict: dict[str, torch.Tensor],
+        device_mesh: Any = None,
+        strict: bool = True,
+        **_: Any,
     ) -> dict[str, torch.Tensor]:
         """HF state dict (on-disk or transformers in-memory layout) -> native state dict.
 
         With `device_mesh` (an EP mesh, or a mesh with an "ep" dim) only this
         rank's experts are read, returned as a DTensor Shard(0) over that mesh.
+        Missing or mis-shaped expert tensors raise `ExpertCheckpointError` naming
+        them as the checkpoint does (`strict=False`: logged, the block left out);
+        expert tensors the model does not use (experts beyond its count, `gate_proj`
+        of relu2 experts) are returned under their checkpoint names for the loader
+        to report as unexpected.
         """
         ep_mesh = _ep_mesh(device_mesh)
         expert_range = None
@@ -99,14 +118,29 @@ class NemotronHStateDictAdapter:
             expert_range = local_expert_range(
                 self.num_experts, ep_mesh.get_local_rank(), ep_mesh.size()
             )
-        renamed = {}
+        renamed, origin = {}, {}
         for key, value in hf_state_dict.items():
-            if key.startswith("model."):  # transformers' in-memory prefix
-                key = "backbone." + key[len("model.") :]
-            renamed[_rename(key, 1, 0)] = value
-        native = convert_hf_to_native(
-            renamed, n_experts=self.num_experts, gated=False, expert_range=expert_range
-        )
+            on_disk = "backbone." + key[len("model.") :] if key.startswith("model.") else key
+            native_key = _rename(on_disk, 1, 0)  # "model." is transformers' in-memory prefix
+            renamed[native_key] = value
+            origin[native_key] = key
+        try:
+            native = convert_hf_to_native(
+                renamed,
+                n_experts=self.num_experts,
+                gated=False,
+                expert_range=expert_range,
+                strict=strict,
+            )
+        except ExpertCheckpointError as err:
+            raise ExpertCheckpointError(
+                [origin.get(k, _rename(k, 0, 1)) for k in err.missing],
+                [(origin.get(k, k), problem) for k, problem in err.mismatched],
+            ) from None
+        native = {
+            (origin[k] if k in origin and _HF_EXPERT_KEY.search(k) else k): v
+            for k, v in native.items()
+        }
         if ep_mesh is not None:
             native = {k: self._shard(k, v, ep_mesh) for k, v in native.items()}
         return native

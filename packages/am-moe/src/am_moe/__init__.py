@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "apply_activation": "experts",
     "iter_fsdp_modules": "fsdp_mixin",
     "HF_LAYOUTS": "state_dict",
+    "ExpertCheckpointError": "state_dict",
     "Gate": "gate",
     "FakeBalancedGate": "gate",
     "GroupedExperts": "experts",

@@ -17,6 +17,7 @@ unfinished save loads as the new checkpoint, leftovers of a killed one are ignor
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -215,8 +216,27 @@ def _check_keys(
         "missing": missing,
         "unexpected": [k for k in unexpected if k not in ignored],
         "mismatched": mismatched,
+        "tied": _conflicting_aliases(state_dict, aliases),
     }
     return report, optional_absent
+
+
+def _conflicting_aliases(state_dict: dict, aliases: dict[str, list[str]]) -> list[list[str]]:
+    """Groups of checkpoint keys bound to one model tensor (tied weights) whose values differ:
+    only one of them could be used."""
+    conflicts, seen = [], set()
+    for names in aliases.values():
+        present = [n for n in names if n in state_dict]
+        if len(present) < 2 or present[0] in seen:
+            continue
+        seen.update(present)
+        first = state_dict[present[0]]
+        if any(
+            state_dict[n].shape != first.shape or not torch.equal(state_dict[n], first)
+            for n in present[1:]
+        ):
+            conflicts.append(present)
+    return conflicts
 
 
 def _format_key_report(model_name: str, report: dict[str, list]) -> str:
@@ -228,6 +248,11 @@ def _format_key_report(model_name: str, report: dict[str, list]) -> str:
     for name, want, got in report["mismatched"]:
         lines.append(
             f"  shape mismatch for {name}: model expects {list(want)}, checkpoint has {list(got)}"
+        )
+    for names in report["tied"]:
+        lines.append(
+            f"  tied keys with different values (the model ties them, so one would be "
+            f"dropped): {names}"
         )
     lines.append(
         "Declare intentionally absent keys in _checkpoint_optional_keys and intentionally "
@@ -253,10 +278,26 @@ def _set_tensor(model: nn.Module, names: list[str], value: torch.Tensor) -> None
         slots[leaf] = value
 
 
+def _reinitialize(model: nn.Module, owner: nn.Module) -> bool:
+    """Run the module's own init (``reset_parameters``, am's ``init_weights``) or the model's
+    ``_init_weights(module)``; False when there is none."""
+    for hook in ("reset_parameters", "init_weights"):
+        init = getattr(owner, hook, None)
+        if callable(init):
+            init()
+            return True
+    if callable(getattr(model, "_init_weights", None)):
+        model._init_weights(owner)
+        return True
+    return False
+
+
 def _init_missing(model: nn.Module, names: list[str], device: torch.device) -> None:
     """Materialize parameters the checkpoint lacks (optional ones, or any with strict=False)
-    with the module's own init (``reset_parameters`` or the model's ``_init_weights``), else
-    zeros. Tensors that are not on the meta device (buffers) keep their value."""
+    with the module's own init (``reset_parameters`` / ``init_weights``, or the model's
+    ``_init_weights``), else zeros. Tensors that are not on the meta device (buffers) keep
+    their value. Checkpoint tensors are bound afterwards, so an init that also touches
+    loaded siblings does not overwrite them."""
     for name in names:
         owner, leaf = _owner(model, name)
         tensor = getattr(owner, leaf)
@@ -264,13 +305,10 @@ def _init_missing(model: nn.Module, names: list[str], device: torch.device) -> N
             continue
         empty = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
         _set_tensor(model, _alias_groups(model).get(name, [name]), empty)
-        init = getattr(owner, "reset_parameters", None)
         with torch.no_grad():
-            if callable(init):
-                init()
-            elif callable(getattr(model, "_init_weights", None)):
-                model._init_weights(owner)
-        logger.warning("%r is not in the checkpoint; initialized it afresh", name)
+            initialized = _reinitialize(model, owner)
+        how = "initialized it afresh" if initialized else "no init found: it holds zeros"
+        logger.warning("%r is not in the checkpoint; %s", name, how)
 
 
 def _load_into(model: nn.Module, state_dict: dict, strict: bool, device: torch.device) -> None:
@@ -422,10 +460,13 @@ class HFCheckpointingMixin:
         random init) with ``cls(config, *model_args, **kwargs)`` under ``dtype`` (alias
         ``torch_dtype``; ``"auto"`` reads the config, ``None`` keeps the default), and the
         checkpoint tensors are bound to it on ``device`` (default CPU) after
-        ``state_dict_adapter.from_hf``. With ``strict`` any missing, unexpected or
-        wrongly shaped key raises ``CheckpointLoadError`` naming them all; otherwise they
-        are logged and missing parameters are initialized afresh. Returns the model in
-        eval mode, as transformers does.
+        ``state_dict_adapter.from_hf`` (passed ``strict`` when it takes it; a KeyError or
+        ValueError it raises becomes a ``CheckpointLoadError``). With ``strict`` any
+        missing, unexpected or wrongly shaped key, or tied keys holding different values,
+        raises ``CheckpointLoadError`` naming them all; otherwise they are logged,
+        unexpected tensors are dropped and missing or mis-shaped parameters are
+        initialized afresh (the module's ``reset_parameters`` / ``init_weights``, or the
+        model's ``_init_weights``). Returns the model in eval mode, as transformers does.
         """
         directory = _resolve_local_dir(pretrained_model_name_or_path)
         if config is None:
@@ -440,11 +481,34 @@ class HFCheckpointingMixin:
         state_dict = read_hf_state_dict(directory)
         adapter = getattr(model, "state_dict_adapter", None)
         if adapter is not None:
-            state_dict = dict(adapter.from_hf(state_dict))
+            state_dict = _adapter_from_hf(adapter, state_dict, strict, directory)
         _load_into(model, state_dict, strict, device)
         if getattr(model, "generation_config", None) is not None:
             _maybe_load_generation_config(model, directory)
         return model.eval()
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _adapter_from_hf(adapter, state_dict: dict, strict: bool, directory: Path) -> dict:
+    """``adapter.from_hf`` (given ``strict`` when it takes it); a conversion that fails on the
+    checkpoint's tensors (a KeyError/ValueError naming them) is a ``CheckpointLoadError``."""
+    kwargs = {"strict": strict} if _accepts_keyword(adapter.from_hf, "strict") else {}
+    try:
+        return dict(adapter.from_hf(state_dict, **kwargs))
+    except CheckpointLoadError:
+        raise
+    except (KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise CheckpointLoadError(
+            f"The checkpoint in {directory} does not fit {type(adapter).__name__}: {message}"
+        ) from err
 
 
 def _accepted_model_types(cls) -> tuple[str, ...]:
