@@ -143,3 +143,15 @@ def test_generate_rejects_empty_or_1d_prompts_and_wrong_masks(model):
         model.generate(ids, attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"attention_mask of shape \[5\]"):
         model.generate(input_ids=ids, attention_mask=torch.ones(5, dtype=torch.long))
+
+
+def test_embeddings_prompt_without_a_cache_is_an_error_not_a_dropped_prompt(model):
+    # transformers 5.23 generate() keeps the cache on for this model, so this is the direct call.
+    embeds = model.model.embed_tokens(_ids(seq=4)).detach()
+    first = model.prepare_inputs_for_generation(
+        torch.empty(2, 0, dtype=torch.long), inputs_embeds=embeds, use_cache=False,
+        is_first_iteration=True,
+    )  # fmt: skip
+    assert first["inputs_embeds"] is embeds and first["past_key_values"] is None
+    with pytest.raises(ValueError, match="inputs_embeds=...\\) needs use_cache=True"):
+        model.prepare_inputs_for_generation(_ids(seq=1), inputs_embeds=embeds, use_cache=False)

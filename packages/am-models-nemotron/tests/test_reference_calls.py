@@ -180,3 +180,27 @@ def test_generate_from_inputs_embeds_continues_as_transformers_does_from_the_ids
     got = ours.generate(inputs_embeds=embeds, **kwargs)
     assert got.shape == (2, 8)
     assert torch.equal(got, hf.generate(ids, **kwargs)[:, 6:])
+
+
+# --------------------------------------------------------------------------- Trainer's loss kwargs
+
+
+def test_num_items_in_batch_normalizes_the_loss_as_transformers_does(pair):
+    # transformers' Trainer passes num_items_in_batch (forward takes **kwargs) and then does
+    # not divide the loss by the accumulation steps: ignoring it would scale gradients.
+    hf, ours = pair
+    ids = _ids(seed=9, batch=4, seq=10)
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[3] = -100  # a row without targets
+    n_items = int((labels[:, 1:] != -100).sum())
+    halves = [slice(0, 2), slice(2, 4)]
+    with torch.no_grad():
+        ref = [hf(ids[s], labels=labels[s], num_items_in_batch=n_items).loss for s in halves]
+        got = [ours(ids[s], labels=labels[s], num_items_in_batch=n_items).loss for s in halves]
+        whole = ours(ids, labels=labels).loss  # the token mean over both microbatches
+        empty = ours(ids[3:], labels=labels[3:], num_items_in_batch=n_items).loss
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+    assert torch.allclose(got[0] + got[1], whole, rtol=1e-5)
+    assert empty.item() == 0.0  # no targets: 0 (as transformers), not NaN

@@ -653,8 +653,9 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         kwargs.pop("labels", None)
         new = kwargs.pop("next_sequence_length", None)
         first = not isinstance(past_key_values, NemotronHybridCache)
+        # Without a cache only generate()'s is_first_iteration tells the prefill apart.
         first_step = kwargs.pop("is_first_iteration", None)
-        first_step = first if first_step is None else bool(first_step)
+        first_step = first and (bool(first_step) if first_step is not None else bool(use_cache))
         if first and use_cache:
             batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
             past_key_values = NemotronHybridCache.for_model(self.model, batch)

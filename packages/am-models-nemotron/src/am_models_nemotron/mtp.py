@@ -253,13 +253,16 @@ def mtp_loss(
     lm_head: nn.Module,
     scaling_factor: float,
     inputs: BlockInputs | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaling_factor * mean over depths of CE(lm_head(h_d), labels shifted left by d + 2)`.
 
     Each depth's CE is the mean over positions whose target is valid (`shift_valid` with the
     main decoder's `inputs`) and not -100: a target in another packed sequence, in padding
     or past the end never counts. A depth without any valid target gives NaN, as
-    `F.cross_entropy` does.
+    `F.cross_entropy` does. With `num_items_in_batch` (transformers' Trainer, gradient
+    accumulation) each depth's CE is instead its sum over valid targets divided by it, the
+    normalization of the main loss, so microbatch losses add up to a window's mean.
     """
     rows = labels.unsqueeze(0) if labels.dim() == 1 else labels  # [T] labels of a THD batch
     seq_idx, token_mask = _packing(inputs)
@@ -269,9 +272,11 @@ def mtp_loss(
         valid = shift_valid(rows.shape, depth + 2, seq_idx, token_mask, rows.device)
         target = target.masked_fill(~valid, IGNORE_INDEX)
         logits = lm_head(h).float()
-        losses.append(
-            F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="mean" if num_items_in_batch is None else "sum",
         )
+        losses.append(ce if num_items_in_batch is None else ce / num_items_in_batch)
     return scaling_factor * torch.stack(losses).mean()
