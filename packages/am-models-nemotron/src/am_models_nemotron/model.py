@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -67,7 +68,7 @@ from am_utils.attention import build_varlen_seqs
 from am_utils.checkpointing import HFCheckpointingMixin
 from am_utils.config import generation_config_for
 from am_utils.lm_head import compute_lm_head_logits
-from am_utils.loss import causal_lm_loss
+from am_utils.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets
 from am_utils.masks import (
     build_attention_mask,
     causal_mask,
@@ -445,6 +446,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             self.config.hidden_size,
         )
         check_logits_to_keep(logits_to_keep)
+        num_items = kwargs.pop("num_items_in_batch", None)
         kwargs = causal_lm_kwargs(kwargs, f"{type(self).__name__}.forward")
         if padding_mask is not None:
             kwargs["padding_mask"] = padding_mask
@@ -470,7 +472,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         per_depth = self._run_mtp(h, input_ids, mtp_embed_inputs, past_key_values, labels, inputs)
         logits = compute_lm_head_logits(self.lm_head, h, logits_to_keep).logits
         return NemotronHCausalLMOutputWithPast(
-            loss=self._loss(logits, labels, per_depth, inputs),
+            loss=self._loss(logits, labels, per_depth, inputs, num_items),
             logits=logits,
             past_key_values=past_key_values if use_cache or past_key_values is not None else None,
             hidden_states=(
@@ -482,8 +484,11 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
             mtp_loss_scaling_factor=self.mtp_config.loss_scaling_factor if per_depth else None,
         )
 
-    def _loss(self, logits, labels, per_depth, inputs) -> torch.Tensor | None:
-        """Next-token loss plus the scaled MTP loss; zero (on the graph) for a batch of no tokens."""
+    def _loss(self, logits, labels, per_depth, inputs, num_items=None) -> torch.Tensor | None:
+        """Next-token loss plus the scaled MTP loss; zero (on the graph) for a batch of no tokens.
+
+        `num_items` (Trainer's num_items_in_batch) turns every CE into a sum over its targets
+        divided by it (`causal_lm_loss`, `mtp_loss`)."""
         if labels is None:
             return None
         if logits.numel() == 0:
@@ -493,10 +498,16 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
                     f"{tuple(logits.shape[:-1])}"
                 )
             return empty_batch_loss(logits, per_depth)
-        loss = causal_lm_loss(logits, labels, inputs.seq_idx if inputs is not None else None)
+        seq_idx = inputs.seq_idx if inputs is not None else None
+        loss = _main_loss(logits, labels, seq_idx, num_items)
         if per_depth:
             loss = loss + mtp_loss(
-                per_depth, labels, self.lm_head, self.mtp_config.loss_scaling_factor, inputs
+                per_depth,
+                labels,
+                self.lm_head,
+                self.mtp_config.loss_scaling_factor,
+                inputs,
+                num_items,
             )
         return loss
 
@@ -741,6 +752,26 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
                 if self.mtp is not None:
                     for layer in self.mtp.layers.values():
                         init_block_weights(layer, self.config, buffer_device)
+
+
+def _main_loss(logits, labels, seq_idx, num_items) -> torch.Tensor:
+    """`causal_lm_loss`; with Trainer's `num_items_in_batch` the sum over targets divided by it,
+    as transformers' loss does, so a window's microbatch losses add up to its token mean (and a
+    microbatch without targets gives 0, not NaN)."""
+    if num_items is None:
+        return causal_lm_loss(logits, labels, seq_idx)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
+        )
+    target = next_token_targets(labels, seq_idx)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / num_items
 
 
 ModelClass = NemotronHForCausalLM
