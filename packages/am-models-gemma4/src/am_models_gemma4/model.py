@@ -348,6 +348,11 @@ class Gemma4ForConditionalGeneration(
         if self.config.get_text_config().enable_moe_block:
             if padding_mask is None and isinstance(attention_mask, torch.Tensor):
                 padding_mask = _derive_padding_mask(attention_mask)
+                # While decoding with a cache the 2D mask also covers the cached positions;
+                # the MoE blocks see only the new tokens, which are its last columns.
+                inputs = input_ids if input_ids is not None else inputs_embeds
+                if inputs is not None and padding_mask.dim() == 2:
+                    padding_mask = padding_mask[:, -inputs.shape[1] :]
             if padding_mask is not None:
                 kwargs["padding_mask"] = padding_mask
         outputs = super().forward(
