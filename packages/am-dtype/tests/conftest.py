@@ -74,18 +74,38 @@ def fake_te(monkeypatch) -> FakeTE:
     recipe = types.ModuleType("transformer_engine.common.recipe")
     for name, cls in _fake_te_classes(calls).items():
         setattr(pytorch, name, cls)
+    # Recipe classes as TE defines them: subclasses of recipe.Recipe in that module.
+    base = type("Recipe", (), {"__module__": recipe.__name__})
+    recipe.Recipe = base
     for name in ("Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling"):
-        setattr(recipe, name, type(name, (), {}))
+        setattr(recipe, name, type(name, (base,), {"__module__": recipe.__name__}))
+
+    # TE's documented autocast contract: inside the context FP8 is enabled with that recipe
+    # (and amax group), nested contexts restore the outer state on exit.
+    state = {"enabled": False, "recipe": None, "group": None}
 
     @contextlib.contextmanager
-    def autocast(enabled, recipe):
+    def _enter(enabled, recipe_obj, group):
+        outer = dict(state)
+        state.update(enabled=enabled, recipe=recipe_obj, group=group)
+        try:
+            yield
+        finally:
+            state.update(outer)
+
+    @contextlib.contextmanager
+    def autocast(enabled=True, calibrating=False, recipe=None, amax_reduction_group=None):
         calls.append(("autocast", enabled, recipe))
-        yield
+        with _enter(enabled, recipe, amax_reduction_group):
+            yield
 
     @contextlib.contextmanager
-    def fp8_autocast(enabled, fp8_recipe):
+    def fp8_autocast(enabled=True, calibrating=False, fp8_recipe=None, fp8_group=None):
         calls.append(("fp8_autocast", enabled, fp8_recipe))
-        yield
+        with _enter(enabled, fp8_recipe, fp8_group):
+            yield
+
+    pytorch.fp8_state = state
 
     pytorch.autocast, pytorch.fp8_autocast = autocast, fp8_autocast
     root.pytorch, root.common, common.recipe = pytorch, common, recipe

@@ -60,7 +60,36 @@ def test_backend_whose_package_is_missing_raises_import_error(monkeypatch, key):
     with pytest.raises(ImportError) as err:
         BackendConfig(**{field_name: value})
     msg = str(err.value)
-    assert f"{field_name}={value!r}" in msg and package in msg and f"'{extra}' extra" in msg
+    assert f"{field_name}={value!r}" in msg and package in msg and extra in msg
+
+
+@pytest.mark.parametrize("key", sorted(backend._REQUIREMENTS))
+def test_install_advice_never_names_an_extra_that_installs_nothing(key):
+    # deep_ep and uccl have no wheel: the advice says how to build them, not "pip install".
+    _, package, how = backend._REQUIREMENTS[key]
+    if package in ("deep_ep", "uccl"):
+        assert "from source" in how and "pip install" not in how and "extra" not in how
+    else:
+        assert "pip install 'am-" in how
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value", "instead"),
+    [
+        ("attn", "tilelang", "attn='te'"),
+        ("experts", "te", "experts='torch_mm'"),
+        ("experts", "torch_mm_mxfp8", "experts='torch_mm'"),
+    ],
+)
+def test_choices_no_component_runs_are_rejected_with_reason_and_alternative(
+    monkeypatch, field_name, value, instead
+):
+    # Rejected even with every optional package present: nothing in am implements them.
+    monkeypatch.setattr(backend, "_REQUIREMENTS", {})
+    with pytest.raises(ValueError) as err:
+        BackendConfig(**{field_name: value})
+    msg = str(err.value)
+    assert f"BackendConfig.{field_name}={value!r} is not available" in msg and instead in msg
 
 
 @pytest.mark.parametrize("key", sorted(backend._REQUIREMENTS))
@@ -142,21 +171,124 @@ def test_resolve_dtype_error_lists_accepted_names():
     ("kwargs", "match"),
     [
         ({"dispatcher_num_sms": 0}, "dispatcher_num_sms=0"),
-        ({"dispatcher_num_sms": 2.5}, "dispatcher_num_sms=2.5"),
+        ({"dispatcher_num_sms": -4}, "dispatcher_num_sms=-4"),
         ({"fake_gate_noise": -0.1}, "fake_gate_noise=-0.1"),
+        ({"fake_gate_noise": float("nan")}, "fake_gate_noise=nan must be a finite"),
+        ({"fake_gate_noise": float("inf")}, "fake_gate_noise=inf must be a finite"),
     ],
 )
-def test_numeric_fields_are_validated(kwargs, match):
+def test_numeric_fields_out_of_range_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BackendConfig(**kwargs)
 
 
+BOOL_FIELDS = (
+    "rope_fusion",
+    "dispatcher_share_token_dispatcher",
+    "dispatcher_async_dispatch",
+    "enable_deepep",
+    "fake_balanced_gate",
+    "enable_hf_state_dict_adapter",
+    "enable_fsdp_optimizations",
+    "compile_attn",
+)
+
+
+@pytest.mark.parametrize(
+    ("field_name", "bad"),
+    [
+        (name, bad)
+        for name in BOOL_FIELDS
+        for bad in ("yes", "False", 1, 0, None)
+        if not (bad is None and name == "enable_deepep")  # None is its documented default
+    ],
+)
+def test_bool_fields_take_only_bools(field_name, bad):
+    with pytest.raises(TypeError, match=f"BackendConfig.{field_name}={bad!r} must be a bool"):
+        BackendConfig(**{field_name: bad})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dispatcher_num_sms": 2.5}, "dispatcher_num_sms=2.5 must be an int"),
+        ({"dispatcher_num_sms": "20"}, "dispatcher_num_sms='20' must be an int"),
+        ({"dispatcher_num_sms": True}, "dispatcher_num_sms=True must be an int"),
+        ({"fake_gate_noise": "0.1"}, "fake_gate_noise='0.1' must be a float"),
+        ({"fake_gate_noise": True}, "fake_gate_noise=True must be a float"),
+        ({"te_fp8": "current"}, "te_fp8='current' must be a TEFp8Config"),
+        ({"te_fp8": {"recipe": "current"}}, "te_fp8=.* must be a TEFp8Config"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_type_errors_naming_the_field(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        BackendConfig(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [1, None, ["sdpa"]])
+@pytest.mark.parametrize("field_name", sorted(CHOICES))
+def test_choice_fields_of_the_wrong_type_name_the_field(field_name, bad):
+    with pytest.raises(ValueError, match=f"BackendConfig.{field_name}=.* is not supported"):
+        BackendConfig(**{field_name: bad})
+
+
+def test_ints_are_accepted_for_floats_and_stored_as_floats():
+    cfg = BackendConfig(fake_gate_noise=1)
+    assert cfg.fake_gate_noise == 1.0 and isinstance(cfg.fake_gate_noise, float)
+
+
+@pytest.mark.parametrize(
+    ("have_te", "cuda", "missing"),
+    [
+        (False, True, "Transformer Engine"),
+        (True, False, "a CUDA device"),
+        (False, False, "Transformer Engine"),
+    ],
+)
+def test_rope_fusion_is_rejected_where_the_fused_kernel_cannot_run(
+    monkeypatch, have_te, cuda, missing
+):
+    monkeypatch.setattr(backend, "HAVE_TE", have_te)
+    monkeypatch.setattr(backend, "_CUDA", cuda)
+    with pytest.raises(ValueError, match=f"rope_fusion=True .*but {missing} is not available"):
+        BackendConfig(rope_fusion=True)
+    assert BackendConfig(rope_fusion=False).rope_fusion is False
+
+
+def test_rope_fusion_is_accepted_with_te_and_cuda(monkeypatch):
+    monkeypatch.setattr(backend, "HAVE_TE", True)
+    monkeypatch.setattr(backend, "_CUDA", True)
+    assert BackendConfig(rope_fusion=True).rope_fusion is True
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep", "hybridep", "uccl_ep"])
+def test_async_dispatch_is_rejected_for_the_kernel_library_dispatchers(monkeypatch, dispatcher):
+    monkeypatch.setattr(backend, "_REQUIREMENTS", {})
+    with pytest.raises(ValueError, match=f"dispatcher_async_dispatch=True .*{dispatcher!r}"):
+        BackendConfig(dispatcher=dispatcher, dispatcher_async_dispatch=True)
+    assert BackendConfig(
+        dispatcher="torch", dispatcher_async_dispatch=True
+    ).dispatcher_async_dispatch
+
+
 def test_te_fp8_needs_transformer_engine(monkeypatch):
     monkeypatch.setattr(backend, "HAVE_TE", False)
-    with pytest.raises(ImportError, match="'te' extra"):
-        BackendConfig(te_fp8=TEFp8Config("current"))
+    with pytest.raises(ImportError, match=r"am-dtype\[te\]"):
+        BackendConfig(te_fp8=TEFp8Config("current"), linear="torch")
+    _te_available(monkeypatch)
+    assert BackendConfig(te_fp8=TEFp8Config("mxfp8"), linear="te").te_fp8.recipe == "mxfp8"
+
+
+def test_te_fp8_without_te_linear_layers_is_rejected(monkeypatch):
+    # FP8 autocast quantizes TE modules only: with torch linears nothing would run in FP8.
+    _te_available(monkeypatch)
+    with pytest.raises(ValueError, match="linear='torch' builds none"):
+        BackendConfig(te_fp8=TEFp8Config("current"), linear="torch")
+
+
+def _te_available(monkeypatch):
     monkeypatch.setattr(backend, "HAVE_TE", True)
-    assert BackendConfig(te_fp8=TEFp8Config("mxfp8")).te_fp8.recipe == "mxfp8"
+    monkeypatch.setitem(backend._REQUIREMENTS, ("linear", "te"), (True, "transformer_engine", ""))
 
 
 def test_to_dict_round_trips_through_the_constructor():
@@ -187,9 +319,9 @@ def test_torch_rms_norm_modules(impl, cls):
 
 def test_te_builders_without_te_name_the_extra(monkeypatch):
     monkeypatch.setattr(backend, "HAVE_TE", False)
-    with pytest.raises(ImportError, match="'te' extra"):
+    with pytest.raises(ImportError, match=r"am-dtype\[te\]"):
         initialize_linear_module("te", 4, 4)
-    with pytest.raises(ImportError, match="'te' extra"):
+    with pytest.raises(ImportError, match=r"am-dtype\[te\]"):
         initialize_rms_norm_module("te", 4)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
@@ -44,10 +45,21 @@ def test_recipe_validation():
         TEFp8Config(None)
 
 
+def _te_like_recipe():
+    """An object of a class defined in transformer_engine, as a prebuilt TE recipe is."""
+    return type("DelayedScaling", (), {"__module__": "transformer_engine.common.recipe"})()
+
+
 def test_prebuilt_recipe_object_is_used_as_is_without_te(monkeypatch):
     monkeypatch.setattr(fp8, "HAVE_TE", False)
-    recipe = object()
+    recipe = _te_like_recipe()
     assert TEFp8Config(recipe).build_recipe() is recipe
+
+
+@pytest.mark.parametrize("bad", [123, 1.5, True, object(), b"current", ["current"]])
+def test_recipe_of_the_wrong_type_is_rejected_naming_the_field(bad):
+    with pytest.raises(TypeError, match=r"TEFp8Config\.recipe=.*transformer_engine recipe"):
+        TEFp8Config(recipe=bad)
 
 
 @pytest.mark.parametrize("recipe", ["current", "block", "mxfp8"])
@@ -92,10 +104,61 @@ def test_autocast_uses_te_autocast_with_the_recipe(fake_te):
 
 def test_autocast_falls_back_to_fp8_autocast_on_older_te(fake_te, monkeypatch):
     monkeypatch.delattr(fake_te.pytorch, "autocast")
-    recipe = object()
+    recipe = fake_te.recipe.Float8CurrentScaling()
     with TEFp8Config(recipe).maybe_te_autocast():
-        pass
+        assert (
+            fake_te.pytorch.fp8_state["enabled"] and fake_te.pytorch.fp8_state["recipe"] is recipe
+        )
     assert fake_te.calls == [("fp8_autocast", True, recipe)]
+    assert fake_te.pytorch.fp8_state["enabled"] is False
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_fp8_autocast_enters_te_autocast_with_recipe_and_group(fake_te, monkeypatch, new_api):
+    if not new_api:
+        monkeypatch.delattr(fake_te.pytorch, "autocast")
+    group = object()  # a process group stand-in: passed through untouched
+    state = fake_te.pytorch.fp8_state
+    with fp8.fp8_autocast(TEFp8Config("mxfp8"), fp8_group=group):
+        assert state["enabled"] is True and state["group"] is group
+        assert type(state["recipe"]) is fake_te.recipe.MXFP8BlockScaling
+    assert state == {"enabled": False, "recipe": None, "group": None}
+
+
+def test_fp8_autocast_of_none_is_a_no_op_that_needs_no_te(monkeypatch):
+    monkeypatch.setattr(fp8, "HAVE_TE", False)
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # any import would raise
+    with fp8.fp8_autocast(None):
+        pass
+
+
+def test_fp8_autocast_forward_runs_the_forward_inside_autocast(fake_te):
+    import inspect
+
+    from torch import nn
+
+    seen = []
+
+    class Model(nn.Module):
+        def __init__(self, backend):
+            super().__init__()
+            self.backend = backend
+
+        @fp8.fp8_autocast_forward
+        def forward(self, x, scale: float = 2.0):
+            """Doc kept."""
+            seen.append(dict(fake_te.pytorch.fp8_state))
+            return x * scale
+
+    cfg = types.SimpleNamespace(te_fp8=TEFp8Config("block"))
+    assert Model(cfg)(torch.ones(2), scale=3.0).tolist() == [3.0, 3.0]
+    assert seen[-1]["enabled"] is True
+    assert type(seen[-1]["recipe"]) is fake_te.recipe.Float8BlockScaling
+    # Off: no autocast entered; the signature and docstring are the wrapped forward's.
+    Model(types.SimpleNamespace(te_fp8=None))(torch.ones(2))
+    assert seen[-1]["enabled"] is False and len(fake_te.calls) == 1
+    assert list(inspect.signature(Model.forward).parameters) == ["self", "x", "scale"]
+    assert Model.forward.__doc__ == "Doc kept."
 
 
 def test_is_tensor_unallocated():

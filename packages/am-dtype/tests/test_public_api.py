@@ -31,6 +31,8 @@ EXPECTED = {
     "cast_frozen_modules_to_compute_dtype",
     "cast_mixed_dtype_params_to_bf16",
     "cast_model_to_dtype",
+    "fp8_autocast",
+    "fp8_autocast_forward",
     "get_is_first_microbatch",
     "get_is_optim_step",
     "initialize_linear_module",

@@ -130,20 +130,22 @@ def _backend(dispatcher: str) -> BackendConfig:
 
 
 @pytest.mark.parametrize(
-    ("name", "cls", "extra"),
+    ("name", "cls", "source"),
     [
-        ("deepep", DeepEPDispatcher, "deepep"),
-        ("hybridep", HybridEPDispatcher, "deepep"),
-        ("uccl_ep", UCCLEPDispatcher, "uccl"),
+        ("deepep", DeepEPDispatcher, "github.com/deepseek-ai/DeepEP"),
+        ("hybridep", HybridEPDispatcher, "github.com/deepseek-ai/DeepEP"),
+        ("uccl_ep", UCCLEPDispatcher, "github.com/uccl-project/uccl"),
     ],
 )
-def test_gpu_dispatchers_fall_back_without_ep_and_name_their_extra(name, cls, extra):
+def test_gpu_dispatchers_fall_back_without_ep_and_say_how_to_get_the_library(name, cls, source):
     with pytest.warns(UserWarning, match=f"dispatcher='{name}' needs expert parallelism"):
         disp = build_dispatcher(_backend(name), 8)
     assert isinstance(disp, LocalDispatcher)
     if importlib.util.find_spec(cls.package) is None:
-        with pytest.raises(ImportError, match=f"install the am-moe '{extra}' extra"):
+        # No extra installs these libraries: the error says how to build them instead.
+        with pytest.raises(ImportError, match=f"build .* from source .*{source}") as err:
             cls(8, None)
+        assert "extra" not in str(err.value) and "pip install" not in str(err.value)
 
 
 # Installed libraries whose Python API is not the one the dispatchers drive: DeepEP V2 built

@@ -34,6 +34,8 @@ from am_dtype.dtensor import full_tensor, to_local
 from am_dtype.dtypes import DTYPE_ALIASES, config_dtype, resolve_dtype
 from am_dtype.fp8 import (
     TEFp8Config,
+    fp8_autocast,
+    fp8_autocast_forward,
     get_is_first_microbatch,
     get_is_optim_step,
     is_tensor_unallocated,
@@ -74,6 +76,8 @@ __all__ = [
     "config_dtype",
     "enforce_strict_fp32",
     "full_tensor",
+    "fp8_autocast",
+    "fp8_autocast_forward",
     "get_is_first_microbatch",
     "get_is_optim_step",
     "initialize_linear_module",

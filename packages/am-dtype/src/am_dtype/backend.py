@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 
 from am_dtype import fp8 as _fp8
-from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP, _has
+from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP
 from am_dtype.dtypes import resolve_dtype
 from am_dtype.fp8 import TEFp8Config
+from am_dtype.validation import check_bool, check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +33,60 @@ RMS_NORM_CHOICES = ("torch", "torch_fp32", "te")
 EXPERTS_CHOICES = ("torch", "te", "gmm", "torch_mm", "torch_mm_mxfp8")
 DISPATCHER_CHOICES = ("torch", "deepep", "hybridep", "uccl_ep")
 
-# Which optional package each backend choice needs, and the extra that installs it.
+# How to get the GPU libraries that have no PyPI wheel (they are built against the local
+# CUDA toolkit), for the errors that name them.
+_DEEP_EP_SOURCE = (
+    "build DeepEP from source (https://github.com/deepseek-ai/DeepEP; needs CUDA and NVSHMEM)"
+)
+_TE_INSTALL = "install it with `pip install 'am-dtype[te]'`"
+_UCCL_SOURCE = "build UCCL-EP from source (https://github.com/uccl-project/uccl, ep/ directory)"
+
+# Which optional package each backend choice needs, and how to get it (for the error).
 _REQUIREMENTS: dict[tuple[str, str], tuple[bool, str, str]] = {
-    ("attn", "te"): (HAVE_TE, "transformer_engine", "te"),
-    ("attn", "tilelang"): (_has("tilelang"), "tilelang", "gpu"),
-    ("linear", "te"): (HAVE_TE, "transformer_engine", "te"),
-    ("rms_norm", "te"): (HAVE_TE, "transformer_engine", "te"),
-    ("experts", "te"): (HAVE_TE, "transformer_engine", "te"),
-    ("experts", "gmm"): (HAVE_GMM, "grouped_gemm", "gmm"),
-    ("experts", "torch_mm_mxfp8"): (_has("torchao"), "torchao", "gpu"),
-    ("dispatcher", "deepep"): (HAVE_DEEP_EP, "deep_ep", "deepep"),
-    ("dispatcher", "hybridep"): (HAVE_DEEP_EP, "deep_ep", "deepep"),
-    ("dispatcher", "uccl_ep"): (HAVE_UCCL_EP, "uccl", "uccl"),
+    ("attn", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
+    ("linear", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
+    ("rms_norm", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
+    ("experts", "gmm"): (HAVE_GMM, "grouped_gemm", "install it with `pip install 'am-moe[gmm]'`"),
+    ("dispatcher", "deepep"): (HAVE_DEEP_EP, "deep_ep", _DEEP_EP_SOURCE),
+    ("dispatcher", "hybridep"): (HAVE_DEEP_EP, "deep_ep", _DEEP_EP_SOURCE),
+    ("dispatcher", "uccl_ep"): (HAVE_UCCL_EP, "uccl", _UCCL_SOURCE),
+}
+
+# Choices the seed pages name that no am component can run, with why and what to use instead;
+# rejected at construction rather than failing (or silently running something else) later.
+_NOT_IMPLEMENTED: dict[tuple[str, str], str] = {
+    ("attn", "tilelang"): (
+        "no am model has a TileLang attention kernel; use attn='te' (Transformer Engine, GPU), "
+        "'flex', 'sdpa' or 'eager'"
+    ),
+    ("experts", "te"): (
+        "Transformer Engine's GroupedLinear keeps one weight per expert, while am-moe keeps "
+        "them stacked ([E, D, F], sharded over experts under EP); use experts='torch_mm' "
+        "(torch._grouped_mm: cuBLAS grouped GEMM on GPU) or 'gmm' (grouped_gemm)"
+    ),
+    ("experts", "torch_mm_mxfp8"): (
+        "am-moe has no MXFP8 grouped GEMM; use experts='torch_mm' (bf16 grouped GEMM), and "
+        "te_fp8=TEFp8Config('mxfp8') with linear='te' for FP8 dense layers"
+    ),
+}
+
+
+_OWNER = "BackendConfig"
+_BOOL_FIELDS = (
+    "rope_fusion",
+    "dispatcher_share_token_dispatcher",
+    "dispatcher_async_dispatch",
+    "fake_balanced_gate",
+    "enable_hf_state_dict_adapter",
+    "enable_fsdp_optimizations",
+    "compile_attn",
+)
+_CHOICE_FIELDS = {
+    "attn": ATTN_CHOICES,
+    "linear": LINEAR_CHOICES,
+    "rms_norm": RMS_NORM_CHOICES,
+    "experts": EXPERTS_CHOICES,
+    "dispatcher": DISPATCHER_CHOICES,
 }
 
 
@@ -59,13 +102,28 @@ def _default_experts() -> str:
 class BackendConfig:
     """Backend configuration for model components.
 
-    Each field picks an implementation by name; `__post_init__` rejects unknown
-    names and names whose optional package is not installed, listing what is
-    accepted. `enable_deepep` is the legacy switch for `dispatcher` (True ->
-    "deepep", False -> "torch"). `gate_precision` accepts a dtype or a string
-    such as "float32" and is stored as a torch.dtype (or None: router math in
-    the activation dtype). `compile_attn` wraps the attention kernel call in
-    `torch.compile` (am-utils' `AttentionKernel`); "te" attention cannot be compiled.
+    Every field is checked at construction (types, ranges, names, installed packages); a
+    choice no am component can run is rejected there with the reason and what to use
+    instead, never accepted to fail (or silently run something else) later.
+
+    - `attn`, `linear`, `rms_norm`: kernels the model builds ("tilelang" is rejected).
+    - `rope_fusion`: rotary embeddings through Transformer Engine's fused kernel in
+      `am_utils.rope.apply_rotary_pos_emb` (models with RoPE pass it as `fused=`); True
+      needs TE and CUDA. Models without RoPE (Nemotron-H) have nothing to fuse.
+    - `experts`: routed-expert kernel ("torch", "torch_mm", "gmm"; "te" and
+      "torch_mm_mxfp8" are rejected).
+    - `dispatcher`, `dispatcher_num_sms`, `dispatcher_share_token_dispatcher`: the
+      expert-parallel token dispatcher, the SMs of its kernels, one buffer per EP group.
+    - `dispatcher_async_dispatch`: start the token all-to-all, run the shared experts while
+      it is in flight, then wait ("torch" dispatcher only).
+    - `enable_deepep`: legacy switch for `dispatcher` (True -> "deepep", False -> "torch").
+    - `fake_balanced_gate`, `fake_gate_noise`: a balanced stand-in router (benchmarks).
+    - `enable_hf_state_dict_adapter`, `enable_fsdp_optimizations`: checkpoint conversion
+      and deferred FSDP gradient sync (`MoEFSDPSyncMixin`).
+    - `te_fp8`: run the model's forward under TE's FP8 autocast with this recipe
+      (`am_dtype.fp8.fp8_autocast`); needs TE and `linear="te"`.
+    - `gate_precision`: router math dtype (a dtype or a string such as "float32").
+    - `compile_attn`: `torch.compile` the attention kernel.
     """
 
     attn: Literal["te", "sdpa", "flex", "eager", "tilelang"] = "te" if HAVE_TE and _CUDA else "sdpa"
@@ -90,44 +148,77 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         if self.enable_deepep is not None:
+            check_bool(_OWNER, "enable_deepep", self.enable_deepep)
             self._apply_legacy_enable_deepep()
-        for field_name, choices in (
-            ("attn", ATTN_CHOICES),
-            ("linear", LINEAR_CHOICES),
-            ("rms_norm", RMS_NORM_CHOICES),
-            ("experts", EXPERTS_CHOICES),
-            ("dispatcher", DISPATCHER_CHOICES),
-        ):
-            value = getattr(self, field_name)
-            if value not in choices:
-                raise ValueError(
-                    f"BackendConfig.{field_name}={value!r} is not supported; accepted: {list(choices)}"
-                )
-            available, package, extra = _REQUIREMENTS.get((field_name, value), (True, "", ""))
-            if not available:
-                raise ImportError(
-                    f"BackendConfig.{field_name}={value!r} needs the '{package}' package, which is "
-                    f"not installed; install the '{extra}' extra or choose another {field_name}"
-                )
-        if not isinstance(self.dispatcher_num_sms, int) or self.dispatcher_num_sms <= 0:
-            raise ValueError(
-                f"BackendConfig.dispatcher_num_sms={self.dispatcher_num_sms!r} must be a positive int"
-            )
-        if self.fake_gate_noise < 0:
-            raise ValueError(f"BackendConfig.fake_gate_noise={self.fake_gate_noise} must be >= 0")
-        self.gate_precision = resolve_dtype(
-            self.gate_precision, name="BackendConfig.gate_precision"
-        )
+        for field_name, choices in _CHOICE_FIELDS.items():
+            self._check_choice(field_name, choices)
+        for name in _BOOL_FIELDS:
+            check_bool(_OWNER, name, getattr(self, name))
+        check_int(_OWNER, "dispatcher_num_sms", self.dispatcher_num_sms, low=1)
+        self.fake_gate_noise = check_float(_OWNER, "fake_gate_noise", self.fake_gate_noise, low=0)
+        self.gate_precision = resolve_dtype(self.gate_precision, name=f"{_OWNER}.gate_precision")
+        self._check_rope_fusion()
+        self._check_async_dispatch()
+        self._check_te_fp8()
         if self.compile_attn and self.attn == "te":
             raise ValueError(
                 "BackendConfig.compile_attn=True cannot be combined with attn='te': Transformer "
                 "Engine's attention is already a fused CUDA kernel that torch.compile does not "
                 "trace; set compile_attn=False or choose attn='sdpa', 'flex' or 'eager'"
             )
-        if self.te_fp8 is not None and not HAVE_TE:
+
+    def _check_choice(self, field_name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, field_name)
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(
+                f"{_OWNER}.{field_name}={value!r} is not supported; accepted: {list(choices)}"
+            )
+        reason = _NOT_IMPLEMENTED.get((field_name, value))
+        if reason is not None:
+            raise ValueError(f"{_OWNER}.{field_name}={value!r} is not available: {reason}")
+        available, package, how = _REQUIREMENTS.get((field_name, value), (True, "", ""))
+        if not available:
             raise ImportError(
-                "BackendConfig.te_fp8 enables Transformer Engine FP8, but 'transformer_engine' is "
-                "not installed; install the 'te' extra or set te_fp8=None"
+                f"{_OWNER}.{field_name}={value!r} needs the '{package}' package, which is not "
+                f"installed; {how}, or choose another {field_name}"
+            )
+
+    def _check_rope_fusion(self) -> None:
+        # Read at call time (not the import-time default) so tests can stand in for TE/CUDA.
+        if self.rope_fusion and not (HAVE_TE and _CUDA):
+            missing = "Transformer Engine" if not HAVE_TE else "a CUDA device"
+            raise ValueError(
+                f"{_OWNER}.rope_fusion=True runs Transformer Engine's fused RoPE CUDA kernel, "
+                f"but {missing} is not available here; set rope_fusion=False (the PyTorch "
+                "rotary math, the same numbers)"
+            )
+
+    def _check_async_dispatch(self) -> None:
+        if self.dispatcher_async_dispatch and self.dispatcher != "torch":
+            raise ValueError(
+                f"{_OWNER}.dispatcher_async_dispatch=True overlaps the torch all-to-all with "
+                f"the shared experts; it is not implemented for dispatcher={self.dispatcher!r} "
+                "(use dispatcher='torch' or dispatcher_async_dispatch=False)"
+            )
+
+    def _check_te_fp8(self) -> None:
+        if self.te_fp8 is None:
+            return
+        if not isinstance(self.te_fp8, TEFp8Config):
+            raise TypeError(
+                f"{_OWNER}.te_fp8={self.te_fp8!r} must be a TEFp8Config (e.g. "
+                "TEFp8Config('current')) or None"
+            )
+        if not HAVE_TE:
+            raise ImportError(
+                f"{_OWNER}.te_fp8 enables Transformer Engine FP8, but 'transformer_engine' is "
+                f"not installed; {_TE_INSTALL}, or set te_fp8=None"
+            )
+        if self.linear != "te":
+            raise ValueError(
+                f"{_OWNER}.te_fp8 quantizes the matmuls of Transformer Engine modules, but "
+                f"linear={self.linear!r} builds none, so nothing would run in FP8; set "
+                "linear='te' or te_fp8=None"
             )
 
     def _apply_legacy_enable_deepep(self) -> None:
@@ -169,7 +260,7 @@ def initialize_linear_module(
         return torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
     if linear_impl == "te":
         if not HAVE_TE:
-            raise ImportError("linear_impl='te' needs transformer_engine; install the 'te' extra")
+            raise ImportError(f"linear_impl='te' needs transformer_engine; {_TE_INSTALL}")
         import transformer_engine.pytorch as te
 
         _fp8._patch_te_modules()
@@ -200,7 +291,7 @@ def initialize_rms_norm_module(
         return Float32RMSNorm(dim, eps=eps, device=device, dtype=dtype)
     if rms_norm_impl == "te":
         if not HAVE_TE:
-            raise ImportError("rms_norm_impl='te' needs transformer_engine; install the 'te' extra")
+            raise ImportError(f"rms_norm_impl='te' needs transformer_engine; {_TE_INSTALL}")
         import transformer_engine.pytorch as te
 
         _fp8._patch_te_modules()

@@ -16,6 +16,7 @@ ImportError naming the `te` extra.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -95,14 +96,21 @@ class TEFp8Config:
     recipe: Literal["current", "block", "mxfp8"] | Any = "current"
 
     def __post_init__(self) -> None:
-        if isinstance(self.recipe, str) and self.recipe not in _RECIPES:
-            raise ValueError(
-                f"TEFp8Config.recipe={self.recipe!r} is not a known recipe; accepted: "
-                f"{sorted(_RECIPES)} or a transformer_engine recipe object"
-            )
-        if self.recipe is None:
+        if isinstance(self.recipe, str):
+            if self.recipe not in _RECIPES:
+                raise ValueError(
+                    f"TEFp8Config.recipe={self.recipe!r} is not a known recipe; accepted: "
+                    f"{sorted(_RECIPES)} or a transformer_engine recipe object"
+                )
+        elif self.recipe is None:
             raise ValueError(
                 "TEFp8Config.recipe=None; pass a recipe name or object, or set te_fp8=None"
+            )
+        elif not _is_te_recipe(self.recipe):
+            raise TypeError(
+                f"TEFp8Config.recipe={self.recipe!r} must be one of {sorted(_RECIPES)} or a "
+                "transformer_engine recipe object (e.g. "
+                "transformer_engine.common.recipe.Float8CurrentScaling())"
             )
 
     def build_recipe(self) -> Any:
@@ -112,14 +120,56 @@ class TEFp8Config:
         recipe_mod = _import_te("transformer_engine.common.recipe", f"TEFp8Config({self.recipe!r})")
         return getattr(recipe_mod, _RECIPES[self.recipe])()
 
-    def maybe_te_autocast(self) -> Any:
-        """Return TE's FP8 autocast context manager for this recipe."""
+    def maybe_te_autocast(self, fp8_group: Any = None) -> Any:
+        """Return TE's FP8 autocast context manager for this recipe.
+
+        `fp8_group` is the process group TE reduces amax statistics over (None: TE's
+        default, the whole world).
+        """
         te = _import_te("transformer_engine.pytorch", "TEFp8Config.maybe_te_autocast")
         recipe = self.build_recipe()
-        # TE >= 2.8 renamed fp8_autocast(fp8_recipe=...) to autocast(recipe=...).
+        group = {} if fp8_group is None else {"amax_reduction_group": fp8_group}
+        # TE >= 2.8 renamed fp8_autocast(fp8_recipe=, fp8_group=) to autocast(recipe=,
+        # amax_reduction_group=).
         if hasattr(te, "autocast"):
-            return te.autocast(enabled=True, recipe=recipe)
-        return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+            return te.autocast(enabled=True, recipe=recipe, **group)
+        old_group = {} if fp8_group is None else {"fp8_group": fp8_group}
+        return te.fp8_autocast(enabled=True, fp8_recipe=recipe, **old_group)
+
+
+def _is_te_recipe(obj: Any) -> bool:
+    """Whether `obj` is an instance of a class defined in transformer_engine (no TE import)."""
+    return any(
+        (getattr(cls, "__module__", "") or "").startswith("transformer_engine")
+        for cls in type(obj).__mro__
+    )
+
+
+def fp8_autocast(te_fp8: TEFp8Config | None, fp8_group: Any = None) -> Any:
+    """The context a model's forward runs in: TE's FP8 autocast for `te_fp8`, else a no-op.
+
+    `te_fp8` is `BackendConfig.te_fp8`; with None nothing is imported and the context does
+    nothing. Transformer Engine is imported on first use.
+    """
+    if te_fp8 is None:
+        return contextlib.nullcontext()
+    return te_fp8.maybe_te_autocast(fp8_group)
+
+
+def fp8_autocast_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a model's `forward` to run under `fp8_autocast(self.backend.te_fp8)`.
+
+    TE records the recipe on the autograd graph, so the backward of that forward runs in
+    FP8 too. The signature seen by `inspect.signature` is the wrapped forward's.
+    """
+
+    @functools.wraps(forward)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        te_fp8 = getattr(getattr(self, "backend", None), "te_fp8", None)
+        with fp8_autocast(te_fp8):
+            return forward(self, *args, **kwargs)
+
+    return wrapped
 
 
 def is_tensor_unallocated(tensor: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from am_dtype.dtypes import resolve_dtype
+from am_dtype.validation import check_bool, check_float, check_int
 
 __all__ = [
     "EXPERT_ACTIVATIONS",
@@ -35,14 +36,23 @@ def is_gated(activation: str) -> bool:
 
 
 def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
+    if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"MoEConfig.{name}={value!r} is not supported; accepted: {list(accepted)}")
 
 
 def _positive(name: str, value: int, *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"MoEConfig.{name}={value!r} must be an int >= {low}")
+    check_int(_OWNER, name, value, low=0 if allow_zero else 1)
+
+
+_OWNER = "MoEConfig"
+_BOOL_FIELDS = (
+    "train_gate",
+    "norm_topk_prob",
+    "router_bias",
+    "expert_bias",
+    "shared_expert_gate",
+    "force_e_score_correction_bias",
+)
 
 
 @dataclass(kw_only=True)
@@ -100,8 +110,15 @@ class MoEConfig:
         _positive("n_shared_experts", self.n_shared_experts, allow_zero=True)
         _positive("inter_dim", self.inter_dim, allow_zero=True)
         # 0 groups is the reference's spelling of "no grouping".
-        self.n_expert_groups = max(self.n_expert_groups, 1)
-        self.n_limited_groups = max(self.n_limited_groups, 1)
+        self.n_expert_groups = max(
+            check_int(_OWNER, "n_expert_groups", self.n_expert_groups, low=0), 1
+        )
+        self.n_limited_groups = max(
+            check_int(_OWNER, "n_limited_groups", self.n_limited_groups, low=0), 1
+        )
+        for name in _BOOL_FIELDS:
+            check_bool(_OWNER, name, getattr(self, name))
+        self._check_floats()
         _choice("score_func", self.score_func, SCORE_FUNCS)
         _choice("expert_activation", self.expert_activation, EXPERT_ACTIVATIONS)
         _choice(
@@ -111,16 +128,25 @@ class MoEConfig:
         for name in ("shared_expert_inter_dim", "moe_latent_size"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if self.gate_bias_update_factor < 0 or self.aux_loss_coeff < 0:
-            raise ValueError(
-                f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} and "
-                f"aux_loss_coeff={self.aux_loss_coeff} must be >= 0"
-            )
         if self.gate_bias_update_factor > 0 and not self.train_gate:
             raise ValueError(
                 f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} updates the "
                 "gate's correction bias during training; it needs train_gate=True"
             )
+
+    def _check_floats(self) -> None:
+        """Finite floats (ints accepted, stored as floats): the loss and bias rates >= 0,
+        `route_scale` and `activation_limit` > 0, `activation_alpha` any finite value."""
+        f = check_float
+        self.gate_bias_update_factor = f(
+            _OWNER, "gate_bias_update_factor", self.gate_bias_update_factor, low=0
+        )
+        self.aux_loss_coeff = f(_OWNER, "aux_loss_coeff", self.aux_loss_coeff, low=0)
+        self.route_scale = f(_OWNER, "route_scale", self.route_scale, low=0, strictly_above=True)
+        self.activation_alpha = f(_OWNER, "activation_alpha", self.activation_alpha)
+        self.activation_limit = f(
+            _OWNER, "activation_limit", self.activation_limit, low=0, strictly_above=True
+        )
 
     def _check_routing(self) -> None:
         e, k = self.n_routed_experts, self.n_activated_experts

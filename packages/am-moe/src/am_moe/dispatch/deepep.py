@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = ["DeepEPDispatcher"]
 
+# DeepEP has no wheel: it is built against the local CUDA toolkit and NVSHMEM.
+DEEP_EP_INSTALL = (
+    "build DeepEP from source (https://github.com/deepseek-ai/DeepEP; needs CUDA and NVSHMEM)"
+)
+
 
 class _BufferDispatch(torch.autograd.Function):
     """DeepEP-style `Buffer.dispatch`; backward is `Buffer.combine` of the gradients.
@@ -157,5 +162,5 @@ class _DeepEPStyleDispatcher(_KernelLibraryDispatcher):
 class DeepEPDispatcher(_DeepEPStyleDispatcher):
     """DeepEP normal-mode (intranode/internode) kernels ("deepep"): `deep_ep.Buffer`."""
 
-    package, extra, backend_name = "deep_ep", "deepep", "deepep"
+    package, backend_name, install_hint = "deep_ep", "deepep", DEEP_EP_INSTALL
     module, buffer_class = "deep_ep", "Buffer"

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from am_moe.dispatch.base import _check_routing, _masked_routing
+from am_moe.dispatch.deepep import DEEP_EP_INSTALL
 from am_moe.dispatch.grouping import _group_by_expert, _ungroup
 from am_moe.dispatch.kernel_library import _KernelCtx, _KernelLibraryDispatcher, _LibraryCall
 
@@ -84,7 +85,7 @@ class HybridEPDispatcher(_KernelLibraryDispatcher):
     weighted row per (token, rank) goes back through `HybridEPBuffer.combine`.
     """
 
-    package, extra, backend_name = "deep_ep", "deepep", "hybridep"
+    package, backend_name, install_hint = "deep_ep", "hybridep", DEEP_EP_INSTALL
     module, buffer_class = "deep_ep", "HybridEPBuffer"
     buffer_methods = ("dispatch", "combine")
 

@@ -64,7 +64,7 @@ class _KernelLibraryDispatcher(TokenDispatcher):
     """
 
     package: str = ""
-    extra: str = ""
+    install_hint: str = ""  # how to get the library (it has no wheel to pip install)
     backend_name: str = ""
     module: str = ""
     buffer_class: str = ""
@@ -81,7 +81,7 @@ class _KernelLibraryDispatcher(TokenDispatcher):
         if importlib.util.find_spec(self.package) is None:
             raise ImportError(
                 f"dispatcher={self.backend_name!r} needs the '{self.package}' package, which is "
-                f"not installed; install the am-moe '{self.extra}' extra or use dispatcher='torch'"
+                f"not installed; {self.install_hint}, or use dispatcher='torch'"
             )
         self.library = importlib.import_module(self.module)
         buffer_cls = getattr(self.library, self.buffer_class, None)

@@ -22,5 +22,8 @@ __all__ = ["UCCLEPDispatcher"]
 class UCCLEPDispatcher(_DeepEPStyleDispatcher):
     """UCCL-EP kernels ("uccl_ep"): `uccl.ep.Buffer`, DeepEP's `Buffer` API over UCCL."""
 
-    package, extra, backend_name = "uccl", "uccl", "uccl_ep"
+    package, backend_name = "uccl", "uccl_ep"
+    install_hint = (
+        "build UCCL-EP from source (https://github.com/uccl-project/uccl, its ep/ directory)"
+    )
     module, buffer_class = "uccl.ep", "Buffer"

@@ -28,9 +28,8 @@ name (`BackendConfig.experts`):
   processes share the cores; otherwise every expert's first min(load) rows
   run as one `torch.bmm` and the rest as a grouped matmul (`_SplitRows`).
 - "gmm": grouped_gemm's GPU kernel (the `gmm` extra), imported only when used.
-- "te": accepted where Transformer Engine is installed; TE's grouped linear
-  wants one weight module per expert, so on stacked weights it runs the
-  "torch_mm" grouped GEMM (cuBLAS grouped GEMM on GPU).
+- "te" and "torch_mm_mxfp8" (names the seed pages list) are rejected by `BackendConfig`:
+  TE's grouped linear keeps one weight per expert, and there is no MXFP8 grouped GEMM here.
 
 Shape legend: T tokens, K top-k, E experts, L local experts (E without
 expert parallelism), N routed rows grouped by expert (sum of counts_L),

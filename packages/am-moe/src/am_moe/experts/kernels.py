@@ -63,24 +63,13 @@ def _run_gmm(x_ND, counts_L, w_up, w_down, act, b_up, b_down):
     return y if b_down is None else y + rows.per_row(b_down)
 
 
-def _run_te(x_ND, counts_L, w_up, w_down, act, b_up, b_down, act_name):
-    from am_dtype.backend import HAVE_TE
-
-    if not HAVE_TE:
-        raise ImportError("experts impl 'te' needs transformer_engine; install the 'te' extra")
-    # TE's grouped linear keeps one weight module per expert; on stacked weights the grouped
-    # GEMM it would issue is the one torch._grouped_mm issues (cuBLAS grouped GEMM on GPU).
-    return _run_grouped_mm(x_ND, counts_L, w_up, w_down, act, b_up, b_down, act_name)
-
-
 EXPERT_IMPLS: dict[str, Callable[..., Tensor]] = {
     "torch": _run_loop,
     "torch_mm": _run_grouped_mm,
     "gmm": _run_gmm,
-    "te": _run_te,
 }
 # Kernels that also take the activation's name (to pick its closed-form gradient).
-_NAMED_ACTIVATION_IMPLS = frozenset({"torch_mm", "te"})
+_NAMED_ACTIVATION_IMPLS = frozenset({"torch_mm"})
 
 
 def run_experts(

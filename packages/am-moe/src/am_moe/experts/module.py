@@ -29,7 +29,7 @@ __all__ = ["GroupedExperts"]
 
 
 # Kernels with a fused gather -> experts -> weighted-sum path when no expert parallelism is on.
-_FUSED_LOCAL_IMPLS = frozenset({"torch_mm", "te"})
+_FUSED_LOCAL_IMPLS = frozenset({"torch_mm"})
 
 
 class GroupedExperts(nn.Module):
