@@ -107,3 +107,67 @@ def ep_rank_with_empty_batch(rank: int, world_size: int, ids: torch.Tensor):
             expected = ref_grads[name]
         errors[name] = rel_err(grad, expected)
     return errors
+
+
+def _mtp_model():
+    from _nemotron_helpers import tiny_config
+
+    from am_models_nemotron import NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(num_nextn_predict_layers=2, mtp_layers_block_type=["full_attention", "moe"])
+    model = NemotronHForCausalLM(cfg, backend=cpu_backend())
+    model.initialize_weights(dtype=torch.float32)
+    return model.train()
+
+
+def parallelize_with_mtp_on_custom_axes(rank: int, world_size: int, ids: torch.Tensor):
+    """parallelize_model on Nemotron-H with MTP over a ("data", "expert") mesh.
+
+    Every decoder and MTP block becomes an FSDP and checkpointing unit; the loss (main +
+    MTP) and every gradient equal one process on the whole batch; the state-dict adapter
+    reads this rank's experts through the same `ep_axis_name`.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FSDPModule
+
+    from am_moe.parallelizer import parallelize_model
+
+    reference = _mtp_model()
+    ref_loss = torch.stack(
+        [reference(ids[i : i + 1], labels=ids[i : i + 1]).loss for i in range(world_size)]
+    ).mean()
+    ref_loss.backward()
+    ref_grads = _grads(reference)
+    hf = reference.state_dict_adapter.to_hf(reference.state_dict())
+
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("data", "expert"))
+    model = parallelize_model(
+        _mtp_model(),
+        mesh,
+        dp_axis_names=("data",),
+        ep_axis_name="expert",
+        activation_checkpointing=True,
+    )
+    local = model.state_dict_adapter.from_hf(hf, device_mesh=mesh, ep_axis_name="expert")
+    up = local["mtp.layers.1.mixer.experts.gate_and_up_projs"]
+    full_up = reference.mtp.layers["1"].mixer.experts.gate_and_up_projs.detach()
+    per_rank = full_up.shape[0] // world_size
+    loaded_local = torch.equal(up.to_local(), full_up[rank * per_rank : (rank + 1) * per_rank])
+
+    loss = model(ids[rank : rank + 1], labels=ids[rank : rank + 1]).loss
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world_size
+    errors = {"loss": abs(mean_loss.item() - ref_loss.item())}
+    for name, p in model.named_parameters():
+        clean = name.replace("_checkpoint_wrapped_module.", "")
+        errors[clean] = rel_err(p.grad.full_tensor(), ref_grads[clean])
+    units = {
+        stack: [
+            (isinstance(b, FSDPModule), isinstance(b, CheckpointWrapper)) for b in blocks.values()
+        ]
+        for stack, blocks in (("decoder", model.model.layers), ("mtp", model.mtp.layers))
+    }
+    return {"errors": errors, "units": units, "loaded_local_experts": loaded_local}

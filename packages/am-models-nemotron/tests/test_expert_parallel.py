@@ -38,3 +38,20 @@ def test_ep2_rank_with_an_empty_batch_takes_part_in_every_collective():
         assert len(errors) > 40  # every parameter, MTP MoE included
         worst = max((v, k) for k, v in errors.items())
         assert worst[0] <= 1e-5, worst
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_parallelize_model_wraps_decoder_and_mtp_blocks_on_custom_axis_names():
+    from _nemotron_ep_workers import parallelize_with_mtp_on_custom_axes
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    for r in run_distributed(parallelize_with_mtp_on_custom_axes, 2, ids, timeout_s=180):
+        assert r["units"]["decoder"] == [(True, True)] * 6  # FSDP unit and checkpointed
+        assert r["units"]["mtp"] == [(True, True)] * 4  # 2 depths x (attention, moe)
+        assert r["loaded_local_experts"]
+        errors = r["errors"]
+        assert errors["loss"] <= 1e-5
+        assert any(k.startswith("mtp.layers.") for k in errors)  # MTP params compared too
+        worst = max((v, k) for k, v in errors.items() if k != "loss")
+        assert worst[0] <= 1e-4, worst

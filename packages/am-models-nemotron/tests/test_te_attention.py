@@ -172,9 +172,6 @@ def fake_te(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", package)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
     monkeypatch.setattr(am_backend, "HAVE_TE", True)
-    monkeypatch.setitem(
-        am_backend._REQUIREMENTS, ("attn", "te"), (True, "transformer_engine", "te")
-    )
     return calls
 
 

@@ -228,6 +228,7 @@ def _model_case(
     defer_sync=False,
     fp32_compute=False,
     nemotron=False,
+    axis_names=("dp", "ep"),
 ) -> dict:
     """parallelize_model on a ("dp", "ep") mesh vs one process, same global batch(es).
 
@@ -254,11 +255,13 @@ def _model_case(
         TinyMoEModel(uneven=uneven, nemotron=nemotron), batches
     )
 
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=axis_names)
     mp = MixedPrecisionPolicy(torch.float32, torch.float32) if fp32_compute else None
     model = parallelize_model(
         TinyMoEModel(uneven=uneven, nemotron=nemotron),
         mesh,
+        dp_axis_names=axis_names[:1],
+        ep_axis_name=axis_names[1],
         activation_checkpointing=ac,
         mp_policy=mp,
     )
@@ -303,6 +306,64 @@ def _model_case(
         "dispatcher": type(experts.dispatcher).__name__,
         "zero_grad_experts": zero_grad_experts,
         "reduced_after_first_backward": reduced_after_first,
+    }
+
+
+class TinyVLM(torch.nn.Module):
+    """A vision tower with its own `layers` stack registered before the language model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.vision_tower = torch.nn.Module()
+        self.vision_tower.layers = torch.nn.ModuleList(
+            torch.nn.Linear(MODEL_DIM, MODEL_DIM, dtype=torch.float64) for _ in range(2)
+        )
+        self.language_model = TinyMoEModel()
+
+    def forward(self, x, padding_mask=None):
+        v = x
+        for block in self.vision_tower.layers:
+            v = torch.tanh(block(v))
+        return self.language_model(x + v, padding_mask)
+
+
+def _vlm_case() -> dict:
+    """parallelize_model on a VLM over a ("data", "expert") mesh: both stacks become FSDP and
+    checkpointing units, and output and gradients equal one process."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from am_moe.parallelizer import parallelize_model
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x, padding, probe = _batch(world * 2, seed=5)
+    ref_outs, _, ref_grads = _reference(TinyVLM(), [(x, padding, probe)])
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data", "expert"))
+    model = parallelize_model(
+        TinyVLM(),
+        mesh,
+        dp_axis_names=("data",),
+        ep_axis_name="expert",
+        activation_checkpointing=True,
+    )
+    mine = slice(rank * 2, rank * 2 + 2)
+    out = model(x[mine], padding[mine])
+    ((out * probe[mine]).sum() * world).backward()
+    grads = _full_grads(model)
+    torch.testing.assert_close(out, ref_outs[0][mine], **TOL)
+    assert sorted(grads) == sorted(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **TOL, msg=f"grad of {name}")
+    stacks = {"vision": model.vision_tower.layers, "language": model.language_model.layers}
+    return {
+        name: [(isinstance(b, FSDPModule), isinstance(b, CheckpointWrapper)) for b in stack]
+        for name, stack in stacks.items()
+    } | {
+        "expert_mesh": model.language_model.layers[
+            0
+        ].moe.experts.gate_and_up_projs.device_mesh.mesh_dim_names
     }
 
 
@@ -397,6 +458,7 @@ def ep2_worker(rank: int, world: int) -> dict:
         "model_ep2_nemotron_torch_mm": lambda: _model_case((1, 2), nemotron=True),
         "errors": _errors_case,
         "meta_init": _meta_init_case,
+        "vlm_custom_axes": _vlm_case,
     })  # fmt: skip
 
 
@@ -406,6 +468,9 @@ def ep4_worker(rank: int, world: int) -> dict:
         "model_ep4": lambda: _model_case((1, 4)),
         "model_ep4_uneven": lambda: _model_case((1, 4), uneven=True),
         "model_dp2_ep2_ac": lambda: _model_case((2, 2), ac=True),
+        "model_dp2_ep2_custom_axes": lambda: _model_case(
+            (2, 2), ac=True, axis_names=("data", "expert")
+        ),
         "accum_synced": lambda: _model_case((2, 2), n_micro=2),
         "accum_deferred": lambda: _model_case((2, 2), n_micro=2, defer_sync=True),
     })  # fmt: skip

@@ -10,7 +10,7 @@ import sys
 import pytest
 from torch import nn
 
-from am_moe.parallelizer import _find_block_container
+from am_moe.parallelizer import _find_block_containers
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the workers by name
 import _am_moe_ep_workers as workers  # noqa: E402
@@ -51,21 +51,60 @@ def test_meta_device_model_parallelizes_and_materializes():
         assert r["global_shape"] == (8, 8, 12) and r["finite_grads"]
 
 
-def test_block_container_discovery():
-    class Inner(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+@spawned
+def test_custom_mesh_axis_names_dp2_ep2_match_single_process():
+    # ("data", "expert") instead of ("dp", "ep"): every helper reads the names it is given.
+    res = workers.check_ok(4, "model_dp2_ep2_custom_axes")
+    assert all(r["local_experts"] == 4 and r["n_params"] == 20 for r in res)
 
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = Inner()
-            self.head = nn.Linear(2, 2)
 
-    outer = Outer()
-    assert _find_block_container(outer, None) is outer.model.layers
-    assert _find_block_container(outer, "model.layers") is outer.model.layers
-    assert _find_block_container(nn.Linear(2, 2), None) is None
+@spawned
+def test_vlm_language_blocks_are_found_behind_a_vision_tower():
+    for r in workers.check_ok(2, "vlm_custom_axes"):
+        # (FSDP unit, checkpoint-wrapped) for every block of both stacks.
+        assert r["language"] == [(True, True)] * 2
+        assert r["vision"] == [(True, True)] * 2
+        # Experts: Shard(0) over "expert" (EP), then FSDP over "data".
+        assert r["expert_mesh"] == ("data", "expert")
+
+
+def _stack(n=2):
+    return nn.ModuleList(nn.Linear(2, 2) for _ in range(n))
+
+
+class _Tower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _stack()
+
+
+class _FakeVLM(nn.Module):
+    """Vision tower (with `.layers`) registered before the language model; MTP after."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_tower = _Tower()
+        self.language_model = _Tower()
+        self.mtp = nn.Module()
+        self.mtp.layers = nn.ModuleDict({"0": _Tower()})  # an MTP block holding its own stack
+        self.head = nn.Linear(2, 2)
+
+
+def test_every_outermost_layers_stack_is_found_in_module_order():
+    m = _FakeVLM()
+    found = _find_block_containers(m, None)
+    assert found == [m.vision_tower.layers, m.language_model.layers, m.mtp.layers]
+    # The stack inside an MTP block belongs to that block: not a separate stack.
+    assert all(c is not m.mtp.layers["0"].layers for c in found)
+
+
+def test_named_block_containers():
+    m = _FakeVLM()
+    assert _find_block_containers(m, "language_model.layers") == [m.language_model.layers]
+    assert _find_block_containers(m, ["language_model.layers", "mtp.layers"]) == [
+        m.language_model.layers,
+        m.mtp.layers,
+    ]
+    assert _find_block_containers(nn.Linear(2, 2), None) == []
     with pytest.raises(ValueError, match="block_container='head' is a Linear"):
-        _find_block_container(outer, "head")
+        _find_block_containers(m, "head")

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import torch
 
 from am_dtype import fp8 as _fp8
-from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP
+
+# Re-exported here; `_REQUIREMENTS` reads them by name when a config is built.
+from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP  # noqa: F401
 from am_dtype.dtypes import resolve_dtype
 from am_dtype.fp8 import TEFp8Config
 from am_dtype.validation import check_bool, check_float, check_int
@@ -41,15 +43,17 @@ _DEEP_EP_SOURCE = (
 _TE_INSTALL = "install it with `pip install 'am-dtype[te]'`"
 _UCCL_SOURCE = "build UCCL-EP from source (https://github.com/uccl-project/uccl, ep/ directory)"
 
-# Which optional package each backend choice needs, and how to get it (for the error).
-_REQUIREMENTS: dict[tuple[str, str], tuple[bool, str, str]] = {
-    ("attn", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
-    ("linear", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
-    ("rms_norm", "te"): (HAVE_TE, "transformer_engine", _TE_INSTALL),
-    ("experts", "gmm"): (HAVE_GMM, "grouped_gemm", "install it with `pip install 'am-moe[gmm]'`"),
-    ("dispatcher", "deepep"): (HAVE_DEEP_EP, "deep_ep", _DEEP_EP_SOURCE),
-    ("dispatcher", "hybridep"): (HAVE_DEEP_EP, "deep_ep", _DEEP_EP_SOURCE),
-    ("dispatcher", "uccl_ep"): (HAVE_UCCL_EP, "uccl", _UCCL_SOURCE),
+# Which optional package each backend choice needs: the module-level flag that says whether it
+# is installed (read when a config is built, so tests can stand in for a package), the
+# package, and how to get it (for the error).
+_REQUIREMENTS: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("attn", "te"): ("HAVE_TE", "transformer_engine", _TE_INSTALL),
+    ("linear", "te"): ("HAVE_TE", "transformer_engine", _TE_INSTALL),
+    ("rms_norm", "te"): ("HAVE_TE", "transformer_engine", _TE_INSTALL),
+    ("experts", "gmm"): ("HAVE_GMM", "grouped_gemm", "install it with `pip install 'am-moe[gmm]'`"),
+    ("dispatcher", "deepep"): ("HAVE_DEEP_EP", "deep_ep", _DEEP_EP_SOURCE),
+    ("dispatcher", "hybridep"): ("HAVE_DEEP_EP", "deep_ep", _DEEP_EP_SOURCE),
+    ("dispatcher", "uccl_ep"): ("HAVE_UCCL_EP", "uccl", _UCCL_SOURCE),
 }
 
 # Choices the seed pages name that no am component can run, with why and what to use instead;
@@ -176,8 +180,9 @@ class BackendConfig:
         reason = _NOT_IMPLEMENTED.get((field_name, value))
         if reason is not None:
             raise ValueError(f"{_OWNER}.{field_name}={value!r} is not available: {reason}")
-        available, package, how = _REQUIREMENTS.get((field_name, value), (True, "", ""))
-        if not available:
+        requirement = _REQUIREMENTS.get((field_name, value))
+        if requirement is not None and not globals()[requirement[0]]:
+            _, package, how = requirement
             raise ImportError(
                 f"{_OWNER}.{field_name}={value!r} needs the '{package}' package, which is not "
                 f"installed; {how}, or choose another {field_name}"

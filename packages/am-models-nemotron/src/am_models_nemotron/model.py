@@ -42,6 +42,7 @@ from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.backend import initialize_rms_norm_module as _rms_norm
 from am_dtype.cast import enforce_strict_fp32
 from am_dtype.dtypes import config_dtype, resolve_dtype
+from am_dtype.fp8 import fp8_autocast_forward
 from am_models_nemotron.cache import NemotronHybridCache
 from am_models_nemotron.config import nemotron_config, uses_moe
 from am_models_nemotron.inputs import (
@@ -398,6 +399,7 @@ class NemotronHForCausalLM(HFCheckpointingMixin, GenerationMixin, nn.Module, MoE
         self.lm_head = new_embeddings
 
     # ------------------------------------------------------------------ forward
+    @fp8_autocast_forward  # under TE's FP8 autocast when backend.te_fp8 is set
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -57,16 +57,16 @@ def _rename(key: str, src: int, dst: int) -> str:
     return key
 
 
-def _ep_mesh(device_mesh: Any) -> Any:
-    """The expert-parallel (sub)mesh: the "ep" dim of a named mesh, or an unnamed 1-D mesh."""
+def _ep_mesh(device_mesh: Any, ep_axis_name: str = "ep") -> Any:
+    """The expert-parallel (sub)mesh: the `ep_axis_name` dim of a named mesh, or an unnamed 1-D mesh."""
     if device_mesh is None:
         return None
     names = getattr(device_mesh, "mesh_dim_names", None) or ()
     if not names:
         return device_mesh
-    if "ep" not in names:
+    if ep_axis_name not in names:
         return None
-    return device_mesh["ep"] if len(names) > 1 else device_mesh
+    return device_mesh[ep_axis_name] if len(names) > 1 else device_mesh
 
 
 class NemotronHStateDictAdapter:
@@ -100,19 +100,21 @@ class NemotronHStateDictAdapter:
         hf_state_dict: dict[str, torch.Tensor],
         device_mesh: Any = None,
         strict: bool = True,
+        ep_axis_name: str = "ep",
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """HF state dict (on-disk or transformers in-memory layout) -> native state dict.
 
-        With `device_mesh` (an EP mesh, or a mesh with an "ep" dim) only this
-        rank's experts are read, returned as a DTensor Shard(0) over that mesh.
+        With `device_mesh` (an EP mesh, or a mesh with an `ep_axis_name` dim, as given to
+        `am_moe.parallelizer.parallelize_model`) only this rank's experts are read,
+        returned as a DTensor Shard(0) over that mesh.
         Missing or mis-shaped expert tensors raise `ExpertCheckpointError` naming
         them as the checkpoint does (`strict=False`: logged, the block left out);
         expert tensors the model does not use (experts beyond its count, `gate_proj`
         of relu2 experts) are returned under their checkpoint names for the loader
         to report as unexpected.
         """
-        ep_mesh = _ep_mesh(device_mesh)
+        ep_mesh = _ep_mesh(device_mesh, ep_axis_name)
         expert_range = None
         if ep_mesh is not None and self.num_experts:
             expert_range = local_expert_range(

@@ -89,26 +89,46 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, backend=None) -> list[nn.Mod
     return blocks
 
 
-def _find_block_container(model: nn.Module, block_container: str | None) -> nn.Module | None:
-    """The ModuleList/ModuleDict of transformer blocks: `block_container` or a `*.layers`."""
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def _find_block_containers(
+    model: nn.Module, block_container: str | Sequence[str] | None
+) -> list[nn.Module]:
+    """The ModuleLists/ModuleDicts of transformer blocks: the named ones, or every `*.layers`.
+
+    Found automatically: every ModuleList/ModuleDict named `layers` that is not inside
+    another one, in module order: a VLM's vision-tower blocks and its language-model
+    decoder blocks, a model's decoder blocks and its MTP blocks, each stack once.
+    """
     if block_container is not None:
-        container = model.get_submodule(block_container)
-        if not isinstance(container, (nn.ModuleList, nn.ModuleDict)):
-            raise ValueError(
-                f"block_container={block_container!r} is a {type(container).__name__}; expected "
-                "an nn.ModuleList or nn.ModuleDict of transformer blocks"
-            )
-        return container
+        names = [block_container] if isinstance(block_container, str) else list(block_container)
+        return [_named_container(model, name) for name in names]
+    found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if name.split(".")[-1] == "layers" and isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            return module
-    return None
+        if name.split(".")[-1] != "layers" or not isinstance(module, _CONTAINERS):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue  # a stack inside one block of an outer stack belongs to that block
+        found.append((name, module))
+    return [module for _, module in found]
 
 
-def _blocks_of(container: nn.Module | None) -> list[nn.Module]:
-    if container is None:
-        return []
-    return list(container.values() if isinstance(container, nn.ModuleDict) else container)
+def _named_container(model: nn.Module, name: str) -> nn.Module:
+    container = model.get_submodule(name)
+    if not isinstance(container, _CONTAINERS):
+        raise ValueError(
+            f"block_container={name!r} is a {type(container).__name__}; expected an "
+            "nn.ModuleList or nn.ModuleDict of transformer blocks"
+        )
+    return container
+
+
+def _blocks_of(containers: Sequence[nn.Module]) -> list[nn.Module]:
+    blocks: list[nn.Module] = []
+    for container in containers:
+        blocks += container.values() if isinstance(container, nn.ModuleDict) else container
+    return blocks
 
 
 def _shard_experts(blocks, expert_dp_mesh: DeviceMesh, ep_size: int, fsdp_kwargs: dict):
@@ -143,7 +163,7 @@ def parallelize_model(
     backend=None,
     mp_policy: MixedPrecisionPolicy | None = None,
     activation_checkpointing: bool = False,
-    block_container: str | None = None,
+    block_container: str | Sequence[str] | None = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Apply EP, activation checkpointing and FSDP2 to `model` in place; return `model`.
@@ -153,8 +173,9 @@ def parallelize_model(
     A 2x2 mesh `init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))` gives FSDP over
     2 ranks for experts and over 4 for the rest. `backend` (a BackendConfig) picks the
     dispatcher; default: each MoE block's own `backend`. Transformer blocks (the FSDP and
-    checkpointing units) are the children of `block_container` (dotted path to a ModuleList or
-    ModuleDict), by default the first module named `layers` found in the model.
+    checkpointing units) are the children of `block_container` (a dotted path, or several, to
+    a ModuleList or ModuleDict), by default of every outermost module named `layers` (a VLM's
+    vision and language stacks, a model's decoder and MTP stacks).
     """
     dp_axis_names = tuple(dp_axis_names)
     if not dp_axis_names:
@@ -163,14 +184,15 @@ def parallelize_model(
     use_ep = ep_axis_name is not None and world_mesh[ep_axis_name].size() > 1
     moe_blocks = apply_ep(model, world_mesh[ep_axis_name], backend) if use_ep else []
 
-    container = _find_block_container(model, block_container)
+    containers = _find_block_containers(model, block_container)
     if activation_checkpointing:
-        if container is None:
+        if not containers:
             raise ValueError(
                 "activation_checkpointing=True but no transformer blocks were found; pass "
                 "block_container='path.to.layers'"
             )
-        checkpoint_blocks(container)
+        for container in containers:
+            checkpoint_blocks(container)
 
     data_axes = dp_axis_names + ((ep_axis_name,) if use_ep else ())
     data_mesh = _submesh(world_mesh, data_axes)
@@ -181,7 +203,7 @@ def parallelize_model(
     if moe_blocks:
         expert_dp_mesh = _submesh(world_mesh, dp_axis_names)
         _shard_experts(moe_blocks, expert_dp_mesh, world_mesh[ep_axis_name].size(), fsdp_kwargs)
-    for block in _blocks_of(container):
+    for block in _blocks_of(containers):
         fully_shard(block, mesh=data_mesh, **fsdp_kwargs)
     fully_shard(model, mesh=data_mesh, **fsdp_kwargs)
     logger.info(
@@ -189,7 +211,7 @@ def parallelize_model(
         len(moe_blocks),
         ep_axis_name if use_ep else "-",
         data_axes,
-        len(_blocks_of(container)),
+        len(_blocks_of(containers)),
         " with activation checkpointing" if activation_checkpointing else "",
     )
     return model
