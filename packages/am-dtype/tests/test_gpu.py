@@ -52,3 +52,28 @@ def test_te_linear_is_patched_for_meta_inputs():
     assert out.is_meta and out.shape == (4, 32)
     y = lin(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16))
     assert y.shape == (4, 32)
+
+
+@needs_te
+@pytest.mark.parametrize("recipe", ["current", "mxfp8"])
+def test_fp8_autocast_runs_te_linear_in_fp8(recipe):
+    """`fp8_autocast` enters TE's real autocast: FP8 is on inside, off after, output close."""
+
+    from am_dtype import fp8_autocast
+
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+        pytest.skip("MXFP8 needs Blackwell (sm100+)")
+    lin = initialize_linear_module("te", 128, 64, device="cuda")
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fp8_autocast(TEFp8Config(recipe)):
+        assert FP8GlobalStateManager.is_fp8_enabled()
+        y = lin(x)
+    assert not FP8GlobalStateManager.is_fp8_enabled()
+    y.float().sum().backward()
+    ref = x.detach().float() @ lin.weight.detach().float().t()
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= 0.1
+    assert torch.isfinite(x.grad).all()

@@ -82,3 +82,58 @@ def test_te_attention_matches_sdpa_on_packed_thd_batch():
             torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
         )
     assert rel_err(grads[1], grads[0]) <= 3e-2
+
+
+def _fp8_enabled() -> bool:
+    """TE's own record of whether an FP8 autocast is active (its module moved in TE 2.x)."""
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    return FP8GlobalStateManager.is_fp8_enabled()
+
+
+@needs_cuda
+@pytest.mark.skipif(not HAVE_TE, reason="needs transformer_engine (the 'te' extra)")
+def test_forward_under_real_te_fp8_autocast():
+    """backend.te_fp8: every te.Linear runs with TE's FP8 enabled; logits near the bf16 model.
+
+    Attention/MLP/MoE blocks only, with widths and token counts that are multiples of 16 (TE's
+    FP8 GEMMs need them; the Mamba in_proj of the tiny config is not).
+    """
+    from am_dtype import TEFp8Config
+
+    config = tiny_config(
+        ["full_attention", "moe", "mlp"],
+        hidden_size=64,
+        head_dim=16,
+        intermediate_size=64,
+        moe_shared_expert_intermediate_size=32,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    base = dict(attn="sdpa", linear="te", rms_norm="torch_fp32", experts="torch_mm")
+    bf16 = NemotronHForCausalLM(config, backend=cpu_backend(**base)).cuda()
+    bf16.initialize_weights(dtype=torch.bfloat16)
+    fp8 = NemotronHForCausalLM(
+        config, backend=cpu_backend(**base, te_fp8=TEFp8Config("current"))
+    ).cuda()
+    fp8.load_state_dict(bf16.state_dict())
+    seen = []
+    linears = [
+        m
+        for m in fp8.modules()
+        if type(m).__name__ == "Linear" and "transformer_engine" in type(m).__module__
+    ]
+    assert linears
+    for m in linears:
+        m.register_forward_pre_hook(lambda *_: seen.append(_fp8_enabled()))
+    ids = torch.randint(0, 64, (2, 32), device="cuda")
+    out = fp8(ids, labels=ids)
+    assert len(seen) >= len(linears) and all(seen)
+    assert not _fp8_enabled()  # the context was left
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in fp8.parameters() if p.grad is not None)
+    with torch.no_grad():
+        ref = bf16(ids).logits
+    assert rel_err(out.logits.detach().float(), ref.float()) <= 0.1
