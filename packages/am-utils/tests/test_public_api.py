@@ -20,6 +20,7 @@ EXPECTED = [
     "HFCheckpointingMixin",
     "VLM_INPUT_KEYS",
     "apply_parameter_freezing",
+    "apply_rotary_pos_emb",
     "compute_lm_head_logits",
     "count_model_parameters",
     "enable_radio_vit_fused_attn",

@@ -35,6 +35,7 @@ from am_utils.masks import (
     token_mask_from,
 )
 from am_utils.params import count_model_parameters, print_trainable_parameters
+from am_utils.rope import apply_rotary_pos_emb
 from am_utils.thd import squeeze_input_for_thd
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "VLM_INPUT_KEYS",
     "VarlenSeqs",
     "apply_parameter_freezing",
+    "apply_rotary_pos_emb",
     "build_attention_mask",
     "build_te_attention",
     "build_varlen_seqs",
