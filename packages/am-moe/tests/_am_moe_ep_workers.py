@@ -147,7 +147,12 @@ class TinyMoEModel(torch.nn.Module, _fsdp_sync_mixin()):
     """
 
     def __init__(
-        self, n_experts: int = 8, uneven: bool = False, seed: int = 0, nemotron: bool = False
+        self,
+        n_experts: int = 8,
+        uneven: bool = False,
+        seed: int = 0,
+        nemotron: bool = False,
+        async_dispatch: bool = False,
     ) -> None:
         super().__init__()
         from am_dtype.backend import BackendConfig
@@ -167,6 +172,7 @@ class TinyMoEModel(torch.nn.Module, _fsdp_sync_mixin()):
             experts="torch_mm" if nemotron else "torch",
             dispatcher="torch",
             enable_fsdp_optimizations=True,
+            dispatcher_async_dispatch=async_dispatch,
         )
         torch.manual_seed(seed)
         self.layers = torch.nn.ModuleList(TinyBlock(config, self.backend) for _ in range(2))
@@ -229,6 +235,7 @@ def _model_case(
     fp32_compute=False,
     nemotron=False,
     axis_names=("dp", "ep"),
+    async_dispatch=False,
 ) -> dict:
     """parallelize_model on a ("dp", "ep") mesh vs one process, same global batch(es).
 
@@ -258,7 +265,7 @@ def _model_case(
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=axis_names)
     mp = MixedPrecisionPolicy(torch.float32, torch.float32) if fp32_compute else None
     model = parallelize_model(
-        TinyMoEModel(uneven=uneven, nemotron=nemotron),
+        TinyMoEModel(uneven=uneven, nemotron=nemotron, async_dispatch=async_dispatch),
         mesh,
         dp_axis_names=axis_names[:1],
         ep_axis_name=axis_names[1],
@@ -306,6 +313,10 @@ def _model_case(
         "dispatcher": type(experts.dispatcher).__name__,
         "zero_grad_experts": zero_grad_experts,
         "reduced_after_first_backward": reduced_after_first,
+        "async_calls": experts.dispatcher.stats.async_calls,
+        # Exact values, so two runs (sync / async dispatch) can be compared bit for bit.
+        "outputs": torch.cat([o.flatten() for o in outs]).tolist(),
+        "grads": {name: g.flatten().tolist() for name, g in sorted(grads.items())},
     }
 
 
@@ -459,6 +470,8 @@ def ep2_worker(rank: int, world: int) -> dict:
         "errors": _errors_case,
         "meta_init": _meta_init_case,
         "vlm_custom_axes": _vlm_case,
+        "model_ep2_sync": lambda: _model_case((1, 2), uneven=True),
+        "model_ep2_async": lambda: _model_case((1, 2), uneven=True, async_dispatch=True),
     })  # fmt: skip
 
 

@@ -52,3 +52,17 @@ def test_ep4_model_matches_single_process(check):
     assert all(r["local_experts"] == 2 for r in res)
     if check.endswith("uneven"):
         assert res[0]["zero_grad_experts"] == 6  # EP ranks 1..3 receive no rows
+
+
+def test_async_dispatch_gives_the_sync_numbers_and_overlaps():
+    # dispatcher_async_dispatch=True: the token all-to-all is issued with async_op and the
+    # shared experts run before it is waited for; outputs and every gradient are the
+    # synchronous path's, bit for bit (and both equal one process, checked in the worker).
+    sync, asynchronous = (
+        workers.check_ok(2, "model_ep2_sync"),
+        workers.check_ok(2, "model_ep2_async"),
+    )
+    for s, a in zip(sync, asynchronous, strict=True):
+        assert s["async_calls"] == 0 and a["async_calls"] == 1  # one forward of this block
+        assert a["outputs"] == s["outputs"]
+        assert a["grads"] == s["grads"]

@@ -180,3 +180,34 @@ def test_mlp_activations():
     torch.testing.assert_close(swiglu(x), expected)
     with pytest.raises(ValueError, match="activation='gelu'.*accepted"):
         MLP(D, 8, activation="gelu")
+
+
+@pytest.mark.parametrize("latent", [None, 4])
+def test_async_dispatch_runs_the_shared_experts_between_dispatch_start_and_finish(latent):
+    from am_moe.dispatch import LocalDispatcher
+
+    events = []
+
+    class Recording(LocalDispatcher):
+        def dispatch_start(self, *args):
+            events.append("start")
+            return super().dispatch_start(*args)
+
+        def dispatch_finish(self, pending):
+            events.append("finish")
+            return super().dispatch_finish(pending)
+
+    outs = {}
+    for overlap in (False, True):
+        backend = BackendConfig(experts="torch", linear="torch", dispatcher_async_dispatch=overlap)
+        moe = _moe(backend, moe_latent_size=latent)
+        moe.experts.dispatcher = Recording(moe.n_routed_experts)
+        moe.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+        events.clear()
+        x = _x().requires_grad_(True)
+        y = moe(x)
+        y.square().sum().backward()
+        outs[overlap] = (y.detach(), x.grad, events.copy())
+    assert outs[False][2] == ["start", "finish", "shared"]
+    assert outs[True][2] == ["start", "shared", "finish"]  # shared experts overlap the dispatch
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])

@@ -193,24 +193,31 @@ class MoE(nn.Module):
             if token_mask is None
             else token_mask.reshape(-1)
         )
-        y_TD = self._routed(
+        # weights.shape[-1], not -1: an empty batch (0 tokens) has no size to infer from.
+        y_TD = self._routed_and_shared(
             x_TD, mask_T, weights.reshape(x_TD.shape[0], weights.shape[-1]), indices
         )
-        if self.shared_experts is not None:
-            y_TD = y_TD + self._shared(x_TD)
         if aux_loss is not None:
             self.last_aux_loss = aux_loss.detach()
             y_TD = _AttachAuxLoss.apply(y_TD, aux_loss)
         return y_TD.view(x.shape)
 
-    def _routed(self, x_TD: Tensor, mask_T: Tensor, weights_TK: Tensor, indices: Tensor) -> Tensor:
+    def _routed_and_shared(
+        self, x_TD: Tensor, mask_T: Tensor, weights_TK: Tensor, indices: Tensor
+    ) -> Tensor:
+        """Routed experts plus shared experts. With `dispatcher_async_dispatch` the shared
+        experts run between the start and the end of the token dispatch, overlapping it."""
         indices_TK = indices.reshape(weights_TK.shape)
-        if self.fc1_latent_proj is not None:
-            x_TD = self.fc1_latent_proj(x_TD)
-        y_TD = self.experts(x_TD, mask_T, weights_TK, indices_TK)
+        h_TD = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
+        started = self.experts.start(h_TD, mask_T, weights_TK, indices_TK)
+        overlap = self.backend.dispatcher_async_dispatch and self.shared_experts is not None
+        z_TD = self._shared(x_TD) if overlap else None
+        y_TD = self.experts.finish(started)
         if self.fc2_latent_proj is not None:
             y_TD = self.fc2_latent_proj(y_TD)
-        return y_TD
+        if self.shared_experts is not None and z_TD is None:
+            z_TD = self._shared(x_TD)
+        return y_TD if z_TD is None else y_TD + z_TD
 
     def _shared(self, x_TD: Tensor) -> Tensor:
         z_TD = self.shared_experts(x_TD)

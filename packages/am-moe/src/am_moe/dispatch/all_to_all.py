@@ -53,6 +53,69 @@ def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -
     return out
 
 
+class _InFlight:
+    """The collective handles of an asynchronous exchange, waited for by `_ExchangeWait`."""
+
+    __slots__ = ("works",)
+
+    def __init__(self) -> None:
+        self.works: list = []
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+
+def _all_to_all_async(x: Tensor, out_splits, in_splits, group, flight: _InFlight) -> Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(
+        out, x.contiguous(), out_splits, in_splits, group=group, async_op=True
+    )
+    flight.works.append(work)
+    return out
+
+
+class _ExchangeStart(torch.autograd.Function):
+    """`_Exchange` issued with async_op: the outputs are filled once `flight` is waited for.
+
+    Backward is the same synchronous reverse exchange as `_Exchange`'s.
+    """
+
+    @staticmethod
+    def forward(ctx, flight: _InFlight, out_splits, in_splits, group, *tensors: Tensor):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return tuple(_all_to_all_async(t, out_splits, in_splits, group, flight) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        out_splits, in_splits = ctx.splits
+        back = tuple(_all_to_all(g, in_splits, out_splits, ctx.group) for g in grads)
+        return (None, None, None, None, *back)
+
+
+class _ExchangeWait(torch.autograd.Function):
+    """Wait for an `_ExchangeStart`; identity on its outputs (and on their gradients)."""
+
+    @staticmethod
+    def forward(ctx, flight: _InFlight, *tensors: Tensor):
+        flight.wait()
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        return (None, *grads)
+
+
+@dataclass
+class _PendingDispatch:
+    flight: _InFlight
+    local_VK: Tensor
+    x_VD: Tensor
+    w_VK: Tensor
+    ctx_args: tuple
+
+
 @dataclass
 class _AllToAllCtx:
     group_ctx: _GroupCtx
@@ -95,6 +158,25 @@ class AllToAllDispatcher(TokenDispatcher):
         indices_TK: Tensor,
         token_mask_T: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, _AllToAllCtx]:
+        return self._route(x_TD, weights_TK, indices_TK, token_mask_T, asynchronous=False)
+
+    def dispatch_start(
+        self,
+        x_TD: Tensor,
+        weights_TK: Tensor,
+        indices_TK: Tensor,
+        token_mask_T: Tensor | None = None,
+    ) -> _PendingDispatch:
+        """Exchange the counts, then issue the id and token all-to-alls with async_op."""
+        return self._route(x_TD, weights_TK, indices_TK, token_mask_T, asynchronous=True)
+
+    def dispatch_finish(self, pending: _PendingDispatch) -> tuple[Tensor, Tensor, _AllToAllCtx]:
+        """Wait for the transfers, then group the received rows by local expert."""
+        x_VD, w_VK = _ExchangeWait.apply(pending.flight, pending.x_VD, pending.w_VK)
+        self.stats.async_calls += 1
+        return self._group(x_VD, pending.local_VK, w_VK, *pending.ctx_args)
+
+    def _route(self, x_TD, weights_TK, indices_TK, token_mask_T, *, asynchronous: bool):
         _check_routing(x_TD, weights_TK, indices_TK, self.num_experts)
         weights_TK, indices_TK = _masked_routing(weights_TK, indices_TK, token_mask_T)
         L = self.num_local_experts
@@ -113,19 +195,25 @@ class AllToAllDispatcher(TokenDispatcher):
             send_counts_P, [1] * self.ep_size, [1] * self.ep_size, self.ep_group
         )
         send_splits, recv_splits = send_counts_P.tolist(), recv_counts_P.tolist()
-
-        group = self.ep_group
-        local_VK = _all_to_all(local_SK.to(torch.int64), recv_splits, send_splits, group)
-        x_VD, w_VK = _Exchange.apply(
-            recv_splits,
-            send_splits,
-            group,
-            x_TD.index_select(0, send_tok_S),
-            weights_TK.index_select(0, send_tok_S),
-        )
         self._count(send_splits, x_TD, weights_TK)
-        x_ND, counts_L, group_ctx = _group_by_expert(x_VD, local_VK, w_VK, L)
-        ctx = _AllToAllCtx(group_ctx, send_tok_S, send_splits, recv_splits, x_TD.shape[0])
+        group = self.ep_group
+        rows = (x_TD.index_select(0, send_tok_S), weights_TK.index_select(0, send_tok_S))
+        ctx_args = (send_tok_S, send_splits, recv_splits, x_TD.shape[0])
+        if not asynchronous:
+            local_VK = _all_to_all(local_SK.to(torch.int64), recv_splits, send_splits, group)
+            x_VD, w_VK = _Exchange.apply(recv_splits, send_splits, group, *rows)
+            return self._group(x_VD, local_VK, w_VK, *ctx_args)
+        # Same collective order as the synchronous path on every rank: ids, then tokens.
+        flight = _InFlight()
+        local_VK = _all_to_all_async(
+            local_SK.to(torch.int64), recv_splits, send_splits, group, flight
+        )
+        x_VD, w_VK = _ExchangeStart.apply(flight, recv_splits, send_splits, group, *rows)
+        return _PendingDispatch(flight, local_VK, x_VD, w_VK, ctx_args)
+
+    def _group(self, x_VD, local_VK, w_VK, send_tok_S, send_splits, recv_splits, num_tokens):
+        x_ND, counts_L, group_ctx = _group_by_expert(x_VD, local_VK, w_VK, self.num_local_experts)
+        ctx = _AllToAllCtx(group_ctx, send_tok_S, send_splits, recv_splits, num_tokens)
         return x_ND, counts_L, ctx
 
     def combine(self, y_ND: Tensor, ctx: _AllToAllCtx) -> Tensor:

@@ -10,13 +10,10 @@ expert (the T tokens without EP, the V received rows with it), N expert rows aft
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
@@ -30,9 +27,11 @@ class DispatchStats:
     combine_bytes: int = 0
     metadata_bytes: int = 0
     calls: int = 0
+    async_calls: int = 0  # dispatches whose token transfer ran asynchronously
 
     def reset(self) -> None:
         self.dispatch_bytes = self.combine_bytes = self.metadata_bytes = self.calls = 0
+        self.async_calls = 0
 
 
 class TokenDispatcher:
@@ -59,6 +58,24 @@ class TokenDispatcher:
 
     def combine(self, y_ND: Tensor, ctx: Any) -> Tensor:
         raise NotImplementedError
+
+    def dispatch_start(
+        self,
+        x_TD: Tensor,
+        weights_TK: Tensor,
+        indices_TK: Tensor,
+        token_mask_T: Tensor | None = None,
+    ) -> Any:
+        """Begin a dispatch; `dispatch_finish(pending)` returns what `dispatch` returns.
+
+        Work placed between the two (the shared experts) overlaps the communication of a
+        dispatcher whose transfers run asynchronously; by default the dispatch runs here.
+        """
+        return self.dispatch(x_TD, weights_TK, indices_TK, token_mask_T)
+
+    def dispatch_finish(self, pending: Any) -> tuple[Tensor, Tensor, Any]:
+        """Wait for a `dispatch_start` and return `(x_ND, counts_L, ctx)`."""
+        return pending
 
 
 def _check_routing(x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, num_experts: int) -> None:

@@ -11,7 +11,7 @@ expert (the T tokens without EP, the V received rows with it), N expert rows aft
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,9 +19,6 @@ from torch import Tensor
 from am_moe.dispatch.base import _check_routing, _masked_routing
 from am_moe.dispatch.grouping import _group_by_expert, _ungroup
 from am_moe.dispatch.kernel_library import _KernelCtx, _KernelLibraryDispatcher, _LibraryCall
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DeepEPDispatcher"]
 

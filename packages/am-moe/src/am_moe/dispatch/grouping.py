@@ -14,13 +14,9 @@ expert (the T tokens without EP, the V received rows with it), N expert rows aft
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,9 +21,6 @@ from am_moe.dispatch.base import _check_routing, _masked_routing
 from am_moe.dispatch.deepep import DEEP_EP_INSTALL
 from am_moe.dispatch.grouping import _group_by_expert, _ungroup
 from am_moe.dispatch.kernel_library import _KernelCtx, _KernelLibraryDispatcher, _LibraryCall
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["HybridEPDispatcher"]
 

@@ -9,15 +9,10 @@ expert (the T tokens without EP, the V received rows with it), N expert rows aft
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from am_moe.dispatch.base import TokenDispatcher, _check_routing, _masked_routing
 from am_moe.dispatch.grouping import _group_by_expert, _GroupCtx, _ungroup
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["LocalDispatcher"]
 

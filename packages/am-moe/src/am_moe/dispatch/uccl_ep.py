@@ -9,12 +9,7 @@ expert (the T tokens without EP, the V received rows with it), N expert rows aft
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from am_moe.dispatch.deepep import _DeepEPStyleDispatcher
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["UCCLEPDispatcher"]
 

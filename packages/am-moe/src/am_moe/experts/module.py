@@ -8,8 +8,9 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,15 @@ __all__ = ["GroupedExperts"]
 
 # Kernels with a fused gather -> experts -> weighted-sum path when no expert parallelism is on.
 _FUSED_LOCAL_IMPLS = frozenset({"torch_mm"})
+
+
+@dataclass
+class _Started:
+    """A `GroupedExperts.start` in progress: the fused path's inputs or a pending dispatch."""
+
+    fused_args: tuple | None = None
+    pending: Any = None
+    dtype: torch.dtype | None = None
 
 
 class GroupedExperts(nn.Module):
@@ -73,6 +83,23 @@ class GroupedExperts(nn.Module):
         self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
     ) -> Tensor:
         """y_TD[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]); masked rows 0."""
+        return self.finish(self.start(x_TD, token_mask_T, weights_TK, indices_TK))
+
+    def start(
+        self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
+    ) -> _Started:
+        """First half of `forward`: begin the dispatch (asynchronous where the dispatcher is).
+
+        `finish(started)` returns forward's result; work placed in between overlaps the
+        dispatcher's communication (`MoE` runs the shared experts there).
+        """
+        if self.impl in _FUSED_LOCAL_IMPLS and type(self.dispatcher) is LocalDispatcher:
+            return _Started(fused_args=(x_TD, token_mask_T, weights_TK, indices_TK))
+        pending = self.dispatcher.dispatch_start(x_TD, weights_TK, indices_TK, token_mask_T)
+        return _Started(pending=pending, dtype=x_TD.dtype)
+
+    def finish(self, started: _Started) -> Tensor:
+        """Second half of `forward`: the experts on the dispatched rows, combined per token."""
         weights = [
             _local(p)
             for p in (
@@ -82,9 +109,9 @@ class GroupedExperts(nn.Module):
                 self.down_proj_bias,
             )
         ]
-        if self.impl in _FUSED_LOCAL_IMPLS and type(self.dispatcher) is LocalDispatcher:
-            return self._local_fused(x_TD, token_mask_T, weights_TK, indices_TK, weights)
-        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK, token_mask_T)
+        if started.fused_args is not None:
+            return self._local_fused(*started.fused_args, weights)
+        x_ND, counts_L, ctx = self.dispatcher.dispatch_finish(started.pending)
         y_ND = run_experts(
             x_ND,
             counts_L,
@@ -97,7 +124,7 @@ class GroupedExperts(nn.Module):
             alpha=self.activation_alpha,
             limit=self.activation_limit,
         )
-        return self.dispatcher.combine(y_ND, ctx).to(x_TD.dtype)
+        return self.dispatcher.combine(y_ND, ctx).to(started.dtype)
 
     def _local_fused(self, x_TD, token_mask_T, weights_TK, indices_TK, weights) -> Tensor:
         if token_mask_T is None:
