@@ -264,7 +264,7 @@ def test_split_and_padded_layouts_with_head_and_tail_rows(layout):
     _check_against_reference(module, x, weights, indices, torch.ones(24, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu2", "swiglu", "geglu"])
 @pytest.mark.parametrize("layout", ["padded", "split", "grouped"])
 def test_reused_cpu_buffers_never_leak_between_calls(activation, layout):
     """Two forwards before either backward (two layers, or accumulation) with the shared
@@ -293,3 +293,27 @@ def test_reused_cpu_buffers_never_leak_between_calls(activation, layout):
     (out_a, grads_a), (out_b, grads_b) = results
     for a, b in zip(out_a + grads_a, out_b + grads_b, strict=True):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_geglu_closed_form_is_bit_identical_to_the_plain_math(dtype, workspace):
+    """Gemma 4's experts: gelu_pytorch_tanh(gate) * up. The fused kernels' forward and
+    recomputed backward give exactly what autograd gives for the plain expression."""
+    from am_moe.experts.activations import _geglu_with_grad, _geglu_with_grad_into
+    from am_moe.experts.rows import _Scratch
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(37, 2 * 24, generator=g) * 3).to(dtype)
+    grad_a = torch.randn(37, 24, generator=g).to(dtype)
+    leaf = h.clone().requires_grad_(True)
+    gate, up = leaf[:, :24], leaf[:, 24:]
+    plain = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    (plain_grad,) = torch.autograd.grad(plain, leaf, grad_a)
+    if workspace:
+        a, grad_fn = _geglu_with_grad_into(h, _Scratch("geglu"))
+    else:
+        a, grad_fn = _geglu_with_grad(h)
+    assert torch.equal(a, plain.detach())
+    assert torch.equal(apply_activation(h, "geglu"), plain.detach())
+    assert torch.equal(grad_fn(grad_a.clone()), plain_grad)

@@ -209,10 +209,13 @@ class MoE(nn.Module):
         experts run between the start and the end of the token dispatch, overlapping it."""
         indices_TK = indices.reshape(weights_TK.shape)
         h_TD = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
-        started = self.experts.start(h_TD, mask_T, weights_TK, indices_TK)
-        overlap = self.backend.dispatcher_async_dispatch and self.shared_experts is not None
-        z_TD = self._shared(x_TD) if overlap else None
-        y_TD = self.experts.finish(started)
+        z_TD = None
+        if self.backend.dispatcher_async_dispatch and self.shared_experts is not None:
+            y_TD, z_TD = self.experts(
+                h_TD, mask_T, weights_TK, indices_TK, overlap=lambda: self._shared(x_TD)
+            )
+        else:
+            y_TD = self.experts(h_TD, mask_T, weights_TK, indices_TK)
         if self.fc2_latent_proj is not None:
             y_TD = self.fc2_latent_proj(y_TD)
         if self.shared_experts is not None and z_TD is None:

@@ -105,9 +105,27 @@ def _swiglu_with_grad(h_NF2: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]
     return silu * up, grad
 
 
+def _geglu_grad_into(grad_a: Tensor, gate: Tensor, up: Tensor, gl: Tensor, grad_h: Tensor):
+    """grad_h = d(gelu_tanh(gate) * up)/d(gate, up) . grad_a, by the ops (and in the order)
+    autograd runs for the plain expression, so the result is bit-identical to it."""
+    f = gate.shape[-1]
+    torch.mul(grad_a, gl, out=grad_h[:, f:])
+    torch.ops.aten.gelu_backward.grad_input(
+        grad_a.mul_(up), gate, approximate="tanh", grad_input=grad_h[:, :f]
+    )
+    return grad_h
+
+
+def _geglu_with_grad(h_NF2: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    gate, up = _halves(h_NF2)
+    gl = F.gelu(gate, approximate="tanh")
+    return gl * up, lambda grad_a: _geglu_grad_into(grad_a, gate, up, gl, torch.empty_like(h_NF2))
+
+
 _ACTIVATIONS_WITH_GRAD: dict[str, ActivationWithGrad] = {
     "relu2": _relu2_with_grad,
     "swiglu": _swiglu_with_grad,
+    "geglu": _geglu_with_grad,
 }
 
 
@@ -130,12 +148,39 @@ def _activation_with_grad(act: Callable[[Tensor], Tensor], name: str) -> Activat
     return generic
 
 
-def _relu2_into(h_RF: Tensor, out_RF: Tensor) -> Tensor:
+# Workspace variants for the fused path (see `rows._Workspace`): the activation a_RF and the
+# backward's intermediates live in reused buffers instead of fresh R x F tensors.
+
+
+def _relu2_into(h_RF: Tensor, ws: _Scratch) -> Tensor:
+    out_RF = ws.get("a", h_RF.shape, h_RF)
     torch.clamp_min(h_RF, 0, out=out_RF)
     return out_RF.mul_(out_RF)
+
+
+def _geglu_into(h_RF2: Tensor, ws: _Scratch) -> Tensor:
+    gate, up = _halves(h_RF2)
+    out_RF = ws.get("a", gate.shape, h_RF2)
+    torch.ops.aten.gelu.out(gate, approximate="tanh", out=out_RF)
+    return out_RF.mul_(up)
 
 
 def _relu2_with_grad_into(h_RF: Tensor, ws: _Scratch):
     r_RF = torch.clamp_min(h_RF, 0, out=ws.get("r", h_RF.shape, h_RF))
     a_RF = torch.mul(r_RF, r_RF, out=ws.get("a", h_RF.shape, h_RF))
     return a_RF, lambda grad_a: grad_a.mul_(r_RF).mul_(2)
+
+
+def _geglu_with_grad_into(h_RF2: Tensor, ws: _Scratch):
+    gate, up = _halves(h_RF2)
+    gl_RF = torch.ops.aten.gelu.out(gate, approximate="tanh", out=ws.get("r", gate.shape, h_RF2))
+    a_RF = torch.mul(gl_RF, up, out=ws.get("a", gate.shape, h_RF2))
+    grad_h = ws.get("grad_h", h_RF2.shape, h_RF2)
+    return a_RF, lambda grad_a: _geglu_grad_into(grad_a, gate, up, gl_RF, grad_h)
+
+
+# name -> (forward into the workspace, forward + gradient into the workspace).
+_INTO_WORKSPACE = {
+    "relu2": (_relu2_into, _relu2_with_grad_into),
+    "geglu": (_geglu_into, _geglu_with_grad_into),
+}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from am_moe.experts.activations import _activation_with_grad, _relu2_into, _relu2_with_grad_into
+from am_moe.experts.activations import _INTO_WORKSPACE, _activation_with_grad
 from am_moe.experts.rows import _GroupedRows, _Scratch
 
 
@@ -32,8 +32,8 @@ def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None, ws=None)
     h_RF2 = rows.mm(x_RD, w_up)
     if b_up is not None:
         h_RF2 += rows.per_row(b_up)
-    if ws is not None and ws.act_name == "relu2":
-        a_RF = _relu2_into(h_RF2, ws.get("a", h_RF2.shape, h_RF2))
+    if ws is not None and ws.act_name in _INTO_WORKSPACE:
+        a_RF = _INTO_WORKSPACE[ws.act_name][0](h_RF2, ws)
     else:
         a_RF = act(h_RF2)
     if w_R is not None:
@@ -54,8 +54,9 @@ def _mlp_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws=No
     """
     want = ctx.want
     grads = dict.fromkeys(("x", "w_up", "w_down", "b_up", "b_down", "w_R"))
-    if ws is not None and ctx.act_name == "relu2":
-        a_RF, act_grad = _relu2_with_grad_into(h_RF2, ws)
+    in_workspace = ws is not None and ctx.act_name in _INTO_WORKSPACE
+    if in_workspace:
+        a_RF, act_grad = _INTO_WORKSPACE[ctx.act_name][1](h_RF2, ws)
     else:
         a_RF, act_grad = _activation_with_grad(ctx.act, ctx.act_name)(h_RF2)
     grad_a_out = None if ws is None else ws.get("grad_a", a_RF.shape, a_RF)
@@ -70,7 +71,7 @@ def _mlp_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws=No
     grad_a_RF = rows.mm(g_RD, w_down.transpose(-2, -1), out=grad_a_out)
     if w_R is not None:
         if want["w_R"]:
-            if ws is not None and ctx.act_name == "relu2":
+            if in_workspace:
                 # a_RF is a workspace buffer, dead after this: no fresh R x F product.
                 grads["w_R"] = a_RF.mul_(grad_a_RF).sum(-1)
             else:

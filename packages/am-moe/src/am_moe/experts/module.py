@@ -8,6 +8,7 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ _FUSED_LOCAL_IMPLS = frozenset({"torch_mm"})
 
 @dataclass
 class _Started:
-    """A `GroupedExperts.start` in progress: the fused path's inputs or a pending dispatch."""
+    """A started `GroupedExperts` call: the fused path's inputs or a pending dispatch."""
 
     fused_args: tuple | None = None
     pending: Any = None
@@ -80,26 +81,34 @@ class GroupedExperts(nn.Module):
         self.dispatcher = LocalDispatcher(e)
 
     def forward(
-        self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
-    ) -> Tensor:
-        """y_TD[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]); masked rows 0."""
-        return self.finish(self.start(x_TD, token_mask_T, weights_TK, indices_TK))
+        self,
+        x_TD: Tensor,
+        token_mask_T: Tensor,
+        weights_TK: Tensor,
+        indices_TK: Tensor,
+        overlap: Callable[[], Any] | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """y_TD[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]); masked rows 0.
 
-    def start(
+        With `overlap` (a callable), returns `(y_TD, overlap())`, `overlap` running after the
+        dispatch has started and before it is waited for, so its work hides the dispatcher's
+        communication where that is asynchronous (`MoE` passes the shared experts). Going
+        through `forward` keeps FSDP's and checkpointing's module hooks in the call.
+        """
+        started = self._start(x_TD, token_mask_T, weights_TK, indices_TK)
+        side = overlap() if overlap is not None else None
+        y_TD = self._finish(started)
+        return y_TD if overlap is None else (y_TD, side)
+
+    def _start(
         self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
     ) -> _Started:
-        """First half of `forward`: begin the dispatch (asynchronous where the dispatcher is).
-
-        `finish(started)` returns forward's result; work placed in between overlaps the
-        dispatcher's communication (`MoE` runs the shared experts there).
-        """
         if self.impl in _FUSED_LOCAL_IMPLS and type(self.dispatcher) is LocalDispatcher:
             return _Started(fused_args=(x_TD, token_mask_T, weights_TK, indices_TK))
         pending = self.dispatcher.dispatch_start(x_TD, weights_TK, indices_TK, token_mask_T)
         return _Started(pending=pending, dtype=x_TD.dtype)
 
-    def finish(self, started: _Started) -> Tensor:
-        """Second half of `forward`: the experts on the dispatched rows, combined per token."""
+    def _finish(self, started: _Started) -> Tensor:
         weights = [
             _local(p)
             for p in (
