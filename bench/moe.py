@@ -4,9 +4,11 @@ One run prints:
 
 1. the machine's dense matmul rate (one large fp32 and bf16 matmul, GFLOP/s): the ceiling;
 2. forward and forward+backward of the routed experts at one shape (default: 4096 tokens,
-   dim 1024, expert hidden 512, 32 experts, top-4, relu2) for our "torch" and "torch_mm"
-   backends and for transformers' `NemotronHExperts` with the same weights and routing, in
-   its "grouped_mm" and "eager" implementations: milliseconds, tokens/s, GFLOP/s on the
+   dim 1024, expert hidden 512, 32 experts, top-4, relu2; `--activation geglu` for Gemma 4's
+   gelu_pytorch_tanh(gate) * up) for our "torch" and "torch_mm" backends and for
+   transformers' experts module of that activation (`NemotronHExperts`, `Gemma4TextExperts`)
+   with the same weights and routing, in its "grouped_mm" and "eager" implementations:
+   milliseconds, tokens/s, GFLOP/s on the
    active FLOPs, fraction of the ceiling, ratios to transformers, and the bytes each keeps
    alive for backward;
 3. the expert-parallel byte volume (bench/moe_ep.py), when that file is present.
@@ -17,6 +19,7 @@ are interleaved, so a burst of load from another process hits every case alike.
 
     .venv/bin/python bench/moe.py            # full run (a few minutes on 2 cores)
     .venv/bin/python bench/moe.py --quick    # small shape, few repeats (seconds)
+    .venv/bin/python bench/moe.py --activation geglu   # Gemma 4's experts
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Expert activations benchmarked, each against the transformers experts module that uses it:
+# relu2 -> NemotronHExperts, geglu (gelu_pytorch_tanh(gate) * up) -> Gemma4TextExperts.
+ACTIVATIONS = ("relu2", "geglu")
+GATED = frozenset({"geglu"})
 
 
 @dataclass
@@ -45,11 +52,14 @@ class Shape:
     inter: int
     experts: int
     topk: int
+    activation: str = "relu2"
 
     @property
     def active_flops(self) -> float:
-        """Forward FLOPs of the routed experts: two matmuls per (token, chosen expert)."""
-        return 2.0 * self.tokens * self.topk * (2 * self.dim * self.inter)
+        """Forward FLOPs of the routed experts: two matmuls per (token, chosen expert); a
+        gated activation's first matmul is twice as wide (gate and up halves)."""
+        first = 2 if self.activation in GATED else 1
+        return 2.0 * self.tokens * self.topk * ((first + 1) * self.dim * self.inter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +83,7 @@ def _moe_config(shape: Shape, dtype: torch.dtype) -> MoEConfig:
         inter_dim=shape.dim,
         moe_inter_dim=shape.inter,
         norm_topk_prob=True,
-        expert_activation="relu2",
+        expert_activation=shape.activation,
         dtype=dtype,
     )
 
@@ -92,8 +102,22 @@ def _ours(shape: Shape, dtype: torch.dtype, impl: str, reference: GroupedExperts
     return module, forward
 
 
-def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExperts):
+def _hf_experts(shape: Shape, impl: str):
+    """transformers' experts module for the benchmarked activation."""
     import transformers
+
+    if shape.activation == "geglu":
+        from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+
+        config = transformers.Gemma4TextConfig(
+            hidden_size=shape.dim,
+            num_experts=shape.experts,
+            top_k_experts=shape.topk,
+            moe_intermediate_size=shape.inter,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+        config._experts_implementation = impl
+        return Gemma4TextExperts(config)
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 
     config = transformers.NemotronHConfig(
@@ -104,10 +128,16 @@ def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExpe
         mlp_hidden_act="relu2",
     )
     config._experts_implementation = impl
-    module = NemotronHExperts(config).to(dtype)
+    return NemotronHExperts(config)
+
+
+def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExperts):
+    module = _hf_experts(shape, impl).to(dtype)
+    up = module.gate_up_proj if shape.activation == "geglu" else module.up_proj
     with torch.no_grad():
-        # Same weights: transformers stores [E, out, in], we store [E, in, out].
-        module.up_proj.copy_(ours.gate_and_up_projs.transpose(1, 2))
+        # Same weights: transformers stores [E, out, in] (gate rows then up rows for geglu),
+        # we store [E, in, out] (gate columns then up columns).
+        up.copy_(ours.gate_and_up_projs.transpose(1, 2))
         module.down_proj.copy_(ours.down_projs.transpose(1, 2))
 
     def forward(x, weights, indices):
@@ -258,7 +288,7 @@ def report(results: dict, shape: Shape, threads: int, repeats: int) -> None:
     rows, ceiling = results["rows"], results["ceiling"]
     print(
         f"\nshape: tokens={shape.tokens} dim={shape.dim} moe_inter={shape.inter} "
-        f"experts={shape.experts} top_k={shape.topk} relu2; threads={threads}; "
+        f"experts={shape.experts} top_k={shape.topk} {shape.activation}; threads={threads}; "
         f"median of {repeats} interleaved repeats"
     )
     for dname, rate in ceiling.items():
@@ -307,12 +337,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel part")
+    parser.add_argument(
+        "--activation",
+        default="relu2",
+        choices=ACTIVATIONS,
+        help="expert activation: relu2 (vs NemotronHExperts) or geglu (vs Gemma4TextExperts)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         shape, repeats, matmul_n = Shape(512, 256, 128, 8, 2), args.repeats or 3, 512
     else:
         shape, repeats, matmul_n = Shape(4096, 1024, 512, 32, 4), args.repeats or 7, 2048
+    shape.activation = args.activation
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     for d in dtypes:
         if d not in DTYPES:

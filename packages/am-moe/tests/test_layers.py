@@ -189,6 +189,10 @@ def test_async_dispatch_runs_the_shared_experts_between_dispatch_start_and_finis
     events = []
 
     class Recording(LocalDispatcher):
+        def dispatch(self, *args):
+            events.append("dispatch")
+            return super().dispatch(*args)
+
         def dispatch_start(self, *args):
             events.append("start")
             return super().dispatch_start(*args)
@@ -208,6 +212,7 @@ def test_async_dispatch_runs_the_shared_experts_between_dispatch_start_and_finis
         y = moe(x)
         y.square().sum().backward()
         outs[overlap] = (y.detach(), x.grad, events.copy())
-    assert outs[False][2] == ["start", "finish", "shared"]
-    assert outs[True][2] == ["start", "shared", "finish"]  # shared experts overlap the dispatch
+    assert outs[False][2] == ["dispatch", "shared"]
+    # Async: the shared experts run between the start of the dispatch and its wait.
+    assert outs[True][2] == ["start", "dispatch", "shared", "finish"]
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])

@@ -41,6 +41,7 @@ class _Started:
     fused_args: tuple | None = None
     pending: Any = None
     dtype: torch.dtype | None = None
+    ready: bool = False  # `pending` is already dispatch's result (synchronous dispatch)
 
 
 class GroupedExperts(nn.Module):
@@ -95,18 +96,18 @@ class GroupedExperts(nn.Module):
         communication where that is asynchronous (`MoE` passes the shared experts). Going
         through `forward` keeps FSDP's and checkpointing's module hooks in the call.
         """
-        started = self._start(x_TD, token_mask_T, weights_TK, indices_TK)
+        started = self._start(x_TD, token_mask_T, weights_TK, indices_TK, overlap is not None)
         side = overlap() if overlap is not None else None
         y_TD = self._finish(started)
         return y_TD if overlap is None else (y_TD, side)
 
-    def _start(
-        self, x_TD: Tensor, token_mask_T: Tensor, weights_TK: Tensor, indices_TK: Tensor
-    ) -> _Started:
+    def _start(self, x_TD, token_mask_T, weights_TK, indices_TK, asynchronous: bool) -> _Started:
         if self.impl in _FUSED_LOCAL_IMPLS and type(self.dispatcher) is LocalDispatcher:
             return _Started(fused_args=(x_TD, token_mask_T, weights_TK, indices_TK))
-        pending = self.dispatcher.dispatch_start(x_TD, weights_TK, indices_TK, token_mask_T)
-        return _Started(pending=pending, dtype=x_TD.dtype)
+        routing = (x_TD, weights_TK, indices_TK, token_mask_T)
+        if asynchronous:
+            return _Started(pending=self.dispatcher.dispatch_start(*routing), dtype=x_TD.dtype)
+        return _Started(pending=self.dispatcher.dispatch(*routing), dtype=x_TD.dtype, ready=True)
 
     def _finish(self, started: _Started) -> Tensor:
         weights = [
@@ -120,7 +121,8 @@ class GroupedExperts(nn.Module):
         ]
         if started.fused_args is not None:
             return self._local_fused(*started.fused_args, weights)
-        x_ND, counts_L, ctx = self.dispatcher.dispatch_finish(started.pending)
+        pending = started.pending
+        x_ND, counts_L, ctx = pending if started.ready else self.dispatcher.dispatch_finish(pending)
         y_ND = run_experts(
             x_ND,
             counts_L,
