@@ -102,6 +102,39 @@ def test_other_unexpected_keys_still_fail(released, tmp_path):
         Gemma4ForConditionalGeneration.from_pretrained(tmp_path, backend=cpu_backend())
     assert "layers.1.self_attn.bogus.weight" in str(err.value)
     assert "layers.9.self_attn.k_proj.weight" in str(err.value)
+    assert "layers.3.self_attn.k_proj" not in str(err.value)  # dead K/V: dropped, not an error
+
+
+def test_strict_false_still_drops_the_dead_kv_once_and_reports_the_rest(released, tmp_path):
+    hf, path = released
+    weights = load_file(path / "model.safetensors")
+    weights["model.language_model.layers.1.self_attn.bogus.weight"] = torch.zeros(2)
+    hf.config.save_pretrained(tmp_path)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.INFO)
+    try:
+        ours = Gemma4ForConditionalGeneration.from_pretrained(
+            tmp_path, backend=cpu_backend(), strict=False
+        )
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+    drops = [r for r in records if "K/V-shared layers" in r.getMessage()]
+    warnings = "\n".join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
+    assert len(drops) == 1
+    assert "layers.1.self_attn.bogus.weight" in warnings
+    assert "k_proj" not in warnings  # the dead K/V keys are not "unexpected"
+    ids, labels = _batch()
+    with torch.no_grad():
+        loss = ours(ids, labels=labels, use_cache=False).loss
+    expected = _reference_loss(hf, ids, labels)
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")

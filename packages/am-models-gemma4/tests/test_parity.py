@@ -100,6 +100,83 @@ def test_missing_and_misshaped_keys_are_named(saved, tmp_path):
     assert "model.language_model.layers.0.mlp.up_proj.weight" in message
 
 
+def _per_expert(weights: dict, layer: int) -> dict:
+    """`weights` with layer `layer`'s stacked experts written one tensor per expert."""
+    out = dict(weights)
+    prefix = f"model.language_model.layers.{layer}.experts."
+    for e, w in enumerate(out.pop(prefix + "gate_up_proj")):
+        gate, up = w.chunk(2)
+        out[f"{prefix}{e}.gate_proj.weight"] = gate.clone()
+        out[f"{prefix}{e}.up_proj.weight"] = up.clone()
+    for e, w in enumerate(out.pop(prefix + "down_proj")):
+        out[f"{prefix}{e}.down_proj.weight"] = w.clone()
+    return out
+
+
+def _broken_checkpoint(hf, path, directory):
+    """A checkpoint with one of each problem: a missing router key, a mis-shaped MLP weight,
+    an unknown key, and a missing per-expert tensor in layer 1."""
+    from safetensors.torch import load_file, save_file
+
+    weights = _per_expert(load_file(path / "model.safetensors"), layer=1)
+    del weights["model.language_model.layers.2.router.per_expert_scale"]
+    del weights["model.language_model.layers.1.experts.3.down_proj.weight"]
+    weights["model.language_model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 32)
+    weights["model.language_model.layers.0.self_attn.bogus.weight"] = torch.zeros(2)
+    hf.config.save_pretrained(directory)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return weights
+
+
+def test_strict_names_every_bad_key_as_the_checkpoint_spells_it(saved, tmp_path):
+    hf, path = saved
+    from am_utils.checkpointing import CheckpointLoadError
+
+    _broken_checkpoint(hf, path, tmp_path)
+    with pytest.raises(CheckpointLoadError) as err:
+        Gemma4ForConditionalGeneration.from_pretrained(tmp_path, backend=cpu_backend())
+    # the checkpoint's key, not our renamed `...layers.1.moe.experts.3...`
+    assert "model.language_model.layers.1.experts.3.down_proj.weight" in str(err.value)
+
+
+def test_strict_false_loads_what_matches_and_reports_the_rest(saved, tmp_path, caplog):
+    import logging
+
+    hf, path = saved
+    weights = _broken_checkpoint(hf, path, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = Gemma4ForConditionalGeneration.from_pretrained(
+            tmp_path, backend=cpu_backend(), strict=False
+        )
+    report = caplog.text
+    for key in (
+        "model.language_model.layers.1.experts.3.down_proj.weight",  # the expert block
+        "model.language_model.layers.2.moe.gate.per_expert_scale",  # missing
+        "model.language_model.layers.0.mlp.up_proj.weight",  # mis-shaped
+        "model.language_model.layers.0.self_attn.bogus.weight",  # unexpected
+    ):
+        assert key in report, key
+    state = ours.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    reference = hf.state_dict()
+    skipped = {
+        "model.language_model.layers.2.moe.gate.per_expert_scale",
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        "model.language_model.layers.1.moe.experts.gate_and_up_projs",
+        "model.language_model.layers.1.moe.experts.down_projs",
+    }
+    native = ours.state_dict_adapter.from_hf(reference)
+    for key, value in state.items():
+        if key in skipped:
+            assert not torch.equal(value, native[key]), key  # initialized afresh
+            assert torch.isfinite(value).all(), key
+        else:
+            assert torch.equal(value, native[key]), key
+    assert "model.language_model.layers.0.self_attn.bogus.weight" in weights
+    with torch.no_grad():
+        assert torch.isfinite(ours(_batch()[0]).logits).all()
+
+
 def test_reads_transformers_in_memory_and_per_expert_layouts(saved, tmp_path):
     hf, path = saved
     ours = Gemma4ForConditionalGeneration.from_pretrained(path, backend=cpu_backend())

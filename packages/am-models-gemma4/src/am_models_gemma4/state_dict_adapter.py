@@ -15,23 +15,35 @@ a DTensor sharded on the expert dim (what am-moe's EP parallelizer builds).
 
 Released E2B/E4B checkpoints also hold `k_proj` / `v_proj` / `k_norm` / `v_norm` weights
 for the K/V-shared layers, which have no such modules: `from_hf` drops exactly those keys
-(logged once); any other unknown key is left for the loader to report.
+(logged once, whatever `strict` says); any other unknown key is left for the loader to
+report. `strict` follows `HFCheckpointingMixin.from_pretrained`: with True a missing or
+mis-shaped expert tensor raises `ExpertCheckpointError` naming the checkpoint key; with
+False it is logged and that block is left out, so the loader reports it and initializes
+it afresh.
 
 Shape legend: E experts, D hidden size, F expert hidden width.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from am_dtype.dtensor import full_tensor
-from am_moe.state_dict import convert_hf_to_native, convert_native_to_hf, local_expert_range
+from am_moe.state_dict import (
+    ExpertCheckpointError,
+    convert_hf_to_native,
+    convert_native_to_hf,
+    local_expert_range,
+)
 
 logger = logging.getLogger(__name__)
+_moe_state_dict_logger = logging.getLogger("am_moe.state_dict")
 
 __all__ = ["Gemma4StateDictAdapter"]
 
@@ -40,20 +52,31 @@ _HF_MOE = re.compile(_TEXT_LAYER + r"(?P<kind>router|experts)\.(?P<rest>.+)$")
 _OURS_MOE = re.compile(_TEXT_LAYER + r"moe\.(?P<kind>gate|experts)\.(?P<rest>.+)$")
 _DEAD_KV = re.compile(_TEXT_LAYER + r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 _EXPERT_PARAMS = (".moe.experts.gate_and_up_projs", ".moe.experts.down_projs")
+# transformers-layout expert tensors left after stacking (unused by the model).
+_HF_EXPERT = re.compile(r"\.moe\.experts\.(\d+\.(gate|up|down)_proj\.weight|(gate_up|down)_proj)$")
 _TO_OURS = {"router": "gate", "experts": "experts"}
 _TO_HF = {"gate": "router", "experts": "experts"}
 
 
-def _ep_mesh(device_mesh: Any) -> Any:
-    """The expert-parallel (sub)mesh: the "ep" dim of a named mesh, or an unnamed 1-D mesh."""
+def _ep_mesh(device_mesh: Any, axis: str = "ep") -> Any:
+    """The expert-parallel (sub)mesh: the `axis` dim of a named mesh, or an unnamed 1-D mesh."""
     if device_mesh is None:
         return None
     names = getattr(device_mesh, "mesh_dim_names", None) or ()
     if not names:
         return device_mesh
-    if "ep" not in names:
+    if axis not in names:
         return None
-    return device_mesh["ep"] if len(names) > 1 else device_mesh
+    return device_mesh[axis] if len(names) > 1 else device_mesh
+
+
+def _hf_name(key: str, origin: dict[str, str]) -> str:
+    """The checkpoint name of one of our expert keys (a missing per-expert tensor has no
+    origin: rename our block prefix back to transformers')."""
+    if key in origin:
+        return origin[key]
+    match = _OURS_MOE.match(key)
+    return f"{match['prefix']}{_TO_HF[match['kind']]}.{match['rest']}" if match else key
 
 
 class Gemma4StateDictAdapter:
@@ -89,14 +112,25 @@ class Gemma4StateDictAdapter:
 
     # ------------------------------------------------------------------ HF -> ours
     def from_hf(
-        self, hf_state_dict: dict[str, torch.Tensor], device_mesh: Any = None, **_: Any
+        self,
+        hf_state_dict: dict[str, torch.Tensor],
+        device_mesh: Any = None,
+        strict: bool = True,
+        ep_axis_name: str = "ep",
     ) -> dict[str, torch.Tensor]:
         """transformers' layout (stacked or per-expert experts) -> ours.
 
-        With `device_mesh` (an EP mesh, or a mesh with an "ep" dim) only this rank's
-        experts are read, returned as DTensor Shard(0) over that mesh.
+        With `device_mesh` (an EP mesh, or a mesh with an `ep_axis_name` dim) only this
+        rank's experts are read, returned as DTensor Shard(0) over that mesh. Missing or
+        mis-shaped expert tensors raise `ExpertCheckpointError` naming them as the
+        checkpoint does (`strict=False`: logged, the block left out for the loader to
+        report). The dead K/V keys of K/V-shared layers are dropped and logged once;
+        every other key is returned (unknown ones for the loader to report).
         """
-        renamed = {}
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict={strict!r} must be True or False")
+        renamed: dict[str, torch.Tensor] = {}
+        origin: dict[str, str] = {}
         dropped = []
         for key, value in hf_state_dict.items():
             dead = _DEAD_KV.match(key)
@@ -104,21 +138,35 @@ class Gemma4StateDictAdapter:
                 dropped.append(key)
                 continue
             match = _HF_MOE.match(key)
+            ours = key
             if match and self.num_experts:
-                key = f"{match['prefix']}moe.{_TO_OURS[match['kind']]}.{match['rest']}"
-            renamed[key] = value
+                ours = f"{match['prefix']}moe.{_TO_OURS[match['kind']]}.{match['rest']}"
+            renamed[ours] = value
+            origin[ours] = key
         self._log_dropped(dropped)
         if not self.num_experts:
             return renamed
-        ep_mesh = _ep_mesh(device_mesh)
+        ep_mesh = _ep_mesh(device_mesh, ep_axis_name)
         expert_range = None
         if ep_mesh is not None:
             expert_range = local_expert_range(
                 self.num_experts, ep_mesh.get_local_rank(), ep_mesh.size()
             )
-        native = convert_hf_to_native(
-            renamed, n_experts=self.num_experts, gated=True, expert_range=expert_range
-        )
+        convert = dict(n_experts=self.num_experts, gated=True, expert_range=expert_range)
+        try:
+            native = convert_hf_to_native(renamed, **convert)
+        except ExpertCheckpointError as err:
+            named = ExpertCheckpointError(
+                [_hf_name(k, origin) for k in err.missing],
+                [(_hf_name(k, origin), problem) for k, problem in err.mismatched],
+            )
+            if strict:
+                raise named from None
+            logger.warning("%s\n(strict=False: those blocks are left out)", named)
+            with _quiet(_moe_state_dict_logger):  # reported above under the checkpoint names
+                native = convert_hf_to_native(renamed, strict=False, **convert)
+        # Expert tensors the model does not use keep their checkpoint names in the report.
+        native = {(origin.get(k, k) if _HF_EXPERT.search(k) else k): v for k, v in native.items()}
         if ep_mesh is not None:
             native = {k: _shard(k, v, ep_mesh) for k, v in native.items()}
         return native
@@ -132,6 +180,16 @@ class Gemma4StateDictAdapter:
                 sorted(self.kv_shared_layers),
                 dropped[:8] + (["..."] if len(dropped) > 8 else []),
             )
+
+
+@contextlib.contextmanager
+def _quiet(log: logging.Logger) -> Iterator[None]:
+    previous = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = previous
 
 
 def _shard(key: str, value: torch.Tensor, ep_mesh: Any) -> torch.Tensor:
