@@ -51,3 +51,15 @@ def test_config_dtype_reads_dtype_then_torch_dtype_then_default():
     assert config_dtype(SimpleNamespace(dtype=None, torch_dtype="fp16")) is torch.bfloat16
     with pytest.raises(ValueError, match="config.dtype='int8'"):
         config_dtype(SimpleNamespace(dtype="int8"))
+
+
+def test_config_dtype_of_a_composite_config_falls_back_to_its_text_config():
+    # transformers' vision-language configs (Gemma4Config) answer get_text_config().
+    text_config = SimpleNamespace(dtype="float32")
+    config = SimpleNamespace(dtype=None, get_text_config=lambda: text_config)
+    assert config_dtype(config) is torch.float32  # the text config's
+    config.dtype = "bfloat16"
+    assert config_dtype(config) is torch.bfloat16  # the top level wins when set
+    text = SimpleNamespace(dtype=None)
+    text.get_text_config = lambda: text  # a text config is its own text config
+    assert config_dtype(text, default=torch.float16) is torch.float16

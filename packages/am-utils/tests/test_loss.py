@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from am_utils.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets
+from am_utils.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets, target_cross_entropy
 
 V = 11
 
@@ -62,3 +62,19 @@ def test_bad_shapes_are_named():
         causal_lm_loss(logits, labels[:, :-1])
     with pytest.raises(ValueError, match="seq_idx covers 5 positions but labels have 13"):
         causal_lm_loss(logits, labels, torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_target_cross_entropy_on_a_shard_of_pre_aligned_targets():
+    logits, labels, seq_idx, _, _ = _data(seed=3)
+    targets = next_token_targets(labels, seq_idx)
+    index = torch.tensor([0, 1, 2, 9, 10, 11, 12])  # a CP rank's chunks
+    shard = target_cross_entropy(logits[:, index], targets[:, index], reduction="sum")
+    rest = torch.tensor(sorted(set(range(labels.shape[1])) - set(index.tolist())))
+    other = target_cross_entropy(logits[:, rest], targets[:, rest], reduction="sum")
+    count = int((targets != IGNORE_INDEX).sum())
+    expected = causal_lm_loss(logits, labels, seq_idx)
+    torch.testing.assert_close((shard + other) / count, expected, rtol=1e-6, atol=0)  # fp32 sums
+    with pytest.raises(ValueError, match="reduction='none'"):
+        target_cross_entropy(logits, targets, reduction="none")
+    with pytest.raises(ValueError, match="does not match"):
+        target_cross_entropy(logits, targets[:, :-1])

@@ -55,7 +55,16 @@ def config_dtype(config: Any, default: torch.dtype = torch.bfloat16) -> torch.dt
     """Parameter dtype of a model config: `config.dtype` (transformers 5) or `torch_dtype` (v4).
 
     `torch_dtype` is read only when the config has no `dtype` attribute at all, because
-    transformers 5 warns on reading it. Unset (None) gives `default`.
+    transformers 5 warns on reading it. A composite (vision-language) config that leaves it
+    unset takes its text config's (`get_text_config()`); unset everywhere gives `default`.
     """
-    value = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+    value = _dtype_field(config)
+    if value is None and callable(getattr(config, "get_text_config", None)):
+        text = config.get_text_config()
+        if text is not config:
+            value = _dtype_field(text)
     return resolve_dtype(value, name="config.dtype") or default
+
+
+def _dtype_field(config: Any) -> Any:
+    return config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)

@@ -35,8 +35,9 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 
 from am_dtype.backend import BackendConfig
+from am_dtype.dtypes import config_dtype
 from am_models_gemma4.kv_sharing import _FSDPSafeSharedKVStates
-from am_models_gemma4.moe import Gemma4MoE, _param_dtype, gemma4_moe_config
+from am_models_gemma4.moe import Gemma4MoE, gemma4_moe_config
 from am_moe.config import MoEConfig
 
 __all__ = ["Gemma4MoEDecoderLayer", "Gemma4MoETextModelBackend"]
@@ -138,7 +139,7 @@ class Gemma4MoETextModelBackend(nn.Module):
         self.padding_idx = getattr(config, "pad_token_id", None)
         self.vocab_size = config.vocab_size
         self.moe_config = moe_config or gemma4_moe_config(config, moe_overrides)
-        dtype = _param_dtype(config)
+        dtype = config_dtype(config)
         self.embed_tokens = Gemma4TextScaledWordEmbedding(
             config.vocab_size,
             config.hidden_size,

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 from transformers.models.gemma4.modeling_gemma4 import (
@@ -39,7 +38,8 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 from transformers.models.gemma4.modeling_gemma4 import Gemma4Model as HFGemma4Model
 
-from am_dtype.backend import BackendConfig, resolve_dtype
+from am_dtype.backend import BackendConfig
+from am_dtype.dtypes import config_dtype
 from am_models_gemma4.cp import Gemma4CPMixin
 from am_models_gemma4.kv_sharing import _kv_sharing_active
 from am_models_gemma4.layers import Gemma4MoEDecoderLayer, Gemma4MoETextModelBackend
@@ -50,7 +50,7 @@ from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
 from am_moe.fsdp_mixin import MoEFSDPSyncMixin
 from am_utils.checkpointing import HFCheckpointingMixin
-from am_utils.loss import IGNORE_INDEX, causal_lm_loss
+from am_utils.loss import causal_lm_loss, target_cross_entropy
 
 __all__ = ["Gemma4ForConditionalGeneration", "Gemma4MoEModel", "ModelCapabilities", "ModelClass"]
 
@@ -70,16 +70,6 @@ class ModelCapabilities:
     expert_parallel: bool
     context_parallel: bool = True
     generation: bool = True
-
-
-def model_dtype(config: Any) -> torch.dtype:
-    """Parameter dtype of a Gemma 4 config (top-level `dtype`, else the text config's);
-    bfloat16 when neither is set."""
-    for cfg in (config, getattr(config, "text_config", None)):
-        value = getattr(cfg, "dtype", None) if cfg is not None else None
-        if value is not None:
-            return resolve_dtype(value, name="config.dtype")
-    return torch.bfloat16
 
 
 def _init_am_module(module: nn.Module, std: float) -> None:
@@ -201,11 +191,11 @@ class Gemma4ForConditionalGeneration(
         self.pad_token_id = self._get_text_pad_token_id()
         self.post_init()
         self._am_ready = True
-        self._cast_parameters(model_dtype(config))
+        self._cast_parameters(config_dtype(config))
         self.tie_weights()
         if backend.enable_hf_state_dict_adapter:
             self.state_dict_adapter = Gemma4StateDictAdapter(
-                text, getattr(self.model.language_model, "moe_config", None), model_dtype(config)
+                text, getattr(self.model.language_model, "moe_config", None), config_dtype(config)
             )
 
     # ------------------------------------------------------------------ construction
@@ -372,11 +362,7 @@ class Gemma4ForConditionalGeneration(
         if labels is not None:
             outputs.loss = causal_lm_loss(outputs.logits, labels)
         elif shift_labels is not None:  # CP: targets shifted on the full sequence already
-            outputs.loss = F.cross_entropy(
-                outputs.logits.float().flatten(0, -2),
-                shift_labels.flatten().to(outputs.logits.device),
-                ignore_index=IGNORE_INDEX,
-            )
+            outputs.loss = target_cross_entropy(outputs.logits, shift_labels)
         return outputs
 
     def prepare_inputs_embeds_for_cp(

@@ -24,17 +24,11 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
 from am_dtype.backend import BackendConfig
 from am_dtype.dtensor import to_local
+from am_dtype.dtypes import config_dtype
 from am_moe.config import MoEConfig
 from am_moe.layers import MoE
 
 __all__ = ["Gemma4Gate", "Gemma4MoE", "gemma4_moe_config"]
-
-
-def _param_dtype(config: Any) -> torch.dtype:
-    from am_dtype.backend import resolve_dtype
-
-    value = getattr(config, "dtype", None)
-    return resolve_dtype(value, name="config.dtype") or torch.bfloat16
 
 
 def gemma4_moe_config(text_config: Any, overrides: dict | None = None) -> MoEConfig:
@@ -67,7 +61,7 @@ def gemma4_moe_config(text_config: Any, overrides: dict | None = None) -> MoECon
         router_bias=False,
         expert_bias=False,
         expert_activation="geglu",
-        dtype=_param_dtype(text_config),
+        dtype=config_dtype(text_config),
     )
     unknown = set(overrides or {}) - set(values)
     if unknown:
@@ -88,7 +82,7 @@ class Gemma4Gate(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        dtype = _param_dtype(config)
+        dtype = config_dtype(config)
         self.hidden_size = config.hidden_size
         self.num_experts = config.num_experts
         self.topk = config.top_k_experts

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from am_utils.masks import seq_idx_from_cu_seqlens
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "next_token_targets"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "next_token_targets", "target_cross_entropy"]
 
 # transformers' and torch's cross-entropy convention for "no target here".
 IGNORE_INDEX = -100
@@ -65,8 +65,31 @@ def causal_lm_loss(
             f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
         )
     target = next_token_targets(labels, seq_idx, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
+    return target_cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def target_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy in fp32 of logits [..., S, V] against targets [..., S] already aligned
+    with them (`next_token_targets`' output): what a context-parallel rank computes on its
+    shard, whose targets were shifted on the full sequence before sharding.
+
+    `reduction` is "mean" (over the positions with a target) or "sum".
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape[:-1])}"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} is not supported; accepted: ['mean', 'sum']")
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1).to(logits.device),
+        targets.reshape(-1).to(logits.device),
         ignore_index=ignore_index,
+        reduction=reduction,
     )
