@@ -116,10 +116,8 @@ def test_pad_token_id_and_special_image_mask():
 
 def test_bad_arguments_are_named():
     config = _moe_vlm_config()
-    te_backend = cpu_backend()
-    te_backend.attn = "te"  # as on a CUDA machine with Transformer Engine
-    with pytest.raises(ValueError, match="BackendConfig.attn='te'.*accepted"):
-        Gemma4ForConditionalGeneration(config, backend=te_backend)
+    with pytest.raises(ValueError, match="BackendConfig.rms_norm='torch' is not supported.*fp32"):
+        Gemma4ForConditionalGeneration(config, backend=cpu_backend(rms_norm="torch"))
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['bogus'\\]"):
         Gemma4ForConditionalGeneration(config, bogus=1)
     with pytest.raises(ValueError, match="unknown Gemma4TextConfig fields \\['nope'\\]"):

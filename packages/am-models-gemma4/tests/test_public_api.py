@@ -3,6 +3,7 @@
 import am_models_gemma4
 
 EXPECTED = [
+    "Gemma4Attention",
     "Gemma4ForConditionalGeneration",
     "Gemma4Gate",
     "Gemma4MoE",

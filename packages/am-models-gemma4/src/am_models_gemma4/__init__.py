@@ -1,5 +1,6 @@
 """Gemma 4 (MoE on am-moe grouped experts, dense with K/V sharing, vision), exact against transformers."""
 
+from am_models_gemma4.attention import Gemma4Attention
 from am_models_gemma4.kv_sharing import (
     _FSDPSafeSharedKVStates,
     _Gemma4KVShareHolder,
@@ -21,6 +22,7 @@ from am_models_gemma4.moe import Gemma4Gate, Gemma4MoE, gemma4_moe_config
 from am_models_gemma4.state_dict_adapter import Gemma4StateDictAdapter
 
 __all__ = [
+    "Gemma4Attention",
     "Gemma4ForConditionalGeneration",
     "Gemma4Gate",
     "Gemma4MoE",

@@ -5,9 +5,9 @@ Architecture (numerics follow transformers' `Gemma4TextModel` with `enable_moe_b
 - Scaled token embedding (x sqrt(hidden_size)); a final RMSNorm (Gemma 4's: fp32, `x * w`).
 - Per layer, by `config.layer_types[i]`: sliding-window attention ("sliding_attention",
   default RoPE) or full attention ("full_attention", proportional partial RoPE, wider heads,
-  and with `attention_k_eq_v` one projection for keys and values). The attention and the
-  dense MLP modules are transformers' own (`Gemma4TextAttention`, `Gemma4TextMLP`), so the
-  attention kernel follows `config._attn_implementation` (set from `BackendConfig.attn`).
+  and with `attention_k_eq_v` one projection for keys and values). The attention is
+  `am_models_gemma4.attention.Gemma4Attention` (the backend's linears, RoPE and attention
+  kernel); the dense MLP is transformers' `Gemma4TextMLP` with the backend's linears.
 - Sandwich norms around attention and the feed-forward; the feed-forward is the dense MLP
   *plus* the MoE block: `post_ff_1(mlp(pre_ff(x))) + post_ff_2(moe(pre_ff_2(x), gate_input=x))`,
   the router seeing the raw residual. Each layer ends with `* layer_scalar` (a buffer).
@@ -27,7 +27,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4RMSNorm,
-    Gemma4TextAttention,
     Gemma4TextMLP,
     Gemma4TextModelOutputWithPast,
     Gemma4TextRotaryEmbedding,
@@ -36,11 +35,14 @@ from transformers.models.gemma4.modeling_gemma4 import (
 
 from am_dtype.backend import BackendConfig
 from am_dtype.dtypes import config_dtype
+from am_models_gemma4.attention import Gemma4Attention, use_backend_linears
 from am_models_gemma4.kv_sharing import _FSDPSafeSharedKVStates
 from am_models_gemma4.moe import Gemma4MoE, gemma4_moe_config
 from am_moe.config import MoEConfig
 
-__all__ = ["Gemma4MoEDecoderLayer", "Gemma4MoETextModelBackend"]
+__all__ = ["MLP_LINEARS", "Gemma4MoEDecoderLayer", "Gemma4MoETextModelBackend"]
+
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 class Gemma4MoEDecoderLayer(GradientCheckpointingLayer):
@@ -69,8 +71,9 @@ class Gemma4MoEDecoderLayer(GradientCheckpointingLayer):
         def norm() -> Gemma4RMSNorm:
             return Gemma4RMSNorm(self.hidden_size, eps=eps)
 
-        self.self_attn = Gemma4TextAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = Gemma4Attention(config, layer_idx, backend)
         self.mlp = Gemma4TextMLP(config, layer_idx)
+        use_backend_linears(self.mlp, MLP_LINEARS, backend, config_dtype(config))
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()

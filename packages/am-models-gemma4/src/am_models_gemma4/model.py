@@ -40,9 +40,15 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4Model as HFGemma4Mo
 
 from am_dtype.backend import BackendConfig
 from am_dtype.dtypes import config_dtype
+from am_dtype.fp8 import fp8_autocast_forward
+from am_models_gemma4.attention import TE_MASK, Gemma4Attention, _TEBoundaries, use_backend_linears
 from am_models_gemma4.cp import Gemma4CPMixin
 from am_models_gemma4.kv_sharing import _kv_sharing_active
-from am_models_gemma4.layers import Gemma4MoEDecoderLayer, Gemma4MoETextModelBackend
+from am_models_gemma4.layers import (
+    MLP_LINEARS,
+    Gemma4MoEDecoderLayer,
+    Gemma4MoETextModelBackend,
+)
 from am_models_gemma4.masks import _convert_bool_4d_mask_to_additive, _derive_padding_mask
 from am_models_gemma4.moe import Gemma4Gate
 from am_models_gemma4.state_dict_adapter import Gemma4StateDictAdapter
@@ -54,8 +60,44 @@ from am_utils.loss import causal_lm_loss, target_cross_entropy
 
 __all__ = ["Gemma4ForConditionalGeneration", "Gemma4MoEModel", "ModelCapabilities", "ModelClass"]
 
-# BackendConfig.attn -> transformers' attention implementation for the text layers.
-ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
+# BackendConfig.attn -> the transformers attention implementation the text config carries:
+# it decides the masks transformers builds (bool "sdpa" masks for the dense-mask kernels; the
+# same masks, checked and turned into boundaries, for "te"). The attention itself is always
+# `Gemma4Attention`'s am_utils kernel.
+ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "sdpa", "flex": "sdpa", "te": TE_MASK}
+
+
+def _check_backend(backend: BackendConfig) -> None:
+    """Reject the BackendConfig choices Gemma 4 has no implementation for, with the reason."""
+    if backend.attn not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"BackendConfig.attn={backend.attn!r} is not supported by Gemma 4; "
+            f"accepted: {sorted(ATTN_IMPLEMENTATIONS)}"
+        )
+    if backend.rms_norm != "torch_fp32":
+        raise ValueError(
+            f"BackendConfig.rms_norm={backend.rms_norm!r} is not supported by Gemma 4: its "
+            "RMSNorms (weighted, unweighted and per-head) compute in fp32 exactly as "
+            "transformers does, which is rms_norm='torch_fp32' (the default); use that"
+        )
+
+
+def _register_te_mask() -> None:
+    """transformers' mask registry entry for attn="te": the bool masks "sdpa" gets."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if TE_MASK not in ALL_MASK_ATTENTION_FUNCTIONS:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(TE_MASK, sdpa_mask)
+    if TE_MASK not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(TE_MASK, _te_attention_interface)
+
+
+def _te_attention_interface(module, *args, **kwargs):
+    raise RuntimeError(
+        f"{type(module).__name__} has no am attention kernel: attn='te' runs only in the text "
+        "layers' Gemma4Attention (the vision and audio towers keep their own attention)"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,7 +138,7 @@ class Gemma4MoEModel(HFGemma4Model):
     ) -> None:
         # transformers' Gemma4Model.__init__ would build its own MoE text model first.
         Gemma4PreTrainedModel.__init__(self, config)
-        backend = backend or BackendConfig(attn="sdpa")
+        backend = backend or BackendConfig()
         text = config.text_config
         self.vocab_size = text.vocab_size
         self.vocab_size_per_layer_input = text.vocab_size_per_layer_input
@@ -112,6 +154,10 @@ class Gemma4MoEModel(HFGemma4Model):
             )
         else:
             self.language_model = AutoModel.from_config(text)
+            dtype = config_dtype(text)
+            for i, layer in enumerate(self.language_model.layers):
+                layer.self_attn = Gemma4Attention(text, i, backend)
+                use_backend_linears(layer.mlp, MLP_LINEARS, backend, dtype)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -129,6 +175,10 @@ class Gemma4MoEModel(HFGemma4Model):
     @property
     def norm(self) -> nn.Module:
         return self.language_model.norm
+
+
+def _is_2d(mask: Any) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 def _maybe(build, config):
@@ -153,12 +203,31 @@ class Gemma4ForConditionalGeneration(
 
     `Gemma4ForConditionalGeneration(config, moe_config=None, backend=None, text_config=None)`:
     `moe_config` replaces the MoEConfig derived from the text config (`moe_overrides=`
-    changes single fields), `backend` picks kernels (`attn`: sdpa / eager / flex;
-    `experts`: am-moe's implementations), `text_config` is a dict of text-config fields to
-    override before building.
+    changes single fields), `text_config` is a dict of text-config fields to override
+    before building, and `backend` (default `BackendConfig()`, whatever the device) picks
+    the kernels. Every field is read:
+
+    - `attn` (sdpa / eager / flex / te), `compile_attn`: the am_utils attention kernel of
+      every text attention layer (`Gemma4Attention`); the vision and audio towers keep
+      transformers' bidirectional attention. "te" takes causal (windowed) attention over
+      the real tokens of a padded batch; batches that need another pattern (images,
+      packed documents, custom masks) are rejected with the kernels that take them;
+    - `linear`: the text layers' q/k/v/o and dense-MLP projections (the tied lm_head, the
+      per-layer-input projections and the towers stay torch Linear);
+    - `rope_fusion`: RoPE through `am_utils.rope` (TE's fused kernel when True);
+    - `rms_norm`: only "torch_fp32" (Gemma 4's norms are transformers' fp32 math);
+    - `te_fp8`: the forward runs under `am_dtype.fp8.fp8_autocast_forward`;
+    - `experts`, `dispatcher*`, `fake_balanced_gate`, `fake_gate_noise`, `gate_precision`:
+      the am-moe MoE blocks (MoE configs; dense ones have none); `gate_precision` is the
+      router projection's dtype, its softmax stays fp32 as in transformers;
+    - `enable_hf_state_dict_adapter`: builds `state_dict_adapter`;
+      `enable_fsdp_optimizations`: `MoEFSDPSyncMixin`'s deferred gradient sync.
     """
 
     _keep_in_fp32_modules = ["rotary_emb"]
+    # Transformer Engine modules (linear="te") carry an `_extra_state` entry that
+    # transformers' checkpoints do not: absent on load, not written on save.
+    _checkpoint_optional_keys = (r"\._extra_state$",)
 
     def __init__(
         self,
@@ -174,12 +243,10 @@ class Gemma4ForConditionalGeneration(
                 f"Gemma4ForConditionalGeneration got unexpected keyword arguments {sorted(kwargs)}"
             )
         _apply_text_overrides(config, text_config)
-        backend = backend or BackendConfig(attn="sdpa")
-        if backend.attn not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"BackendConfig.attn={backend.attn!r} is not supported by Gemma 4; "
-                f"accepted: {sorted(ATTN_IMPLEMENTATIONS)}"
-            )
+        backend = backend or BackendConfig()
+        _check_backend(backend)
+        if backend.attn == "te":
+            _register_te_mask()
         self._am_ready = False  # transformers' post_init calls initialize_weights early
         Gemma4PreTrainedModel.__init__(self, config)
         self.backend = backend
@@ -296,6 +363,7 @@ class Gemma4ForConditionalGeneration(
             return mm_token_type_ids == 1
         return input_ids == self.config.image_token_id
 
+    @fp8_autocast_forward  # under TE's FP8 autocast when backend.te_fp8 is set
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -335,6 +403,10 @@ class Gemma4ForConditionalGeneration(
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
             dtype = inputs_embeds.dtype if inputs_embeds is not None else self.dtype
             attention_mask = _convert_bool_4d_mask_to_additive(attention_mask, dtype)
+        if self.backend.attn == "te":
+            kwargs["am_te_boundaries"] = _TEBoundaries(
+                attention_mask.bool() if _is_2d(attention_mask) else None
+            )
         if self.config.get_text_config().enable_moe_block:
             if padding_mask is None and isinstance(attention_mask, torch.Tensor):
                 padding_mask = _derive_padding_mask(attention_mask)

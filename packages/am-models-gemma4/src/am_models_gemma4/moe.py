@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
@@ -80,9 +81,10 @@ class Gemma4Gate(nn.Module):
     as transformers computes the softmax in fp32; `aux_loss` is always None.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, precision: torch.dtype | None = None) -> None:
         super().__init__()
         dtype = config_dtype(config)
+        self.precision = precision  # BackendConfig.gate_precision: the projection's dtype
         self.hidden_size = config.hidden_size
         self.num_experts = config.num_experts
         self.topk = config.top_k_experts
@@ -99,7 +101,11 @@ class Gemma4Gate(nn.Module):
         `token_mask` and `cp_mesh` change nothing (padding rows are dropped by the experts)."""
         x_TD = x.reshape(-1, self.hidden_size)
         h_TD = self.norm(x_TD) * self.scale * self.scalar_root_size
-        probs_TE = torch.softmax(self.proj(h_TD), dim=-1, dtype=torch.float32)
+        if self.precision is None:
+            logits_TE = self.proj(h_TD)
+        else:
+            logits_TE = F.linear(h_TD.to(self.precision), self.proj.weight.to(self.precision))
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         weights_TK, indices_TK = torch.topk(probs_TE, k=self.topk, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = weights_TK * self.per_expert_scale[indices_TK]
@@ -119,7 +125,8 @@ class Gemma4MoE(MoE):
 
     def __init__(self, moe_config: MoEConfig, backend: BackendConfig, text_config: Any) -> None:
         super().__init__(moe_config, backend)
-        self.gate = Gemma4Gate(text_config)
+        if not backend.fake_balanced_gate:  # else am-moe's balanced stand-in router stays
+            self.gate = Gemma4Gate(text_config, backend.gate_precision)
 
     def forward(
         self,
@@ -134,5 +141,6 @@ class Gemma4MoE(MoE):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None, init_std: float = 0.02):
         """Gate as transformers initializes its router; experts normal(0, init_std)."""
-        self.gate.init_weights(buffer_device, init_std)
+        if isinstance(self.gate, Gemma4Gate):
+            self.gate.init_weights(buffer_device, init_std)
         self.experts.init_weights(buffer_device, init_std)

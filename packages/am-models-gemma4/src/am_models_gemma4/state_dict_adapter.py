@@ -97,7 +97,8 @@ class Gemma4StateDictAdapter:
         self, state_dict: dict[str, torch.Tensor], exclude_key_regex: str | None = None, **_: Any
     ) -> dict[str, torch.Tensor]:
         """Our state dict -> transformers' layout (stacked experts, `router.` names)."""
-        full = {k: full_tensor(v) for k, v in state_dict.items()}
+        # TE modules' `_extra_state` (FP8 metadata) has no place in transformers' layout.
+        full = {k: full_tensor(v) for k, v in state_dict.items() if not k.endswith("._extra_state")}
         if self.num_experts:
             full = convert_native_to_hf(full, gated=True, layout="stacked")
         out = {}
