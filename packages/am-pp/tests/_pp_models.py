@@ -8,6 +8,8 @@ split per microbatch where the model takes images.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -31,181 +33,91 @@ N_LAYERS = 4
 IGNORE_INDEX = -100
 
 
-def _seeded(build):
-    def make(**overrides):
-        torch.manual_seed(0)
-        model = build(**overrides).float()
-        return model.train()
-
-    make.__name__ = build.__name__
-    return make
-
-
-@_seeded
-def llama(**overrides):
-    cfg = LlamaConfig(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=N_LAYERS,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                tie_word_embeddings=False,
-                attn_implementation="eager",
-            ),
-            **overrides,
-        }
-    )
-    return LlamaForCausalLM(cfg)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
-@_seeded
-def qwen3(**overrides):
-    cfg = Qwen3Config(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=N_LAYERS,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                max_position_embeddings=64,
-                tie_word_embeddings=False,
-                attn_implementation="sdpa",
-                # two sliding layers, window shorter than SEQ: both mask kinds are exercised
-                use_sliding_window=True,
-                sliding_window=5,
-                max_window_layers=2,
-            ),
-            **overrides,
-        }
-    )
-    return Qwen3ForCausalLM(cfg)
-
-
-def _pixtral_config():
-    return dict(
-        model_type="pixtral",
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=8,
-        image_size=8,
-        patch_size=2,
-        num_channels=3,
-    )
-
-
-@_seeded
-def mistral3(**overrides):
-    text = dict(
-        model_type="mistral",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        sliding_window=None,
-    )
-    cfg = Mistral3Config(
-        **{
-            **dict(
-                text_config=text,
-                vision_config=_pixtral_config(),
-                image_token_id=IMAGE_TOKEN,
-                spatial_merge_size=2,
-                vision_feature_layer=-1,
-                tie_word_embeddings=False,
-                attn_implementation="eager",
-            ),
-            **overrides,
-        }
-    )
-    return Mistral3ForConditionalGeneration(cfg)
-
-
-def _gemma4_text(**overrides):
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        global_head_dim=16,
-        max_position_embeddings=64,
-        sliding_window=5,
-        hidden_size_per_layer_input=0,
-        layer_types=["sliding_attention", "full_attention"] * (N_LAYERS // 2),
-        final_logit_softcapping=30.0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    base.update(overrides)
-    return base
-
-
-@_seeded
-def gemma4_moe(**overrides):
-    cfg = Gemma4TextConfig(
-        **_gemma4_text(
-            enable_moe_block=True,
-            num_experts=4,
-            top_k_experts=2,
-            moe_intermediate_size=16,
-            attn_implementation="eager",
-            **overrides,
+def _gemma4_text(**fields) -> dict:
+    return {
+        **_DECODER,
+        **dict(
+            head_dim=8,
+            global_head_dim=16,
+            sliding_window=5,
+            hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"] * (N_LAYERS // 2),
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=False,
+            pad_token_id=0,
         ),
-    )
-    return Gemma4ForCausalLM(cfg)
+        **fields,
+    }
 
 
-@_seeded
-def gemma4_vlm(**overrides):
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        patch_size=2,
-        pooling_kernel_size=2,
-        position_embedding_size=16,
-    )
-    cfg = Gemma4Config(
-        **{
-            **dict(
-                text_config=_gemma4_text(),
-                vision_config=vision,
-                audio_config=None,
-                image_token_id=IMAGE_TOKEN,
-                tie_word_embeddings=False,
-                attn_implementation="eager",
-            ),
-            **overrides,
-        }
-    )
-    return Gemma4ForConditionalGeneration(cfg)
+_PIXTRAL = dict(
+    model_type="pixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+    num_attention_heads=2, head_dim=8, image_size=8, patch_size=2, num_channels=3,
+)  # fmt: skip
+_GEMMA4_VISION = dict(
+    hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
+    position_embedding_size=16,
+)  # fmt: skip
+_UNTIED = dict(tie_word_embeddings=False)
+
+# name -> (config class, model class, config fields). Every model: fp32, untied embeddings.
+SPECS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {**_DECODER, **_UNTIED, "attn_implementation": "eager"}),
+    # two sliding layers, window shorter than SEQ: both mask kinds are exercised
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {
+        **_DECODER, **_UNTIED, "head_dim": 8, "attn_implementation": "sdpa",
+        "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2,
+    }),
+    "mistral3": (Mistral3Config, Mistral3ForConditionalGeneration, {
+        "text_config": {**_DECODER, "model_type": "mistral", "head_dim": 8, "sliding_window": None},
+        "vision_config": _PIXTRAL, "image_token_id": IMAGE_TOKEN, "spatial_merge_size": 2,
+        "vision_feature_layer": -1, **_UNTIED, "attn_implementation": "eager",
+    }),
+    "gemma4_moe": (Gemma4TextConfig, Gemma4ForCausalLM, _gemma4_text(
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+        attn_implementation="eager",
+    )),
+    # E2B-like dense: per-layer inputs, and layers 2 (sliding) and 3 (full) attend with the
+    # K/V of layers 0 and 1: the sharing crosses every boundary of a 2- or 4-stage split
+    # (through layer 2's stage, unchanged, for the full-attention pair).
+    "gemma4_e2b": (Gemma4TextConfig, Gemma4ForCausalLM, _gemma4_text(
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=N_LAYERS - 2, attn_implementation="eager",
+    )),
+    "gemma4_vlm": (Gemma4Config, Gemma4ForConditionalGeneration, {
+        "text_config": _gemma4_text(), "vision_config": _GEMMA4_VISION, "audio_config": None,
+        "image_token_id": IMAGE_TOKEN, **_UNTIED, "attn_implementation": "eager",
+    }),
+}  # fmt: skip
 
 
-CASES = {
-    "llama": llama,
-    "qwen3": qwen3,
-    "mistral3": mistral3,
-    "gemma4_moe": gemma4_moe,
-    "gemma4_vlm": gemma4_vlm,
-}
+def build(name: str, **overrides):
+    """A fresh seeded fp32 model of kind `name` in train mode; `overrides` replace config
+    fields (a nested dict for `text_config` / `vision_config` replaces fields inside)."""
+    config_cls, model_cls, fields = SPECS[name]
+    fields = dict(fields)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(fields.get(key), dict)
+        fields[key] = {**fields[key], **value} if nested else value
+    torch.manual_seed(0)
+    return model_cls(config_cls(**fields)).float().train()
+
+
+CASES = {name: functools.partial(build, name) for name in SPECS}
+llama, qwen3, mistral3 = CASES["llama"], CASES["qwen3"], CASES["mistral3"]
+
 
 # Image token slots per image: Pixtral 8x8 pixels / patch 2 = 4x4 patches, merged 2x2 -> 4;
 # Gemma4 4x4 patches pooled 2x2 -> 4.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from _pp_models import CASES, IGNORE_INDEX, SEQ, batch
 
 from am_pp.schedule import pipeline_model
+from am_pp.split import model_layout
 
 
 def packed_position_ids(batch_size: int) -> torch.Tensor:
@@ -20,10 +21,26 @@ def packed_position_ids(batch_size: int) -> torch.Tensor:
     return torch.tensor([row] * batch_size)
 
 
-def reference_loss_and_grads(name: str, data: dict, position_ids=None):
+def left_padding_mask(batch_size: int) -> torch.Tensor:
+    """A different left padding in every row (so in every microbatch of one row)."""
+    mask = torch.ones(batch_size, SEQ, dtype=torch.long)
+    for row in range(batch_size):
+        mask[row, : (3 * row) % 7] = 0
+    return mask
+
+
+def _inputs(batch_size: int, packed: bool, padded: bool) -> dict:
+    if packed:
+        return {"position_ids": packed_position_ids(batch_size)}
+    if padded:
+        return {"attention_mask": left_padding_mask(batch_size)}
+    return {}
+
+
+def reference_loss_and_grads(name: str, data: dict, inputs: dict):
     """The one-process reference: loss and every parameter's gradient."""
     model = CASES[name]()
-    extra = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+    extra = {**inputs, "use_cache": False} if inputs else {}
     logits = model(input_ids=data["input_ids"], **data["image_kwargs"], **extra).logits
     targets = F.pad(data["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -36,13 +53,19 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
+def _mask_builds(pp) -> list[int]:
+    return [getattr(model_layout(s).text_model, "_pp_causal_mask_builds", 0) for s in pp.stages]
+
+
 def run_case(
     name: str, schedule: str, n_microbatches: int, batch_size: int, from_meta: bool,
-    packed: bool = False,
+    packed: bool = False, padded: bool = False,
 ) -> dict:  # fmt: skip
     data = batch(name, batch_size, n_microbatches)
-    position_ids = packed_position_ids(batch_size) if packed else None
-    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data, position_ids)
+    inputs = _inputs(batch_size, packed, padded)
+    if padded:  # padding positions are no targets
+        data["labels"] = data["labels"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data, inputs)
     if from_meta:
         with torch.device("meta"):
             source = CASES[name]()
@@ -50,10 +73,8 @@ def run_case(
     else:
         source, state_dict = CASES[name](), None
     pp = pipeline_model(source, None, schedule, n_microbatches, state_dict=state_dict)
-    loss = pp.step(
-        data["input_ids"], data["labels"], microbatch_kwargs=data["image_kwargs_mbs"],
-        position_ids=position_ids,
-    )  # fmt: skip
+    step = dict(microbatch_kwargs=data["image_kwargs_mbs"], **inputs)
+    loss = pp.step(data["input_ids"], data["labels"], **step)
     errors = {}
     for pname, p in pp.named_parameters():
         ref = ref_grads.get(pname)
@@ -61,12 +82,20 @@ def run_case(
             errors[pname] = 0.0 if p.grad is None or not p.grad.any() else float("inf")
             continue
         errors[pname] = _rel_err(p.grad if p.grad is not None else torch.zeros_like(ref), ref)
+    eval_loss = pp.eval_step(data["input_ids"], data["labels"], **step)
+    # Mask builds per stage of this rank in one more forward-only pass (the first eval_step
+    # re-ran torch's shape inference, a forward of its own, for the mode switch).
+    before = _mask_builds(pp)
+    pp.eval_step(data["input_ids"], data["labels"], **step)
+    builds = [b - a for a, b in zip(before, _mask_builds(pp), strict=True)]
     return {
         "stage_indices": pp.stage_indices,
         "loss": None if loss is None else float(loss),
+        "eval_loss": None if eval_loss is None else float(eval_loss),
         "ref_loss": ref_loss,
         "grad_errors": errors,
         "n_ref_params": len(dict(ref_model.named_parameters())),
+        "mask_builds": builds,
     }
 
 

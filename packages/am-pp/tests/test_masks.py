@@ -131,3 +131,33 @@ def test_packed_position_ids_travel_to_every_stage():
             torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
             assert (logits - model(ids).logits).abs().max() > 1e-4  # packing mattered
         assert all(_builds(s) == 1 for s in stages)  # each built its own (packed) mask
+
+
+def _left_padded(batch: int, seq: int, pads: list[int]) -> torch.Tensor:
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def test_attention_mask_travels_to_every_stage_and_rebuilds_each_call():
+    """Stage 0 returns (h, position ids, attention mask); every later stage rebuilds its
+    padded mask from the carried one on every call (different left padding per microbatch):
+    the real tokens' logits equal transformers' padded ones, for 2 and 4 stages."""
+    for model in (llama(), qwen3()):
+        for num_stages in (2, 4):
+            names = generate_stage_module_names(model, num_stages)
+            stages = split_model_into_stages(model, names, range(num_stages))
+            for call, pads in enumerate([[0, 3], [5, 1], [2, 2]]):
+                ids = _ids(2, 12, call)
+                mask = _left_padded(2, 12, pads)
+                with torch.no_grad():
+                    out = stages[0](ids, attention_mask=mask)
+                    assert isinstance(out, tuple) and out[2] is mask
+                    for stage in stages[1:]:
+                        out = stage(*out)
+                    want = model(ids, attention_mask=mask).logits
+                real = mask.bool()
+                torch.testing.assert_close(out[real], want[real], rtol=1e-6, atol=1e-6)
+                assert (out[real] - model(ids).logits[real]).abs().max() > 1e-4  # padding mattered
+                assert all(_builds(s) == call + 1 for s in stages), [_builds(s) for s in stages]

@@ -10,6 +10,7 @@ so parameter names and per-layer attention types stay those of the full model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +31,21 @@ def iter_layers(module: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     if isinstance(layers, nn.ModuleDict):
         return ((int(k), v) for k, v in layers.items())
     return enumerate(layers)
+
+
+def layer_span(module: nn.Module) -> tuple[int, int]:
+    """[start, stop) of the decoder layers this stage runs: set by `am_pp.split` (which
+    knows it also for a stage without layers), else read off the kept layers."""
+    span = module.__dict__.get("_pp_layer_span")
+    if span is not None:
+        return span
+    keys = [i for i, _ in iter_layers(module)]
+    if not keys or keys != list(range(keys[0], keys[-1] + 1)):
+        raise ValueError(
+            f"{type(module).__name__}: decoder layers {keys} are not one consecutive run; "
+            "split the model with am_pp.split_model_into_stages"
+        )
+    return keys[0], keys[-1] + 1
 
 
 def embed_or_pass_through(
@@ -58,30 +74,83 @@ def default_position_ids(h: torch.Tensor, position_ids, cache_position) -> torch
     return torch.arange(h.shape[1], device=h.device).unsqueeze(0)
 
 
-def carried_position_ids(carried: tuple, position_ids):
-    """Explicit position ids travel with the hidden states (`(h, position_ids)` from the
-    previous stage, positionally): packed rows need them on every stage. The carried ones
-    win: torch's shape inference also hands the first microbatch's root kwargs to later
-    local stages of a multi-stage schedule (the same ids, so only shapes are checked)."""
-    if not carried:
-        return position_ids
-    if len(carried) != 1 or (
-        position_ids is not None and tuple(position_ids.shape) != tuple(carried[0].shape)
-    ):
+class StageInput(NamedTuple):
+    """What a stage forward works with once its inputs are unpacked (`begin_stage`)."""
+
+    h: torch.Tensor  # embeddings (first stage) or the previous stage's hidden states
+    state: tuple  # model-specific tensors carried from the previous stage
+    masks: dict  # {layer type: mask} for this stage's layers
+    positions: torch.Tensor  # position ids (given, carried or default)
+    given_position_ids: torch.Tensor | None  # explicit ones only (packed rows)
+    attention_mask: torch.Tensor | None
+
+
+def _same_shape(name: str, carried: torch.Tensor, given) -> None:
+    if given is not None and tuple(given.shape) != tuple(carried.shape):
         raise TypeError(
-            "a pipeline stage takes (hidden_states, position_ids) positionally; got "
-            f"{1 + len(carried)} positional inputs and position_ids={position_ids is not None}"
+            f"a pipeline stage got {name} {tuple(given.shape)} as a keyword and "
+            f"{tuple(carried.shape)} from the previous stage"
         )
-    return carried[0]
 
 
-def norm_or_carry(module: nn.Module, h: torch.Tensor, position_ids):
-    """Last stage (it owns the final norm): normed h. Other stages: h, plus the explicit
-    position ids (if any) for the next stage."""
+def split_carried(carried: tuple, n_state: int, position_ids, attention_mask):
+    """Unpack what travels with the hidden states: `(*state, [position_ids, [attention_mask]])`.
+
+    `state` holds the `n_state` model-specific tensors (Gemma 4's per-layer inputs and
+    shared K/V); then explicit position ids (packed rows) and an explicit attention mask
+    (padding; the position ids travel with it, defaulted if none were given). Carried
+    values win over keywords: torch's multi-stage schedules also hand the microbatch's root
+    kwargs to the later stages a rank holds (the same tensors, so only shapes are checked).
+    Without carried values the keywords are used (stages chained by hand)."""
+    state, user = tuple(carried[:n_state]), tuple(carried[n_state:])
+    if len(state) != n_state or len(user) > 2:
+        raise TypeError(
+            f"a pipeline stage takes (hidden_states, *{n_state} model tensors, "
+            "[position_ids, [attention_mask]]) positionally; got "
+            f"{1 + len(carried)} positional inputs"
+        )
+    if user:
+        _same_shape("position_ids", user[0], position_ids)
+        position_ids = user[0]
+    if len(user) == 2:
+        _same_shape("attention_mask", user[1], attention_mask)
+        attention_mask = user[1]
+    elif user and attention_mask is not None:
+        raise TypeError(
+            "a pipeline stage got an attention_mask keyword but the previous stage carried "
+            "none: every stage must see the same mask"
+        )
+    return state, position_ids, attention_mask
+
+
+def begin_stage(
+    module: nn.Module, input_ids, inputs_embeds, carried, attention_mask, position_ids,
+    cache_position, n_state: int = 0,
+) -> StageInput:  # fmt: skip
+    """Embed (or take the received hidden states), unpack the carried tensors, build or
+    reuse the stage's masks, and default the positions."""
+    h = embed_or_pass_through(module, input_ids, inputs_embeds)
+    state, position_ids, attention_mask = split_carried(
+        carried, n_state, position_ids, attention_mask
+    )
+    # The mask sees the ids as given: default positions are never packed (no check).
+    masks = _build_or_reuse_pp_causal_mask(module, h, attention_mask, cache_position, position_ids)
+    positions = default_position_ids(h, position_ids, cache_position)
+    return StageInput(h, state, masks, positions, position_ids, attention_mask)
+
+
+def end_stage(module: nn.Module, h: torch.Tensor, stage: StageInput, state_out: tuple = ()):
+    """Last stage (it owns the final norm): normed h. Other stages: h, or the tuple
+    `(h, *state_out, [position_ids, [attention_mask]])` the next stage unpacks."""
     norm = getattr(module, "norm", None)
     if norm is not None:
         return norm(h)
-    return (h, position_ids) if position_ids is not None else h
+    extras = list(state_out)
+    if stage.attention_mask is not None:
+        extras += [stage.positions, stage.attention_mask]
+    elif stage.given_position_ids is not None:
+        extras.append(stage.given_position_ids)
+    return (h, *extras) if extras else h
 
 
 def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
@@ -105,83 +174,22 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
         reject_unused(
             {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}, model_class_name
         )
-        h = embed_or_pass_through(self, input_ids, inputs_embeds)
-        position_ids = carried_position_ids(carried, position_ids)
-        # The mask sees the ids as given: default positions are never packed (no check).
-        masks = _build_or_reuse_pp_causal_mask(
-            self, h, attention_mask, cache_position, position_ids
+        stage = begin_stage(
+            self, input_ids, inputs_embeds, carried, attention_mask, position_ids, cache_position
         )
-        given_position_ids = position_ids
-        position_ids = default_position_ids(h, position_ids, cache_position)
-        position_embeddings = self.rotary_emb(h, position_ids)
+        position_embeddings = self.rotary_emb(stage.h, stage.positions)
         types_ = layer_types_of(self.config)
+        h = stage.h
         for idx, layer in iter_layers(self):
             h = layer(
                 h,
-                attention_mask=masks[types_[idx]],
-                position_ids=position_ids,
+                attention_mask=stage.masks[types_[idx]],
+                position_ids=stage.positions,
                 position_embeddings=position_embeddings,
             )
-        return norm_or_carry(self, h, given_position_ids)
+        return end_stage(self, h, stage)
 
     forward.__qualname__ = f"{model_class_name}.pipeline_forward"
-    return forward
-
-
-def create_pipeline_forward_gemma4_text() -> Callable:
-    """Pipeline-compatible forward for the Gemma4 text decoder backbone.
-
-    Works for HF Gemma4TextModel (dense and MoE blocks): optional embed_tokens (hidden states
-    arrive in the input_ids slot on non-first stages), full and sliding causal masks for the
-    mixed layer types, and per-layer-type rotary embeddings
-    (`Gemma4TextRotaryEmbedding.forward(x, position_ids, layer_type)`)."""
-
-    def forward(
-        self,
-        input_ids=None,
-        *carried,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        cache_position=None,
-        per_layer_inputs=None,
-        **kwargs,
-    ) -> torch.Tensor:
-        reject_unused(
-            {
-                "past_key_values": past_key_values,
-                "use_cache": use_cache,
-                "per_layer_inputs": per_layer_inputs,
-                **kwargs,
-            },
-            "Gemma4TextModel",
-        )
-        h = embed_or_pass_through(self, input_ids, inputs_embeds)
-        position_ids = carried_position_ids(carried, position_ids)
-        # The mask sees the ids as given: default positions are never packed (no check).
-        masks = _build_or_reuse_pp_causal_mask(
-            self, h, attention_mask, cache_position, position_ids
-        )
-        given_position_ids = position_ids
-        position_ids = default_position_ids(h, position_ids, cache_position)
-        types_ = self.config.layer_types
-        rotary = {t: self.rotary_emb(h, position_ids, t) for t in sorted(set(types_))}
-        shared_kv_states: dict = {}  # written by layers that store full-length K/V; read by none
-        for idx, layer in iter_layers(self):
-            # Keywords only after h: transformers' layer takes per_layer_input second
-            # (None here: validate rejects per-layer inputs), am-models-gemma4's rope.
-            h = layer(
-                h,
-                shared_kv_states=shared_kv_states,
-                position_embeddings=rotary[types_[idx]],
-                attention_mask=masks[types_[idx]],
-                position_ids=position_ids,
-            )
-        return norm_or_carry(self, h, given_position_ids)
-
-    forward.__qualname__ = "Gemma4TextModel.pipeline_forward"
     return forward
 
 

@@ -40,8 +40,22 @@ def _scatter_features(inputs_embeds, slot_mask, features: torch.Tensor) -> torch
     return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
 
 
-def _language_model(self) -> nn.Module:
-    return self.model.language_model
+def _image_features(out) -> torch.Tensor:
+    return torch.cat(out.pooler_output, dim=0)
+
+
+def _vlm_stage(self, input_ids, carried, text_kwargs: dict, embed_first_stage: Callable):
+    """The shared body of the VLM stage forwards: on the first stage (token ids in, the text
+    embeddings here) `embed_first_stage(input_ids) -> (inputs_embeds, extra text kwargs)`
+    embeds and merges the images; every stage then runs its share of the patched language
+    model and the last one `lm_head`."""
+    lm = self.model.language_model
+    inputs_embeds, extra = text_kwargs.pop("inputs_embeds"), {}
+    if _is_token_ids(input_ids) and lm.embed_tokens is not None:
+        inputs_embeds, extra = embed_first_stage(input_ids)
+        input_ids = None
+    h = lm(input_ids, *carried, inputs_embeds=inputs_embeds, **text_kwargs, **extra)
+    return lm_head_or_hidden(self, h)
 
 
 def create_pipeline_forward_mistral3_vlm() -> Callable:
@@ -66,36 +80,27 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
         **kwargs,
     ) -> torch.Tensor:
         reject_unused(kwargs, "Mistral3ForConditionalGeneration")
-        lm = _language_model(self)
-        if _is_token_ids(input_ids) and lm.embed_tokens is not None:
-            inputs_embeds = lm.embed_tokens(input_ids)
-            pixel_values = _next_chunk(self, "pixel_values", pixel_values)
-            image_sizes = _next_chunk(self, "image_sizes", image_sizes)
-            if pixel_values is not None:
-                layer = (
-                    vision_feature_layer
-                    if vision_feature_layer is not None
-                    else self.config.vision_feature_layer
-                )
+
+        def embed_first_stage(ids):
+            embeds = self.model.language_model.embed_tokens(ids)
+            pixels = _next_chunk(self, "pixel_values", pixel_values)
+            sizes = _next_chunk(self, "image_sizes", image_sizes)
+            if pixels is not None:
+                layer = vision_feature_layer
+                layer = self.config.vision_feature_layer if layer is None else layer
                 out = self.model.get_image_features(
-                    pixel_values=pixel_values,
-                    image_sizes=image_sizes,
-                    vision_feature_layer=layer,
+                    pixel_values=pixels, image_sizes=sizes, vision_feature_layer=layer,
                     return_dict=True,
-                )
-                features = torch.cat(out.pooler_output, dim=0)
-                slots = input_ids == self.config.image_token_id
-                inputs_embeds = _scatter_features(inputs_embeds, slots, features)
-            input_ids = None
-        h = lm(
-            input_ids,
-            *carried,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            cache_position=cache_position,
-        )
-        return lm_head_or_hidden(self, h)
+                )  # fmt: skip
+                slots = ids == self.config.image_token_id
+                embeds = _scatter_features(embeds, slots, _image_features(out))
+            return embeds, {}
+
+        text_kwargs = dict(
+            attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, cache_position=cache_position,
+        )  # fmt: skip
+        return _vlm_stage(self, input_ids, carried, text_kwargs, embed_first_stage)
 
     forward.__qualname__ = "Mistral3ForConditionalGeneration.pipeline_forward"
     return forward
@@ -105,7 +110,8 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
     """Pipeline-compatible forward for Gemma4ForConditionalGeneration (VLM top-level).
 
     Stage 0: embeds text tokens (multimodal placeholders embedded as the pad token, as
-    transformers does), merges image features from the vision tower + `embed_vision` (if
+    transformers does), computes the per-layer inputs from those token ids when the model has
+    them (E2B / E4B), merges image features from the vision tower + `embed_vision` (if
     `pixel_values` are given or stored in `_vlm_pixel_values_chunks`), then calls the patched
     language model. Non-first stages pass hidden states through theirs. Last stage: lm_head
     and final-logit softcapping. Video and audio inputs are rejected, not dropped."""
@@ -123,30 +129,28 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
         **kwargs,
     ) -> torch.Tensor:
         reject_unused(kwargs, "Gemma4ForConditionalGeneration")
-        lm = _language_model(self)
-        if _is_token_ids(input_ids) and lm.embed_tokens is not None:
-            image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(input_ids, None)
-            placeholders = image_mask | video_mask | audio_mask
-            pad_id = self.config.get_text_config().pad_token_id
-            inputs_embeds = lm.embed_tokens(torch.where(placeholders, pad_id, input_ids))
-            pixel_values = _next_chunk(self, "pixel_values", pixel_values)
-            image_position_ids = _next_chunk(self, "image_position_ids", image_position_ids)
-            if pixel_values is not None:
-                out = self.model.get_image_features(
-                    pixel_values, image_position_ids, return_dict=True
-                )
-                features = torch.cat(out.pooler_output, dim=0)
-                inputs_embeds = _scatter_features(inputs_embeds, image_mask, features)
-            input_ids = None
-        h = lm(
-            input_ids,
-            *carried,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            cache_position=cache_position,
-        )
-        return lm_head_or_hidden(self, h)
+
+        def embed_first_stage(ids):
+            lm = self.model.language_model
+            image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(ids, None)
+            text_config = self.config.get_text_config()
+            text_ids = torch.where(image_mask | video_mask | audio_mask, text_config.pad_token_id, ids)
+            embeds = lm.embed_tokens(text_ids)
+            extra = {}
+            if getattr(text_config, "hidden_size_per_layer_input", 0):
+                extra["per_layer_inputs"] = lm.get_per_layer_inputs(text_ids, None)
+            pixels = _next_chunk(self, "pixel_values", pixel_values)
+            positions = _next_chunk(self, "image_position_ids", image_position_ids)
+            if pixels is not None:
+                out = self.model.get_image_features(pixels, positions, return_dict=True)
+                embeds = _scatter_features(embeds, image_mask, _image_features(out))
+            return embeds, extra
+
+        text_kwargs = dict(
+            attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, cache_position=cache_position,
+        )  # fmt: skip
+        return _vlm_stage(self, input_ids, carried, text_kwargs, embed_first_stage)
 
     forward.__qualname__ = "Gemma4ForConditionalGeneration.pipeline_forward"
     return forward

@@ -26,11 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from am_pp._forwards import (
-    create_pipeline_forward_causal_lm,
-    create_pipeline_forward_gemma4_text,
-    create_pipeline_forward_inner,
-)
+from am_pp._forwards import create_pipeline_forward_causal_lm, create_pipeline_forward_inner
+from am_pp._gemma4 import create_pipeline_forward_gemma4_text
 from am_pp._masks import _build_or_reuse_pp_causal_mask
 from am_pp._vlm_forwards import (
     create_pipeline_forward_gemma4_vlm,
@@ -212,23 +209,14 @@ def _input_output_weights(model: nn.Module) -> tuple[torch.Tensor | None, torch.
 
 
 def _gemma4_text_problems(text_config) -> list[str]:
-    problems = []
-    if getattr(text_config, "num_kv_shared_layers", 0):
-        problems.append(
-            f"num_kv_shared_layers={text_config.num_kv_shared_layers}: KV-shared layers read "
-            "another layer's keys/values, which do not cross a stage boundary"
-        )
-    if getattr(text_config, "hidden_size_per_layer_input", 0):
-        problems.append(
-            f"hidden_size_per_layer_input={text_config.hidden_size_per_layer_input}: per-layer "
-            "input embeddings are computed on the first stage and needed by every layer"
-        )
+    # Per-layer inputs and K/V sharing cross stage boundaries (am_pp._gemma4); the vision
+    # blocks' bidirectional mask would need mm_token_type_ids on every stage.
     if getattr(text_config, "use_bidirectional_attention", None) == "vision":
-        problems.append(
+        return [
             "use_bidirectional_attention='vision': the vision blocks' mask needs "
             "mm_token_type_ids on every stage"
-        )
-    return problems
+        ]
+    return []
 
 
 def _generic_forward_problems(model: nn.Module) -> list[str]:
@@ -254,8 +242,8 @@ def validate_hf_model_for_pipeline_support(model: torch.nn.Module) -> None:
     head on the last, so one tensor cannot be both): the governing flag is the top-level
     `config.tie_word_embeddings` (what transformers' `tie_weights` reads, also for VLMs such
     as Mistral3 whose `text_config` carries its own), and the weights themselves are checked
-    for sharing. Also rejects encoder-decoder models and Gemma 4 features whose state does not
-    cross a stage boundary (KV sharing, per-layer inputs, vision-bidirectional masks)."""
+    for sharing. Also rejects encoder-decoder models, Gemma 4's vision-bidirectional masks
+    (their block ids do not reach later stages) and backbones the forwards cannot run."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     problems: list[str] = []

@@ -125,17 +125,19 @@ def _split_rows(value: Any, n: int, name: str) -> list[Any]:
     return [value] * n  # non-tensors (flags, ints) go to every microbatch
 
 
-# Per-token inputs every stage would need, but PipelineStage hands only to the first one
-# (position_ids travel with the hidden states through the patched forwards).
+# Per-token inputs every stage needs, but PipelineStage hands only to the first one. The
+# patched forwards carry position_ids and attention_mask with the hidden states; a model's
+# own forward (`model_keeps_self_forward`) may not, and none carries cache_position.
 _FIRST_STAGE_ONLY = ("attention_mask", "position_ids", "cache_position")
+_CARRIED = ("attention_mask", "position_ids")
 
 
 def _reject_first_stage_only_inputs(
-    kwargs: Mapping[str, Any], num_stages: int, carries_position_ids: bool
+    kwargs: Mapping[str, Any], num_stages: int, carries_inputs: bool
 ) -> None:
     given = [k for k in _FIRST_STAGE_ONLY if kwargs.get(k) is not None]
-    if carries_position_ids and "position_ids" in given:
-        given.remove("position_ids")
+    if carries_inputs:
+        given = [k for k in given if k not in _CARRIED]
     if given and num_stages > 1:
         raise ValueError(
             f"{given} would reach only the first of {num_stages} stages (later stages get "
@@ -158,7 +160,7 @@ class PipelinedModel:
     has_last_stage: bool
     stage_indices: list[int] = field(default_factory=list)
     num_stages: int = 1
-    carries_position_ids: bool = True  # the patched forwards do; a model's own may not
+    carries_inputs: bool = True  # position_ids / attention_mask: the patched forwards do
 
     def parameters(self):
         for stage in self.stages:
@@ -170,7 +172,7 @@ class PipelinedModel:
 
     def _microbatches(self, input_ids, labels, microbatch_kwargs, kwargs) -> dict:
         n = self.n_microbatches
-        _reject_first_stage_only_inputs(kwargs, self.num_stages, self.carries_position_ids)
+        _reject_first_stage_only_inputs(kwargs, self.num_stages, self.carries_inputs)
         target_mbs = None
         if labels is not None:
             target_mbs = _split_rows(labels, n, "labels")
@@ -312,5 +314,5 @@ def pipeline_model(
         has_last_stage=num_stages - 1 in indices,
         stage_indices=indices,
         num_stages=num_stages,
-        carries_position_ids=not model_keeps_self_forward(model),
+        carries_inputs=not model_keeps_self_forward(model),
     )

@@ -38,6 +38,16 @@ __all__ = [
 ]
 
 
+# Text-backbone modules that read the token ids or their embeddings, so they run where the
+# embeddings are: the token embedding and Gemma 4's per-layer-input embedding + projection.
+FIRST_STAGE_TEXT_ATTRS = (
+    "embed_tokens",
+    "embed_tokens_per_layer",
+    "per_layer_model_projection",
+    "per_layer_projection_norm",
+)
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Where the pipeline-relevant modules of a model live (dotted names, "" prefix = root)."""
@@ -90,8 +100,7 @@ def model_layout(model: nn.Module) -> ModelLayout:
     path = _path_of(model, text)
     prefix = f"{path}." if path else ""
     first = [*_multimodal_modules(model, prefix)]
-    if getattr(text, "embed_tokens", None) is not None:
-        first.append(f"{prefix}embed_tokens")
+    first += [f"{prefix}{a}" for a in FIRST_STAGE_TEXT_ATTRS if getattr(text, a, None) is not None]
     last = [f"{prefix}norm"] if getattr(text, "norm", None) is not None else []
     if getattr(model, "lm_head", None) is not None:
         last.append("lm_head")
@@ -188,6 +197,26 @@ def _layers_as_dict(text: nn.Module) -> None:
         text.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(text.layers)})
 
 
+def _layer_spans(names_per_stage: list[list[str]], layers_prefix: str) -> list[tuple[int, int]]:
+    """[start, stop) of every stage's decoder layers; they must run consecutively, stage after
+    stage (hidden states flow through the layers in order)."""
+    spans, stop = [], 0
+    for s, names in enumerate(names_per_stage):
+        keys = sorted(
+            int(n[len(layers_prefix) + 1 :])
+            for n in names
+            if n.startswith(f"{layers_prefix}.") and "." not in n[len(layers_prefix) + 1 :]
+        )
+        if keys and keys != list(range(stop, stop + len(keys))):
+            raise ValueError(
+                f"stage {s} holds decoder layers {keys}; each stage must take the next "
+                f"consecutive layers (from layer {stop})"
+            )
+        spans.append((stop, stop + len(keys)))
+        stop += len(keys)
+    return spans
+
+
 def split_model_into_stages(
     model: nn.Module,
     module_names_per_stage: list[list[str]],
@@ -203,11 +232,14 @@ def split_model_into_stages(
         raise ValueError(f"stage_indices {bad} outside the {num_stages} stages")
     _check_assignment(model, module_names_per_stage)
     layers_prefix = model_layout(model).layers_prefix
+    spans = _layer_spans(module_names_per_stage, layers_prefix)
     every = {n for names in module_names_per_stage for n in names}
     stages = []
     for s in stage_indices:
         stage = copy.deepcopy(model)
-        _layers_as_dict(model_layout(stage).text_model)
+        text = model_layout(stage).text_model
+        _layers_as_dict(text)
+        text._pp_layer_span = spans[s]  # read by forwards whose state crosses stages
         for name in sorted(every - set(module_names_per_stage[s]), key=len, reverse=True):
             _drop_module(stage, name, layers_prefix)
         if patch_forward and not model_keeps_self_forward(stage):
