@@ -1,5 +1,6 @@
-"""am-pp on our am-models-gemma4 Gemma 4 (am-moe MoE backbone, vision tower): stages chained in
-one process equal the model's own forward, logits and every gradient, with an image.
+"""am-pp on our am-models-gemma4 Gemma 4 (am-moe MoE backbone, or an E2B-like dense one with
+per-layer inputs and K/V sharing; vision tower): stages chained in one process equal the
+model's own forward, logits and every gradient, with an image.
 
 am-pp does not depend on am-models-gemma4, so this cross-package test lives here. The
 model's `model_type` is "gemma4", so `patch_hf_model_for_pp` gives it the Gemma 4 VLM
@@ -19,7 +20,20 @@ from am_pp import generate_stage_module_names, split_model_into_stages
 VOCAB, IMAGE = 128, 127
 
 
-def _model():
+# The MoE text config (am-moe experts) and an E2B-like dense one (transformers' own
+# Gemma4TextModel inside our model): per-layer inputs, and layers 2-3 share the K/V of
+# layers 0-1, across every stage boundary of a 2- or 4-stage split.
+_TEXT = {
+    "moe": dict(
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+        hidden_size_per_layer_input=0,
+    ),
+    "e2b": dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                num_kv_shared_layers=2),
+}  # fmt: skip
+
+
+def _model(kind: str = "moe"):
     from transformers import Gemma4Config
 
     from am_models_gemma4 import Gemma4ForConditionalGeneration
@@ -28,9 +42,7 @@ def _model():
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
         sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
-        final_logit_softcapping=30.0, enable_moe_block=True, num_experts=8, top_k_experts=2,
-        moe_intermediate_size=16, hidden_size_per_layer_input=0, initializer_range=0.2,
-        dtype="float32",
+        final_logit_softcapping=30.0, initializer_range=0.2, dtype="float32", **_TEXT[kind],
     )  # fmt: skip
     vision = dict(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -58,9 +70,10 @@ def _batch():
     return ids, {"pixel_values": pixels, "image_position_ids": xy.reshape(1, 16, 2)}
 
 
+@pytest.mark.parametrize("kind", sorted(_TEXT))
 @pytest.mark.parametrize("num_stages", [2, 4])
-def test_am_gemma4_stages_equal_the_model(num_stages):
-    model = _model()
+def test_am_gemma4_stages_equal_the_model(num_stages, kind):
+    model = _model(kind)
     ids, images = _batch()
     ref = model(ids, **images).logits
     target = F.pad(ids[:, 1:], (0, 1), value=-100)
@@ -69,8 +82,8 @@ def test_am_gemma4_stages_equal_the_model(num_stages):
         model, generate_stage_module_names(model, num_stages), range(num_stages)
     )
     h = stages[0](ids, **images)
-    for stage in stages[1:]:
-        h = stage(h)
+    for stage in stages[1:]:  # (h, per-layer inputs, shared K/V ...) travel positionally
+        h = stage(*h) if isinstance(h, tuple) else stage(h)
     torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
     F.cross_entropy(h.flatten(0, 1), target.flatten()).backward()
     ref_params = dict(model.named_parameters())

@@ -82,12 +82,14 @@ def run_case(
             errors[pname] = 0.0 if p.grad is None or not p.grad.any() else float("inf")
             continue
         errors[pname] = _rel_err(p.grad if p.grad is not None else torch.zeros_like(ref), ref)
-    eval_loss = pp.eval_step(data["input_ids"], data["labels"], **step)
-    # Mask builds per stage of this rank in one more forward-only pass (the first eval_step
-    # re-ran torch's shape inference, a forward of its own, for the mode switch).
-    before = _mask_builds(pp)
-    pp.eval_step(data["input_ids"], data["labels"], **step)
-    builds = [b - a for a, b in zip(before, _mask_builds(pp), strict=True)]
+    eval_loss, builds = None, None
+    if pp.placement != "v":  # torch's eval cannot run V-shaped schedules (see eval_step)
+        eval_loss = pp.eval_step(data["input_ids"], data["labels"], **step)
+        # Mask builds per stage of this rank in one more forward-only pass (the first
+        # eval_step re-ran torch's shape inference, a forward of its own, for the mode switch).
+        before = _mask_builds(pp)
+        pp.eval_step(data["input_ids"], data["labels"], **step)
+        builds = [b - a for a, b in zip(before, _mask_builds(pp), strict=True)]
     return {
         "stage_indices": pp.stage_indices,
         "loss": None if loss is None else float(loss),

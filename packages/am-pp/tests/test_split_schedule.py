@@ -158,12 +158,39 @@ def test_one_stage_pipeline_equals_the_model(one_rank_world):
         pp.step(ids, labels, microbatch_kwargs=[{}, {}, {}])
 
 
-def test_first_stage_only_inputs_rejected_for_several_stages(one_rank_world):
-    pp = pipeline_model(llama(), schedule="Interleaved1F1B", n_microbatches=2)  # 2 stages here
+def test_attention_mask_reaches_every_stage_and_cache_position_is_rejected(one_rank_world):
+    """Two stages on this rank (Interleaved1F1B), left padding differing per row and so per
+    microbatch: loss and gradients equal one process with the same attention_mask."""
+    import torch.nn.functional as F
+
+    model = llama()
+    pp = pipeline_model(model, schedule="Interleaved1F1B", n_microbatches=2)
     assert pp.stage_indices == [0, 1] and pp.num_stages == 2
-    ids = torch.randint(6, 90, (2, 8))
-    with pytest.raises(ValueError, match=r"\['attention_mask'\] would reach only the first"):
-        pp.step(ids, ids, attention_mask=torch.ones_like(ids))
+    ids = torch.randint(6, 90, (4, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 4, 2, 6]):
+        mask[row, :pad] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = pp.step(ids, labels, attention_mask=mask)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    ref = F.cross_entropy(model(ids, attention_mask=mask).logits.flatten(0, 1), targets)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)
+    ref_grads = dict(model.named_parameters())
+    for name, p in pp.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        unpadded = F.cross_entropy(model(ids).logits.flatten(0, 1), targets)
+    assert abs(float(unpadded) - float(ref.detach())) > 1e-3  # the mask mattered
+    with pytest.raises(ValueError, match=r"\['cache_position'\] would reach only the first"):
+        pp.step(ids, ids, cache_position=torch.arange(10))
+
+
+def test_eval_step_rejects_v_shaped_schedules(one_rank_world):
+    pp = pipeline_model(llama(), schedule="ZBVZeroBubble", n_microbatches=2)
+    assert pp.stage_indices == [0, 1]
+    with pytest.raises(NotImplementedError, match="V-shaped schedule"):
+        pp.eval_step(torch.randint(6, 90, (2, 8)), torch.randint(6, 90, (2, 8)))
 
 
 def test_pp_group_may_be_a_device_mesh(one_rank_world):

@@ -153,11 +153,16 @@ def end_stage(module: nn.Module, h: torch.Tensor, stage: StageInput, state_out: 
     return (h, *extras) if extras else h
 
 
-def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
-    """Create a pipeline-compatible forward method for HuggingFace inner models.
-
-    For Llama-style decoders (LlamaModel, Qwen3Model, MistralModel, ...): optional
-    embed_tokens, one rotary call shared by all layers, a mask per attention type."""
+def create_text_stage_forward(
+    name: str,
+    run_layers: Callable,
+    n_state: Callable[[nn.Module], int] = lambda module: 0,
+    own_inputs: tuple[str, ...] = (),
+) -> Callable:
+    """A text-backbone stage forward: the shared prologue (`begin_stage`) and epilogue
+    (`end_stage`) around `run_layers(module, stage, input_ids, **own) -> (h, state_out)`,
+    the model-specific part. `n_state(module)` counts the model tensors this stage receives;
+    `own_inputs` are extra keywords handed to `run_layers` (None when not given)."""
 
     def forward(
         self,
@@ -171,26 +176,40 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
         cache_position=None,
         **kwargs,
     ) -> torch.Tensor:
-        reject_unused(
-            {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}, model_class_name
-        )
+        own = {k: kwargs.pop(k, None) for k in own_inputs}
+        reject_unused({"past_key_values": past_key_values, "use_cache": use_cache, **kwargs}, name)
         stage = begin_stage(
-            self, input_ids, inputs_embeds, carried, attention_mask, position_ids, cache_position
-        )
-        position_embeddings = self.rotary_emb(stage.h, stage.positions)
-        types_ = layer_types_of(self.config)
-        h = stage.h
-        for idx, layer in iter_layers(self):
-            h = layer(
-                h,
-                attention_mask=stage.masks[types_[idx]],
-                position_ids=stage.positions,
-                position_embeddings=position_embeddings,
-            )
-        return end_stage(self, h, stage)
+            self, input_ids, inputs_embeds, carried, attention_mask, position_ids,
+            cache_position, n_state(self),
+        )  # fmt: skip
+        h, state_out = run_layers(self, stage, input_ids, **own)
+        return end_stage(self, h, stage, state_out)
 
-    forward.__qualname__ = f"{model_class_name}.pipeline_forward"
+    forward.__qualname__ = f"{name}.pipeline_forward"
     return forward
+
+
+def _run_decoder_layers(module: nn.Module, stage: StageInput, input_ids) -> tuple:
+    """Llama-style layers: one rotary call shared by all, a mask per attention type."""
+    position_embeddings = module.rotary_emb(stage.h, stage.positions)
+    types_ = layer_types_of(module.config)
+    h = stage.h
+    for idx, layer in iter_layers(module):
+        h = layer(
+            h,
+            attention_mask=stage.masks[types_[idx]],
+            position_ids=stage.positions,
+            position_embeddings=position_embeddings,
+        )
+    return h, ()
+
+
+def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
+    """Create a pipeline-compatible forward method for HuggingFace inner models.
+
+    For Llama-style decoders (LlamaModel, Qwen3Model, MistralModel, ...): optional
+    embed_tokens, one rotary call shared by all layers, a mask per attention type."""
+    return create_text_stage_forward(model_class_name, _run_decoder_layers)
 
 
 def lm_head_or_hidden(model: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import KVSharingDict
 
-from am_pp._forwards import begin_stage, end_stage, iter_layers, layer_span, reject_unused
+from am_pp._forwards import create_text_stage_forward, iter_layers, layer_span
 
 
 class Gemma4Carry(NamedTuple):
@@ -83,7 +83,9 @@ def _per_layer_inputs(module, plan: Gemma4Carry, stage, token_ids, given) -> tor
     `Gemma4TextModel.forward` does), received on the others."""
     if not plan.first:
         if given is not None:
-            raise TypeError("per_layer_inputs go to the first stage only (later stages receive them)")
+            raise TypeError(
+                "per_layer_inputs go to the first stage only (later stages receive them)"
+            )
         if not plan.per_layer:
             return None
         received = stage.state[0]
@@ -124,6 +126,29 @@ def _state_out(plan: Gemma4Carry, per_layer, shared_kv) -> tuple:
     return tuple(out)
 
 
+def _run_gemma4_layers(module, stage, input_ids, per_layer_inputs=None) -> tuple:
+    plan = gemma4_carry(module)
+    token_ids = input_ids if input_ids is not None and not input_ids.is_floating_point() else None
+    per_layer = _per_layer_inputs(module, plan, stage, token_ids, per_layer_inputs)
+    shared_kv = _shared_kv(plan, stage)
+    types_ = module.config.layer_types
+    rotary = {t: module.rotary_emb(stage.h, stage.positions, t) for t in sorted(set(types_))}
+    h = stage.h
+    for idx, layer in iter_layers(module):
+        # Keywords only after h: transformers' layer takes per_layer_input second,
+        # am-models-gemma4's MoE layer (no per-layer inputs) its rope.
+        extra = {} if per_layer is None else {"per_layer_input": per_layer[:, :, idx - plan.start]}
+        h = layer(
+            h,
+            shared_kv_states=shared_kv,
+            position_embeddings=rotary[types_[idx]],
+            attention_mask=stage.masks[types_[idx]],
+            position_ids=stage.positions,
+            **extra,
+        )
+    return h, _state_out(plan, per_layer, shared_kv)
+
+
 def create_pipeline_forward_gemma4_text() -> Callable:
     """Pipeline-compatible forward for the Gemma4 text decoder backbone.
 
@@ -133,48 +158,9 @@ def create_pipeline_forward_gemma4_text() -> Callable:
     types, per-layer-type rotary embeddings
     (`Gemma4TextRotaryEmbedding.forward(x, position_ids, layer_type)`), and the per-layer
     inputs and shared K/V later stages need (module docstring)."""
-
-    def forward(
-        self,
-        input_ids=None,
-        *carried,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        cache_position=None,
-        per_layer_inputs=None,
-        **kwargs,
-    ) -> torch.Tensor:
-        reject_unused(
-            {"past_key_values": past_key_values, "use_cache": use_cache, **kwargs},
-            "Gemma4TextModel",
-        )
-        plan = gemma4_carry(self)
-        token_ids = input_ids if input_ids is not None and not input_ids.is_floating_point() else None
-        stage = begin_stage(
-            self, input_ids, inputs_embeds, carried, attention_mask, position_ids,
-            cache_position, plan.n_in,
-        )  # fmt: skip
-        per_layer = _per_layer_inputs(self, plan, stage, token_ids, per_layer_inputs)
-        shared_kv = _shared_kv(plan, stage)
-        types_ = self.config.layer_types
-        rotary = {t: self.rotary_emb(stage.h, stage.positions, t) for t in sorted(set(types_))}
-        h = stage.h
-        for idx, layer in iter_layers(self):
-            # Keywords only after h: transformers' layer takes per_layer_input second,
-            # am-models-gemma4's MoE layer (no per-layer inputs) its rope.
-            extra = {} if per_layer is None else {"per_layer_input": per_layer[:, :, idx - plan.start]}
-            h = layer(
-                h,
-                shared_kv_states=shared_kv,
-                position_embeddings=rotary[types_[idx]],
-                attention_mask=stage.masks[types_[idx]],
-                position_ids=stage.positions,
-                **extra,
-            )
-        return end_stage(self, h, stage, _state_out(plan, per_layer, shared_kv))
-
-    forward.__qualname__ = "Gemma4TextModel.pipeline_forward"
-    return forward
+    return create_text_stage_forward(
+        "Gemma4TextModel",
+        _run_gemma4_layers,
+        n_state=lambda module: gemma4_carry(module).n_in,
+        own_inputs=("per_layer_inputs",),
+    )

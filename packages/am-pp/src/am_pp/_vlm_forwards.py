@@ -134,7 +134,9 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
             lm = self.model.language_model
             image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(ids, None)
             text_config = self.config.get_text_config()
-            text_ids = torch.where(image_mask | video_mask | audio_mask, text_config.pad_token_id, ids)
+            text_ids = torch.where(
+                image_mask | video_mask | audio_mask, text_config.pad_token_id, ids
+            )
             embeds = lm.embed_tokens(text_ids)
             extra = {}
             if getattr(text_config, "hidden_size_per_layer_input", 0):

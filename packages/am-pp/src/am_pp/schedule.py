@@ -161,6 +161,7 @@ class PipelinedModel:
     stage_indices: list[int] = field(default_factory=list)
     num_stages: int = 1
     carries_inputs: bool = True  # position_ids / attention_mask: the patched forwards do
+    placement: str = "single"  # the schedule's stage placement (ScheduleSpec.placement)
 
     def parameters(self):
         for stage in self.stages:
@@ -227,7 +228,14 @@ class PipelinedModel:
         **kwargs: Any,
     ) -> torch.Tensor | None:
         """`step` without backward (validation): the global-batch loss on the last stage's
-        rank, no gradients touched."""
+        rank, no gradients touched. Not for the V-shaped schedules (ZBVZeroBubble,
+        DualPipeV): the installed torch's `eval` still runs their backward hand-offs."""
+        if self.placement == "v":
+            raise NotImplementedError(
+                "eval_step with a V-shaped schedule: torch.distributed.pipelining's eval runs "
+                "its backward actions too (and fails); evaluate with a 1F1B or interleaved "
+                "pipeline"
+            )
         losses: list[torch.Tensor] = []
         mbs = self._microbatches(input_ids, labels, microbatch_kwargs, kwargs)
         with torch.no_grad():
@@ -315,4 +323,5 @@ def pipeline_model(
         stage_indices=indices,
         num_stages=num_stages,
         carries_inputs=not model_keeps_self_forward(model),
+        placement=spec.placement,
     )
