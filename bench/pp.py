@@ -1,15 +1,20 @@
 """Pipeline step time: a 2-stage 1F1B pipeline (am_pp on torch.distributed.pipelining) vs one rank.
 
-Two gloo ranks with one intra-op thread each run one training step (forward + backward over
-the global batch, 8 microbatches) of a Llama-shaped transformers model split into 2 stages;
-rank 0 also times the same model on the same global batch alone (one process, one thread,
-one forward + backward), interleaved with the pipeline steps so both see the same machine
-load. The ideal pipeline time is the per-stage share of the work stretched by the bubble:
+Two gloo ranks, each pinned to its own core with one intra-op thread, run one training step
+(forward + backward over the global batch, 8 microbatches) of a Llama-shaped transformers
+model split into 2 stages; rank 0 also times the same model on the same global batch alone
+(one process, one thread, one forward + backward), interleaved repeat by repeat with the
+pipeline steps so both see the same machine load. Medians are reported, with the load
+average before and after, and each timing's CPU share (process CPU time / wall time): on a
+shared machine a share well under 1 means the rank waited for a core, not for its peer.
+
+The ideal pipeline time is the per-stage share of the work stretched by the bubble:
 T_pp / T_1 = (1/p) * (m + p - 1) / m, i.e. 1/p of the work plus the bubble, which is
 (p - 1) / (m + p - 1) of the pipeline step (0.5625 for p = 2, m = 8).
 
 Also: the time the per-stage causal-mask cache saves per microbatch (a mask-mapping build
-vs a cache hit at the microbatch shape, eager attention so the mask is a real tensor).
+vs a cache hit at the microbatch shape, eager attention so the mask is a real tensor), and
+with `--profile` the top functions of each rank's pipeline steps (cProfile, own time).
 
     .venv/bin/python bench/pp.py            # hidden 256, 8 layers, batch 16 x seq 128
     .venv/bin/python bench/pp.py --quick    # small shape, 2 repeats
@@ -18,7 +23,10 @@ vs a cache hit at the microbatch shape, eager attention so the mask is a real te
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import time
 
@@ -48,33 +56,69 @@ def _single_step(model, ids) -> None:
     F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100).backward()
 
 
-def rank_times(rank: int, world: int, shape: dict, repeats: int) -> dict:
+def _pin(rank: int) -> list[int]:
+    """One core per rank (rank r -> core r of those this process may use)."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    torch.set_num_threads(1)
+    return sorted(os.sched_getaffinity(0))
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU share) of fn()."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - wall
+    return wall, (time.process_time() - cpu) / wall
+
+
+def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) -> dict:
     from am_pp import pipeline_model
 
+    cores = _pin(rank)
     model = _model(shape["hidden"], shape["layers"], shape["vocab"])
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]),
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     pp = pipeline_model(model, None, "1F1B", shape["microbatches"])
     pp_times, single_times = [], []
-    for _ in range(repeats + 1):  # the first round warms up (shape inference, allocator)
-        dist.barrier()
-        if rank == 0:
-            start = time.perf_counter()
-            _single_step(model, ids)
-            single_times.append(time.perf_counter() - start)
-            model.zero_grad(set_to_none=True)
-        dist.barrier()
-        start = time.perf_counter()
+    profiler = cProfile.Profile() if profile else None
+
+    def pp_step():
         pp.step(ids, ids)
         dist.barrier()
-        pp_times.append(time.perf_counter() - start)
+
+    for i in range(repeats + 1):  # the first round warms up (shape inference, allocator)
+        dist.barrier()
+        if rank == 0:
+            single_times.append(_timed(lambda: _single_step(model, ids)))
+            model.zero_grad(set_to_none=True)
+        dist.barrier()
+        if profiler is not None and i > 0:
+            profiler.enable()
+        pp_times.append(_timed(pp_step))
+        if profiler is not None and i > 0:
+            profiler.disable()
         for p in pp.parameters():
             p.grad = None
     return {
-        "pp": statistics.median(pp_times[1:]),
-        "single": statistics.median(single_times[1:]) if single_times else None,
+        "cores": cores,
+        "pp": statistics.median(t for t, _ in pp_times[1:]),
+        "pp_cpu_share": statistics.median(s for _, s in pp_times[1:]),
+        "single": statistics.median(t for t, _ in single_times[1:]) if single_times else None,
+        "single_cpu_share": (
+            statistics.median(s for _, s in single_times[1:]) if single_times else None
+        ),
         "mask": _mask_cache_saving(pp, shape) if rank == 1 else None,
+        "profile": _top(profiler, repeats) if profiler is not None else None,
     }
+
+
+def _top(profiler: cProfile.Profile, repeats: int, n: int = 14) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(n)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    return f"(cumulated over {repeats} steps)\n" + "\n".join(lines[-(n + 1) :])
 
 
 def _mask_cache_saving(pp, shape: dict) -> dict:
@@ -100,22 +144,29 @@ def _mask_cache_saving(pp, shape: dict) -> dict:
     return {"build": build, "hit": hit}
 
 
-def report(shape: dict, repeats: int) -> None:
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def report(shape: dict, repeats: int, profile: bool) -> None:
     from am_dtype.testing import run_distributed
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    load = os.getloadavg()
-    first, last = run_distributed(rank_times, P, shape, repeats, timeout_s=1200)
+    load_before = _load()
+    first, last = run_distributed(rank_times, P, shape, repeats, profile, timeout_s=1200)
+    load_after = _load()
     m = shape["microbatches"]
     ideal = (1 / P) * (m + P - 1) / m
     ratio = first["pp"] / first["single"]
     mask = last["mask"]
     mb_time = last["pp"] / m
-    print(f"shape: {shape}; 2 gloo ranks x 1 thread; median of {repeats} steps")
-    print(f"load average before the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
-          f" on {os.cpu_count()} cores")  # fmt: skip
-    print(f"one rank, one thread, whole batch fwd+bwd: {first['single'] * 1e3:9.1f} ms")
-    print(f"2-stage 1F1B, {m} microbatches, step:      {first['pp'] * 1e3:9.1f} ms")
+    print(f"shape: {shape}; 2 gloo ranks x 1 thread, pinned to cores {first['cores']} and "
+          f"{last['cores']} of {os.cpu_count()}; median of {repeats} interleaved repeats")  # fmt: skip
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(f"one rank, one thread, whole batch fwd+bwd: {first['single'] * 1e3:9.1f} ms "
+          f"(CPU share {first['single_cpu_share']:.2f})")  # fmt: skip
+    print(f"2-stage 1F1B, {m} microbatches, step:      {first['pp'] * 1e3:9.1f} ms "
+          f"(CPU share rank 0 {first['pp_cpu_share']:.2f}, rank 1 {last['pp_cpu_share']:.2f})")  # fmt: skip
     print(f"ratio pipeline / one rank: {ratio:.3f}; ideal (1/{P}) * (m+p-1)/m = {ideal:.4f} "
           f"(bubble (p-1)/(m+p-1) = {(P - 1) / (m + P - 1):.3f}); "
           f"ratio / ideal = {ratio / ideal:.3f} (goal <= 1.10)")  # fmt: skip
@@ -123,6 +174,9 @@ def report(shape: dict, repeats: int) -> None:
     print(f"mask cache: build {mask['build'] * 1e6:.1f} us, hit {mask['hit'] * 1e6:.2f} us per "
           f"microbatch per stage; saves {saved * 1e6:.1f} us per microbatch "
           f"({100 * saved / mb_time:.2f}% of a microbatch's share of the step)")  # fmt: skip
+    if profile:
+        for rank, result in enumerate((first, last)):
+            print(f"--- rank {rank} pipeline steps, top functions by own time {result['profile']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,14 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile each rank's steps")
     args = parser.parse_args(argv)
     shape = dict(hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch,
                  microbatches=args.microbatches, vocab=1024)  # fmt: skip
     if args.quick:
         shape.update(hidden=64, layers=4, seq=32, batch=8, vocab=256)
         args.repeats = 2
-    report(shape, args.repeats)
+    report(shape, args.repeats, args.profile)
 
 
 if __name__ == "__main__":

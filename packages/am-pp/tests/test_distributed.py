@@ -75,7 +75,7 @@ def test_two_ranks_1f1b_and_interleaved_equal_one_process():
     cases += packed + _PADDED_2 + _PADDED_4
     per_rank = run_distributed(run_cases, 2, cases, timeout_s=300)
     groups = [  # (number of cases, stages)
-        (len(MODELS), 2), (len(MODELS) + len(extra), 4), (1, 2), (1, 4), (1, 4),
+        (len(MODELS), 2), (len(MODELS) + len(extra), 4), (1, 2), (1, 2), (1, 4),
         (len(_PADDED_2), 2), (len(_PADDED_4), 4),
     ]  # fmt: skip
     start = 0

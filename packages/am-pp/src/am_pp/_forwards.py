@@ -1,11 +1,12 @@
 """Pipeline-stage forwards for HF text decoders and their CausalLM wrappers.
 
-Every forward returns one tensor, the way `PipelineStage` hands it to the next stage:
-hidden states, or logits on the stage that owns `lm_head`. A stage without `embed_tokens`
-receives the previous stage's hidden states in the `input_ids` slot. Decoder layers are
-held in a ModuleDict keyed by their original index (`am_pp.split` converts the ModuleList),
-so parameter names and per-layer attention types stay those of the full model.
-"""
+A stage forward returns what `PipelineStage` hands, positionally, to the next stage: logits
+on the stage that owns `lm_head`; elsewhere the hidden states, or the tuple
+`(hidden_states, *model_state, [position_ids, [attention_mask]])` when the later stages
+need more (`end_stage` builds it, `split_carried` unpacks it). A stage without
+`embed_tokens` receives the hidden states in the `input_ids` slot. Decoder layers are held
+in a ModuleDict keyed by their original index (`am_pp.split` converts the ModuleList), so
+parameter names and per-layer attention types stay those of the full model."""
 
 from __future__ import annotations
 
@@ -216,7 +217,7 @@ def lm_head_or_hidden(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Logits (with the config's final-logit softcapping) on the last stage, else `h`."""
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None:
-        return h  # hidden states, or (hidden states, position ids) for the next stage
+        return h  # hidden states, or the tuple the next stage unpacks
     logits = lm_head(h)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -44,18 +44,68 @@ def _image_features(out) -> torch.Tensor:
     return torch.cat(out.pooler_output, dim=0)
 
 
-def _vlm_stage(self, input_ids, carried, text_kwargs: dict, embed_first_stage: Callable):
-    """The shared body of the VLM stage forwards: on the first stage (token ids in, the text
-    embeddings here) `embed_first_stage(input_ids) -> (inputs_embeds, extra text kwargs)`
-    embeds and merges the images; every stage then runs its share of the patched language
-    model and the last one `lm_head`."""
+def create_vlm_stage_forward(name: str, image_inputs: tuple[str, ...], embed_first_stage):
+    """A VLM stage forward. On the first stage (token ids in, the text embeddings here)
+    `embed_first_stage(model, input_ids, **images) -> (inputs_embeds, extra text kwargs)`
+    embeds the tokens and merges the images (`images`: the `image_inputs` keywords, each
+    given or the next pre-chunked entry); every stage then runs its share of the patched
+    language model and the last one `lm_head`."""
+
+    def forward(
+        self,
+        input_ids=None,
+        *carried,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cache_position=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        given = {k: kwargs.pop(k, None) for k in image_inputs}
+        reject_unused(kwargs, name)
+        lm = self.model.language_model
+        extra = {}
+        if _is_token_ids(input_ids) and lm.embed_tokens is not None:
+            images = {k: _next_chunk(self, k, v) for k, v in given.items()}
+            inputs_embeds, extra = embed_first_stage(self, input_ids, **images)
+            input_ids = None
+        h = lm(
+            input_ids, *carried, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, cache_position=cache_position, **extra,
+        )  # fmt: skip
+        return lm_head_or_hidden(self, h)
+
+    forward.__qualname__ = f"{name}.pipeline_forward"
+    return forward
+
+
+def _embed_mistral3(self, ids, pixel_values=None, image_sizes=None, vision_feature_layer=None):
+    embeds = self.model.language_model.embed_tokens(ids)
+    if pixel_values is not None:
+        layer = vision_feature_layer
+        layer = self.config.vision_feature_layer if layer is None else layer
+        out = self.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=layer,
+            return_dict=True,
+        )  # fmt: skip
+        slots = ids == self.config.image_token_id
+        embeds = _scatter_features(embeds, slots, _image_features(out))
+    return embeds, {}
+
+
+def _embed_gemma4(self, ids, pixel_values=None, image_position_ids=None):
     lm = self.model.language_model
-    inputs_embeds, extra = text_kwargs.pop("inputs_embeds"), {}
-    if _is_token_ids(input_ids) and lm.embed_tokens is not None:
-        inputs_embeds, extra = embed_first_stage(input_ids)
-        input_ids = None
-    h = lm(input_ids, *carried, inputs_embeds=inputs_embeds, **text_kwargs, **extra)
-    return lm_head_or_hidden(self, h)
+    image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(ids, None)
+    text_config = self.config.get_text_config()
+    text_ids = torch.where(image_mask | video_mask | audio_mask, text_config.pad_token_id, ids)
+    embeds = lm.embed_tokens(text_ids)
+    extra = {}
+    if getattr(text_config, "hidden_size_per_layer_input", 0):
+        extra["per_layer_inputs"] = lm.get_per_layer_inputs(text_ids, None)
+    if pixel_values is not None:
+        out = self.model.get_image_features(pixel_values, image_position_ids, return_dict=True)
+        embeds = _scatter_features(embeds, image_mask, _image_features(out))
+    return embeds, extra
 
 
 def create_pipeline_forward_mistral3_vlm() -> Callable:
@@ -65,45 +115,11 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
     (`get_image_features`) for `pixel_values`/`image_sizes`, merges the features at the image
     tokens with `masked_scatter`, then runs the patched language model. Other stages pass
     hidden states through theirs. Last stage: `lm_head`."""
-
-    def forward(
-        self,
-        input_ids=None,
-        *carried,
-        attention_mask=None,
-        position_ids=None,
-        pixel_values=None,
-        image_sizes=None,
-        inputs_embeds=None,
-        vision_feature_layer=None,
-        cache_position=None,
-        **kwargs,
-    ) -> torch.Tensor:
-        reject_unused(kwargs, "Mistral3ForConditionalGeneration")
-
-        def embed_first_stage(ids):
-            embeds = self.model.language_model.embed_tokens(ids)
-            pixels = _next_chunk(self, "pixel_values", pixel_values)
-            sizes = _next_chunk(self, "image_sizes", image_sizes)
-            if pixels is not None:
-                layer = vision_feature_layer
-                layer = self.config.vision_feature_layer if layer is None else layer
-                out = self.model.get_image_features(
-                    pixel_values=pixels, image_sizes=sizes, vision_feature_layer=layer,
-                    return_dict=True,
-                )  # fmt: skip
-                slots = ids == self.config.image_token_id
-                embeds = _scatter_features(embeds, slots, _image_features(out))
-            return embeds, {}
-
-        text_kwargs = dict(
-            attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache_position=cache_position,
-        )  # fmt: skip
-        return _vlm_stage(self, input_ids, carried, text_kwargs, embed_first_stage)
-
-    forward.__qualname__ = "Mistral3ForConditionalGeneration.pipeline_forward"
-    return forward
+    return create_vlm_stage_forward(
+        "Mistral3ForConditionalGeneration",
+        ("pixel_values", "image_sizes", "vision_feature_layer"),
+        _embed_mistral3,
+    )
 
 
 def create_pipeline_forward_gemma4_vlm() -> Callable:
@@ -115,44 +131,6 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
     `pixel_values` are given or stored in `_vlm_pixel_values_chunks`), then calls the patched
     language model. Non-first stages pass hidden states through theirs. Last stage: lm_head
     and final-logit softcapping. Video and audio inputs are rejected, not dropped."""
-
-    def forward(
-        self,
-        input_ids=None,
-        *carried,
-        attention_mask=None,
-        position_ids=None,
-        pixel_values=None,
-        image_position_ids=None,
-        inputs_embeds=None,
-        cache_position=None,
-        **kwargs,
-    ) -> torch.Tensor:
-        reject_unused(kwargs, "Gemma4ForConditionalGeneration")
-
-        def embed_first_stage(ids):
-            lm = self.model.language_model
-            image_mask, video_mask, audio_mask = self.model.get_placeholder_mask(ids, None)
-            text_config = self.config.get_text_config()
-            text_ids = torch.where(
-                image_mask | video_mask | audio_mask, text_config.pad_token_id, ids
-            )
-            embeds = lm.embed_tokens(text_ids)
-            extra = {}
-            if getattr(text_config, "hidden_size_per_layer_input", 0):
-                extra["per_layer_inputs"] = lm.get_per_layer_inputs(text_ids, None)
-            pixels = _next_chunk(self, "pixel_values", pixel_values)
-            positions = _next_chunk(self, "image_position_ids", image_position_ids)
-            if pixels is not None:
-                out = self.model.get_image_features(pixels, positions, return_dict=True)
-                embeds = _scatter_features(embeds, image_mask, _image_features(out))
-            return embeds, extra
-
-        text_kwargs = dict(
-            attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache_position=cache_position,
-        )  # fmt: skip
-        return _vlm_stage(self, input_ids, carried, text_kwargs, embed_first_stage)
-
-    forward.__qualname__ = "Gemma4ForConditionalGeneration.pipeline_forward"
-    return forward
+    return create_vlm_stage_forward(
+        "Gemma4ForConditionalGeneration", ("pixel_values", "image_position_ids"), _embed_gemma4
+    )

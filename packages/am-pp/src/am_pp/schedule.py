@@ -210,7 +210,8 @@ class PipelinedModel:
     ) -> torch.Tensor | None:
         """One forward+backward over the global batch; gradients accumulate in the stages.
 
-        input_ids (and whole-batch `kwargs`, split by rows) feed the first stage;
+        input_ids (and whole-batch `kwargs`, split by rows) feed the first stage (the
+        patched forwards pass `attention_mask` / `position_ids` on to every stage);
         `microbatch_kwargs` adds per-microbatch first-stage inputs that do not split by rows
         (e.g. each microbatch's images). `labels` (whole batch) are the loss target; pass
         them on every rank. Returns the global-batch loss on the rank holding the last
