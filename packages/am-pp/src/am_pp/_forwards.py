@@ -229,39 +229,17 @@ def lm_head_or_hidden(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def create_pipeline_forward_causal_lm() -> Callable:
     """Create a pipeline-compatible forward method for causal LM wrappers (`model.model`
-    decoder + `lm_head`): returns logits on the last stage, hidden states elsewhere."""
+    decoder + `lm_head`): returns logits on the last stage, hidden states elsewhere. Every
+    other input goes to the patched decoder, which rejects what it would drop."""
 
-    def forward(
-        self,
-        input_ids=None,
-        *carried,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        cache_position=None,
-        logits_to_keep=0,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, input_ids=None, *carried, labels=None, logits_to_keep=0, **kwargs):
         if labels is not None:
             raise TypeError(
                 f"{type(self).__name__}: under pipeline parallelism the loss is the schedule's "
                 "loss_fn on the last stage; pass labels as the schedule's target, not to forward"
             )
-        reject_unused({"logits_to_keep": logits_to_keep or None, **kwargs}, type(self).__name__)
-        h = self.model(
-            input_ids,
-            *carried,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_position=cache_position,
-        )
-        return lm_head_or_hidden(self, h)
+        reject_unused({"logits_to_keep": logits_to_keep or None}, type(self).__name__)
+        return lm_head_or_hidden(self, self.model(input_ids, *carried, **kwargs))
 
     forward.__qualname__ = "CausalLM.pipeline_forward"
     return forward
