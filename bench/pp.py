@@ -5,8 +5,10 @@ Two gloo ranks, each pinned to its own core with one intra-op thread, run one tr
 model split into 2 stages; rank 0 also times the same model on the same global batch alone
 (one process, one thread, one forward + backward), interleaved repeat by repeat with the
 pipeline steps so both see the same machine load. Medians are reported, with the load
-average before and after, and each timing's CPU share (process CPU time / wall time): on a
-shared machine a share well under 1 means the rank waited for a core, not for its peer.
+average before and after, and each timing's process CPU time: on a shared machine a CPU
+share (CPU / wall) well under 1 means the process waited for a core. From the CPU times the
+bench also estimates the ratio without contention, and times the model alone over the same
+8 sequential microbatches (gradient accumulation) to show what microbatching itself costs.
 
 The ideal pipeline time is the per-stage share of the work stretched by the bubble:
 T_pp / T_1 = (1/p) * (m + p - 1) / m, i.e. 1/p of the work plus the bubble, which is
@@ -50,10 +52,13 @@ def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
     return LlamaForCausalLM(cfg).float().train()
 
 
-def _single_step(model, ids) -> None:
-    logits = model(ids, use_cache=False).logits
-    target = F.pad(ids[:, 1:], (0, 1), value=-100)
-    F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100).backward()
+def _single_step(model, ids, microbatches: int = 1) -> None:
+    """One forward + backward over `ids`, whole or as `microbatches` sequential chunks
+    (gradient accumulation: the pipeline's microbatch shapes without the pipeline)."""
+    for chunk in ids.chunk(microbatches):
+        logits = model(chunk, use_cache=False).logits
+        target = F.pad(chunk[:, 1:], (0, 1), value=-100)
+        F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100).backward()
 
 
 def _pin(rank: int) -> list[int]:
@@ -65,11 +70,17 @@ def _pin(rank: int) -> list[int]:
 
 
 def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU share) of fn()."""
+    """(wall seconds, process CPU seconds) of fn()."""
     cpu, wall = time.process_time(), time.perf_counter()
     fn()
-    wall = time.perf_counter() - wall
-    return wall, (time.process_time() - cpu) / wall
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _medians(times: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Medians of wall and CPU time, without the warm-up round."""
+    if not times:
+        return None
+    return statistics.median(t for t, _ in times[1:]), statistics.median(c for _, c in times[1:])
 
 
 def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) -> dict:
@@ -80,7 +91,7 @@ def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) 
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]),
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     pp = pipeline_model(model, None, "1F1B", shape["microbatches"])
-    pp_times, single_times = [], []
+    pp_times, single_times, accum_times = [], [], []
     profiler = cProfile.Profile() if profile else None
 
     def pp_step():
@@ -92,6 +103,8 @@ def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) 
         if rank == 0:
             single_times.append(_timed(lambda: _single_step(model, ids)))
             model.zero_grad(set_to_none=True)
+            accum_times.append(_timed(lambda: _single_step(model, ids, shape["microbatches"])))
+            model.zero_grad(set_to_none=True)
         dist.barrier()
         if profiler is not None and i > 0:
             profiler.enable()
@@ -102,12 +115,9 @@ def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) 
             p.grad = None
     return {
         "cores": cores,
-        "pp": statistics.median(t for t, _ in pp_times[1:]),
-        "pp_cpu_share": statistics.median(s for _, s in pp_times[1:]),
-        "single": statistics.median(t for t, _ in single_times[1:]) if single_times else None,
-        "single_cpu_share": (
-            statistics.median(s for _, s in single_times[1:]) if single_times else None
-        ),
+        "pp": _medians(pp_times),
+        "single": _medians(single_times),
+        "accum": _medians(accum_times),
         "mask": _mask_cache_saving(pp, shape) if rank == 1 else None,
         "profile": _top(profiler, repeats) if profiler is not None else None,
     }
@@ -157,19 +167,32 @@ def report(shape: dict, repeats: int, profile: bool) -> None:
     load_after = _load()
     m = shape["microbatches"]
     ideal = (1 / P) * (m + P - 1) / m
-    ratio = first["pp"] / first["single"]
+    (pp_wall, pp_cpu0), (_, pp_cpu1) = first["pp"], last["pp"]
+    single_wall, single_cpu = first["single"]
+    accum_wall, accum_cpu = first["accum"]
+    ratio = pp_wall / single_wall
     mask = last["mask"]
-    mb_time = last["pp"] / m
+    mb_time = pp_wall / m
     print(f"shape: {shape}; 2 gloo ranks x 1 thread, pinned to cores {first['cores']} and "
           f"{last['cores']} of {os.cpu_count()}; median of {repeats} interleaved repeats")  # fmt: skip
     print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
-    print(f"one rank, one thread, whole batch fwd+bwd: {first['single'] * 1e3:9.1f} ms "
-          f"(CPU share {first['single_cpu_share']:.2f})")  # fmt: skip
-    print(f"2-stage 1F1B, {m} microbatches, step:      {first['pp'] * 1e3:9.1f} ms "
-          f"(CPU share rank 0 {first['pp_cpu_share']:.2f}, rank 1 {last['pp_cpu_share']:.2f})")  # fmt: skip
+    print("wall ms (CPU ms; CPU share < 1: the process waited for a core or its peer):")
+    print(f"  one rank, one thread, whole batch fwd+bwd:     {single_wall * 1e3:9.1f} "
+          f"({single_cpu * 1e3:.1f}; share {single_cpu / single_wall:.2f})")  # fmt: skip
+    print(f"  one rank, {m} sequential microbatches (accum):  {accum_wall * 1e3:9.1f} "
+          f"({accum_cpu * 1e3:.1f}; share {accum_cpu / accum_wall:.2f})")  # fmt: skip
+    print(f"  2-stage 1F1B, {m} microbatches, step:          {pp_wall * 1e3:9.1f} "
+          f"(rank 0 {pp_cpu0 * 1e3:.1f}, rank 1 {pp_cpu1 * 1e3:.1f}; shares "
+          f"{pp_cpu0 / pp_wall:.2f}, {pp_cpu1 / pp_wall:.2f})")  # fmt: skip
     print(f"ratio pipeline / one rank: {ratio:.3f}; ideal (1/{P}) * (m+p-1)/m = {ideal:.4f} "
           f"(bubble (p-1)/(m+p-1) = {(P - 1) / (m + P - 1):.3f}); "
           f"ratio / ideal = {ratio / ideal:.3f} (goal <= 1.10)")  # fmt: skip
+    # Without contention a rank's step takes its CPU time stretched by the bubble (if its
+    # waits do not spin); this estimate separates our overheads from the machine's load.
+    est = max(pp_cpu0, pp_cpu1) * (m + P - 1) / m / single_cpu
+    print(f"CPU-time estimate (no contention): max rank CPU x (m+p-1)/m / one-rank CPU = "
+          f"{est:.3f}, {est / ideal:.3f} of ideal; microbatching alone costs "
+          f"{accum_cpu / single_cpu:.3f}x the one-rank CPU time")  # fmt: skip
     saved = mask["build"] - mask["hit"]
     print(f"mask cache: build {mask['build'] * 1e6:.1f} us, hit {mask['hit'] * 1e6:.2f} us per "
           f"microbatch per stage; saves {saved * 1e6:.1f} us per microbatch "
