@@ -1,5 +1,5 @@
-"""What NemotronHForCausalLM returns beyond logits: transformers-style hidden states, and the
-loss of a batch without tokens.
+"""What NemotronHForCausalLM returns: its output class, transformers-style hidden states, the
+main next-token loss, and the loss of a batch without tokens.
 
 Hidden states follow transformers' `output_hidden_states` contract: the embeddings output,
 then each decoder block's output, the last one after the final norm (transformers replaces
@@ -11,8 +11,13 @@ unselected entries are None, as in transformers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from am_utils.loss import IGNORE_INDEX, causal_lm_loss, next_token_targets
 
 
 def want_hidden_states(argument: bool | int | Sequence[int] | None, default: bool) -> bool:
@@ -58,3 +63,36 @@ def empty_batch_loss(logits: torch.Tensor, per_depth: list[torch.Tensor]) -> tor
     for h in per_depth:
         total = total + h.float().sum()
     return total
+
+
+@dataclass
+class NemotronHCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus declared MTP fields.
+
+    Declared (not set dynamically) so they survive layers that rebuild
+    ModelOutput instances from their declared fields, such as FSDP2's
+    mixed-precision output cast.
+    """
+
+    mtp_per_depth_h: list[torch.Tensor] | None = None
+    mtp_loss_scaling_factor: float | None = None
+
+
+def main_loss(logits, labels, seq_idx, num_items) -> torch.Tensor:
+    """`causal_lm_loss`; with Trainer's `num_items_in_batch` the sum over targets divided by it,
+    as transformers' loss does, so a window's microbatch losses add up to its token mean (and a
+    microbatch without targets gives 0, not NaN)."""
+    if num_items is None:
+        return causal_lm_loss(logits, labels, seq_idx)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:-1])}"
+        )
+    target = next_token_targets(labels, seq_idx)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / num_items
