@@ -1,9 +1,9 @@
 """Test sessions for the am workspace (uv is the venv backend).
 
-    uv run nox                      # default: lint, each package alone, the whole CPU suite, gpu
+    uv run nox                      # default: lint, each package alone, cross-package tests + coverage, gpu
     uv run nox -s isolated          # every package in a venv holding only it and its dependencies
     uv run nox -s "isolated(package='am-moe')"
-    uv run nox -s tests             # all packages + top-level tests/, with coverage
+    uv run nox -s tests             # the cross-package tests/ + the coverage report of every session
     uv run nox -s gpu               # the gpu extras and `-m gpu` tests; skips without CUDA
     uv run nox -s lint
     uv run nox -s meta              # a fresh venv with only am-automodel: every package + the tiny recipe
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -27,6 +28,8 @@ nox.options.sessions = ["lint", "isolated", "tests", "gpu"]
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
 TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3", "pytest-cov>=5"]
+# Coverage data of every session; `tests` combines it (paths in [tool.coverage.paths]).
+COVERAGE_DIR = ROOT / ".nox-coverage"
 
 
 def _package_import_name(package: str) -> str:
@@ -54,11 +57,32 @@ def _install_locked(session: nox.Session, *export_args: str, editable: bool = Fa
     session.install("-r", str(req), *fresh)
 
 
-def _pytest(session: nox.Session, *paths: str, cov: list[str] | None = None) -> None:
-    args = ["pytest", *paths, "-p", "no:cacheprovider"]
-    for name in cov or []:
-        args += [f"--cov={name}", "--cov-append", "--cov-report="]
-    session.run(*args, *session.posargs, env={"OMP_NUM_THREADS": "2"})
+def _test_groups(package: str) -> list[str]:
+    """`--group test` when the package declares test-only dependencies (e.g. the reference
+    implementation its parity tests compare against), else nothing."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    meta = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+    return ["--group", "test"] if "test" in meta.get("dependency-groups", {}) else []
+
+
+def _coverage_env(name: str) -> dict[str, str]:
+    """Environment that makes pytest-cov (and spawned ranks) write COVERAGE_DIR/.coverage.NAME.*"""
+    COVERAGE_DIR.mkdir(exist_ok=True)
+    for stale in COVERAGE_DIR.glob(f".coverage.{name}*"):
+        stale.unlink()
+    return {
+        "OMP_NUM_THREADS": "2",
+        "COVERAGE_FILE": str(COVERAGE_DIR / f".coverage.{name}"),
+        "COVERAGE_RCFILE": str(ROOT / "pyproject.toml"),
+    }
+
+
+def _cov_args(names: list[str]) -> list[str]:
+    args = [f"--cov-config={ROOT / 'pyproject.toml'}", "--cov-report="]
+    return args + [f"--cov={name}" for name in names]
 
 
 @nox.session
@@ -76,7 +100,7 @@ def isolated(session: nox.Session, package: str) -> None:
 
     Siblings it does not declare are absent, so an undeclared import fails here.
     """
-    _install_locked(session, "--package", package, "--no-dev")
+    _install_locked(session, "--package", package, "--no-dev", *_test_groups(package))
     session.install(*TEST_TOOLS)
     # Run from a temporary directory so the import comes from the installed wheel,
     # not from the source tree.
@@ -91,25 +115,37 @@ def isolated(session: nox.Session, package: str) -> None:
         str(ROOT),
         "-c",
         str(ROOT / "pyproject.toml"),
+        *_cov_args([_package_import_name(package)]),
         *session.posargs,
-        env={"OMP_NUM_THREADS": "2"},
+        env=_coverage_env(package),
     )
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole CPU suite: every package's tests and the top-level tests/, with coverage.
+    """The cross-package suite (top-level tests/: workspace invariants, READMEs, examples,
+    benches, pipelines of our models) with every package installed, then one coverage report
+    over it and the `isolated` sessions.
 
-    Each package's tests run in their own pytest process (test module names repeat
-    across packages, and spawned ranks import them by name); coverage is appended.
+    Each package's own tests run once, in `isolated` (only its declared dependencies), not
+    again here; run `nox -s isolated tests` for the full report.
     """
     _install_locked(session, "--all-packages", "--group", "dev", editable=True)
-    session.env["COVERAGE_FILE"] = str(Path(session.create_tmp()) / ".coverage")
     names = [_package_import_name(p) for p in PACKAGES]
-    for package in PACKAGES:
-        _pytest(session, f"packages/{package}/tests", cov=names)
-    _pytest(session, "tests", cov=names)
-    session.run("coverage", "report", "--skip-empty", "--precision=1")
+    session.run(
+        "pytest",
+        "tests",
+        "-p",
+        "no:cacheprovider",
+        *_cov_args(names),
+        *session.posargs,
+        env=_coverage_env("tests"),
+    )
+    data = COVERAGE_DIR / ".coverage"
+    data.unlink(missing_ok=True)
+    env = {"COVERAGE_FILE": str(data), "COVERAGE_RCFILE": str(ROOT / "pyproject.toml")}
+    session.run("coverage", "combine", "--keep", "--quiet", str(COVERAGE_DIR), env=env)
+    session.run("coverage", "report", "--skip-empty", "--precision=1", env=env)
 
 
 @nox.session
