@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fsdp_results() -> list[dict]:
-    return run_distributed(workers.fsdp_cast_checks, 2, timeout_s=120)
+    return run_distributed(workers.fsdp_cast_checks, 2, timeout_s=240)
 
 
 def test_ranks_agree(fsdp_results):

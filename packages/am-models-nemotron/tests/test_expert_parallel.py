@@ -30,7 +30,7 @@ def test_ep2_loss_and_gradients_equal_single_process(tmp_path):
 def test_ep2_rank_with_an_empty_batch_takes_part_in_every_collective():
     """Rank 1 has a [0, S] batch; without its forward/backward all-to-alls rank 0 would hang."""
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(4))
-    results = run_distributed(ep_rank_with_empty_batch, 2, ids, timeout_s=90)
+    results = run_distributed(ep_rank_with_empty_batch, 2, ids, timeout_s=240)
     assert results[0].pop("logits_shape") == (1, 12, 64)
     assert results[1].pop("logits_shape") == (0, 12, 64)
     for errors in results:
