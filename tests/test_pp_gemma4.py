@@ -98,3 +98,27 @@ def test_am_gemma4_stages_equal_the_model(num_stages, kind):
                 torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=name)
     # The image reached the logits through stage 0's vision merge.
     assert any(n.startswith("model.vision_tower.") and ref_params[n].grad is not None for n in seen)
+
+
+def test_am_gemma4_moe_padding_reaches_every_stage():
+    """Left padding differing per row: every stage gets the mask (and our MoE layers the
+    padding mask that keeps padded tokens out of the experts, as the model's own forward
+    does); the real tokens' logits equal the model's own padded ones."""
+    model = _model("moe")
+    ids, _ = _batch()
+    ids = ids.masked_fill(ids == IMAGE, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :3], mask[1, :5] = 0, 0
+    seen = []
+    for layer in model.model.language_model.layers:
+        layer.moe.register_forward_pre_hook(
+            lambda _m, _a, kw: seen.append(kw.get("padding_mask")), with_kwargs=True
+        )
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        stages = split_model_into_stages(model, generate_stage_module_names(model, 2), range(2))
+        seen.clear()  # the copies carry the hooks: count the pipeline's calls only
+        out = stages[1](*stages[0](ids, attention_mask=mask))
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert len(seen) == 4 and all(p is not None and torch.equal(p, ~real) for p in seen)

@@ -20,6 +20,7 @@ projections through the pipeline's own backward. Every split works.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -126,8 +127,23 @@ def _state_out(plan: Gemma4Carry, per_layer, shared_kv) -> tuple:
     return tuple(out)
 
 
+def _padding_mask(module, attention_mask) -> dict:
+    """`{"padding_mask": [B, S] bool, True = padding}` for layers that take one (our MoE
+    layers keep padded tokens out of the experts, as am-models-gemma4's own forward does),
+    from a 2D attention mask; else {}."""
+    takes = module.__dict__.get("_pp_layers_take_padding_mask")
+    if takes is None:
+        layer = next((m for _, m in iter_layers(module)), None)
+        takes = layer is not None and "padding_mask" in inspect.signature(layer.forward).parameters
+        module.__dict__["_pp_layers_take_padding_mask"] = takes
+    if not takes or attention_mask is None or attention_mask.dim() != 2:
+        return {}
+    return {"padding_mask": ~attention_mask.bool()}
+
+
 def _run_gemma4_layers(module, stage, input_ids, per_layer_inputs=None) -> tuple:
     plan = gemma4_carry(module)
+    padding = _padding_mask(module, stage.attention_mask)
     token_ids = input_ids if input_ids is not None and not input_ids.is_floating_point() else None
     per_layer = _per_layer_inputs(module, plan, stage, token_ids, per_layer_inputs)
     shared_kv = _shared_kv(plan, stage)
@@ -145,6 +161,7 @@ def _run_gemma4_layers(module, stage, input_ids, per_layer_inputs=None) -> tuple
             attention_mask=stage.masks[types_[idx]],
             position_ids=stage.positions,
             **extra,
+            **padding,
         )
     return h, _state_out(plan, per_layer, shared_kv)
 
