@@ -13,6 +13,7 @@ from automodel_helpers import tiny_raw
 from am_automodel.recipe import RecipeError, build_recipe
 from am_automodel.train import run
 
+G4 = {"preset": "tiny-gemma4-moe"}
 CASES = {
     "unknown key": ({"train": {"stepz": 3}}, {}, "unknown key 'train.stepz'"),
     "misspelled section": ({"parallelsim": {"ep": 2}}, {}, "unknown section 'parallelsim'"),
@@ -35,8 +36,19 @@ CASES = {
                            "dp_replicate*dp_shard*ep*pp*cp = 4 does not match the world size 2"),
     "dp_shard=-1 cannot fill": ({"parallelism": {"ep": 2}}, {"WORLD_SIZE": "3"},
                                 "does not divide the world size 3"),
-    "cp on Mamba": ({"parallelism": {"cp": 2, "dp_shard": 1}}, {"WORLD_SIZE": "2"},
-                    "parallelism.cp = 2: NemotronHConfig does not support context parallelism"),
+    "cp without model CP hooks": (
+        {"parallelism": {"cp": 2, "dp_shard": 1}}, {"WORLD_SIZE": "2"},
+        "parallelism.cp = 2: NemotronHForCausalLM has no context-parallel hooks "
+        "(setup_cp_attention, prepare_model_inputs_for_cp)"),
+    "cp not dividing seq_len": (
+        {"model": G4, "parallelism": {"cp": 2}, "data": {"pack": False, "seq_len": 30}},
+        {"WORLD_SIZE": "2"}, "parallelism.cp = 2 needs data.seq_len = 30 to be a multiple of "
+        "2*cp = 4"),
+    "cp with packed rows": ({"model": G4, "parallelism": {"cp": 2}}, {"WORLD_SIZE": "2"},
+                            "parallelism.cp = 2 needs data.pack = false"),
+    "cp with fsdp": ({"model": G4, "parallelism": {"cp": 2, "dp_shard": 2},
+                      "data": {"pack": False}}, {"WORLD_SIZE": "4"},
+                     "parallelism.cp = 2 with dp_shard=2: context parallelism is not combined"),
     "resume path": ({"checkpoint": {"resume": "/nonexistent/step_1"}}, {},
                     "checkpoint.resume = '/nonexistent/step_1'"),
     "tokenizer dir": ({"tokenizer": {"path": "/nonexistent/tok"}}, {}, "tokenizer.path"),

@@ -17,6 +17,7 @@ from am_automodel.data import (
 )
 from am_automodel.recipe import DataSection, RecipeError
 from am_automodel.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from am_utils.loss import next_token_targets
 
 
 def test_byte_tokenizer_round_trips_any_text(tmp_path) -> None:
@@ -38,8 +39,12 @@ def test_packing_keeps_documents_apart() -> None:
     assert rows.seq_idx.tolist() == [[0, 0, 0, 0, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2], [0, 1, 0, 1, 2]]
     N = IGNORE_INDEX
-    # the next token only within a document; never across a document or row end; no pad targets
-    assert rows.labels.tolist() == [[10, 11, 2, N, N], [2, N, 30, 31, N], [2, N, N, N, N]]
+    # labels are unshifted (transformers' convention), padding never a target
+    assert rows.labels.tolist() == [[1, 10, 11, 2, 1], [20, 2, 1, 30, 31], [32, 2, N, N, N]]
+    # the loss's targets: the next token only within a document; never across a document or
+    # row end; no pad targets
+    targets = next_token_targets(rows.labels, rows.seq_idx)
+    assert targets.tolist() == [[10, 11, 2, N, N], [2, N, 30, 31, N], [2, N, N, N, N]]
 
 
 def test_row_order_is_seeded_and_resumes_mid_epoch() -> None:
@@ -142,4 +147,5 @@ def test_one_document_per_row_when_not_packing() -> None:
     # the long document continues in a row of its own; every row is right-padded
     assert rows.input_ids.tolist() == [[1, 10, 11, 2, 0], [1, 20, 21, 22, 23], [24, 25, 26, 2, 0]]
     N = IGNORE_INDEX
-    assert rows.labels.tolist() == [[10, 11, 2, N, N], [20, 21, 22, 23, N], [25, 26, 2, N, N]]
+    targets = next_token_targets(rows.labels, rows.seq_idx)
+    assert targets.tolist() == [[10, 11, 2, N, N], [20, 21, 22, 23, N], [25, 26, 2, N, N]]

@@ -1,6 +1,6 @@
 """Two gloo ranks (spawned) match one process: dp_shard=2 (FSDP2), ep=2 (experts split,
-with gradient accumulation through MoEFSDPSyncMixin) and pp=2 (am-pp 1F1B, 2 microbatches,
-one document per row), over the first 10 steps.
+with gradient accumulation through MoEFSDPSyncMixin), pp=2 (am-pp 1F1B, 2 microbatches,
+one document per row) and dp_replicate=2 (HSDP: whole replicas), over the first 10 steps.
 
 Tolerance: fp32, losses within 2e-5 absolute (about 1e-5 relative); the only difference is
 the order of floating-point sums in the reduce-scatter / all-to-all.
@@ -32,8 +32,13 @@ def _ranks(rank: int, world: int, recipes: list[dict]) -> list[dict]:
     out = []
     for raw in recipes:
         result = run(build_recipe(raw))
+        layout = None
+        if raw["parallelism"].get("pp", 1) == 1:
+            weight = result.model.get_parameter("model.layers.0.norm.weight")  # [64]
+            layout = {"placements": [str(p) for p in weight.placements],
+                      "local": tuple(weight.to_local().shape), "full": tuple(weight.shape)}  # fmt: skip
         out.append({"losses": result.losses, "eval": result.eval_losses,
-                    "export": str(result.export_dir)})  # fmt: skip
+                    "export": str(result.export_dir), "layout": layout})  # fmt: skip
     return out
 
 
@@ -53,12 +58,22 @@ def test_dp_shard_2_and_ep_2_match_one_process(tmp_path) -> None:
     pp = _raw(tmp_path / "pp", micro_batch_size=4)
     pp["data"]["pack"] = False
     pp["parallelism"] = {"dp_shard": 1, "pp": 2, "pp_microbatches": 2}
-    results = run_distributed(_ranks, 2, [dp, ep, pp], timeout_s=600)
+    rep = _raw(tmp_path / "rep", micro_batch_size=2)
+    rep["parallelism"] = {"dp_shard": 1, "dp_replicate": 2}
+    results = run_distributed(_ranks, 2, [dp, ep, pp, rep], timeout_s=600)
     assert results[0] == results[1] or all(
         r["losses"] == results[0][i]["losses"] for i, r in enumerate(results[1])
     )
-    refs = (single, single, single_unpacked)
-    for name, got, ref_run in zip(("dp_shard=2", "ep=2", "pp=2"), results[0], refs, strict=True):
+    # dp_shard shards the weights over the 2 ranks; dp_replicate keeps a whole copy on each
+    # (HSDP mesh (dp_replicate=2, dp_shard=1)), gradients all-reduced across the replicas
+    dp_layout, rep_layout = results[0][0]["layout"], results[0][3]["layout"]
+    assert dp_layout["placements"] == ["Shard(dim=0)"], dp_layout
+    assert dp_layout["local"][0] * 2 == dp_layout["full"][0], dp_layout
+    assert rep_layout["placements"] == ["Replicate()", "Shard(dim=0)"], rep_layout
+    assert rep_layout["local"] == rep_layout["full"], rep_layout
+    refs = (single, single, single_unpacked, single)
+    names = ("dp_shard=2", "ep=2", "pp=2", "dp_replicate=2")
+    for name, got, ref_run in zip(names, results[0], refs, strict=True):
         assert sorted(got["losses"]) == list(range(1, STEPS + 1)), name
         for step, loss in ref_run.losses.items():
             assert abs(got["losses"][step] - loss) <= TOL, (name, step, got["losses"][step], loss)

@@ -1,6 +1,6 @@
 """Build the model for this rank: on the meta device, parallelized, then materialized.
 
-The model is constructed on the meta device (no memory), parallelized (EP + FSDP2 +
+The model is constructed with its parameters on the meta device (no memory), parallelized (EP + FSDP2 +
 activation checkpointing through `am_moe.parallelize_model`), moved to the device with
 `to_empty` (each rank allocates only its shards), and filled from one full set of starting
 weights that rank 0 alone builds on CPU (the checkpoint's, or a seeded fresh init) and
@@ -33,7 +33,11 @@ def build_model(
     recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, rank: int
 ) -> nn.Module:
     """The training model of this rank, with the starting weights loaded."""
-    with torch.device("meta"):
+    from am_utils import init_empty_weights
+
+    # Parameters on the meta device; buffers (RoPE frequencies, embedding scales, often not
+    # in the state dict) are computed for real, kept through to_empty below.
+    with init_empty_weights():
         model = spec.build(config, backend)
     par = recipe.parallelism
     if plan.use_fsdp:
@@ -48,6 +52,7 @@ def build_model(
             model,
             mesh,
             dp_axis_names=("dp_replicate", "dp_shard"),
+            dp_replicate_axis_name="dp_replicate",  # HSDP: replicas, each sharded over dp_shard
             ep_axis_name="ep",
             mp_policy=mp,
             activation_checkpointing=par.activation_checkpointing,
@@ -59,7 +64,14 @@ def build_model(
         if plan.device == "cuda"
         else torch.device("cpu")
     )
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
+    for name, value in buffers.items():
+        model.get_buffer(name).copy_(value)
+    # to_empty gives every module its own new parameter, so a tied lm_head would train apart
+    # from the embedding (and the export, which writes the tied weight once, would differ).
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     full = initial_state_dict(recipe.model, config, backend, recipe.train.seed) if rank == 0 else {}
     set_model_state_dict(
         model,

@@ -5,10 +5,11 @@
   embedded dataset (`builtin_data.py`).
 - Each document is `<s> tokens </s>`; documents are concatenated and cut into rows of
   `seq_len`. Every token carries its document's index within the row (`seq_idx`) and its
-  position within that document (`position_ids`); `labels[t]` is the next token only when it
-  belongs to the same document, else -100. So no document attends to or predicts across a
-  boundary. The last, partial row is padded (its pad tokens form their own segment, label -100),
-  never dropped.
+  position within that document (`position_ids`); `labels` are the tokens themselves (-100 at
+  padding), unshifted as in transformers: the loss (`am_utils.loss.causal_lm_loss` with
+  `seq_idx`) shifts them and drops each document's last position. So no document attends to
+  or predicts across a boundary. The last, partial row is padded (its pad tokens form their
+  own segment, label -100), never dropped.
 - Order: an endless stream of seeded per-epoch permutations of the rows. The loader's whole
   state is one integer (rows consumed), so a resumed run continues mid-epoch exactly.
 """
@@ -23,10 +24,10 @@ import torch
 
 from am_automodel.builtin_data import builtin_documents
 from am_automodel.recipe import DataSection, RecipeError
+from am_utils.loss import IGNORE_INDEX
 
 __all__ = ["PackedRows", "RowLoader", "build_datasets", "check_data_files", "pack_documents"]
 
-IGNORE_INDEX = -100
 _SUFFIX_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text",
                    ".parquet": "parquet"}  # fmt: skip
 
@@ -158,10 +159,7 @@ def pack_documents(
     seq_idx = starts.cumsum(1) - 1
     col = torch.arange(seq_len).expand(ids.shape[0], seq_len)
     start_col = torch.where(starts, col, torch.zeros_like(col)).cummax(1).values
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    same = seq_idx[:, 1:] == seq_idx[:, :-1]
-    labels[:, :-1] = torch.where(same, ids[:, 1:], IGNORE_INDEX)
-    labels[doc == len(docs)] = IGNORE_INDEX  # padding predicts nothing
+    labels = ids.masked_fill(doc == len(docs), IGNORE_INDEX)  # padding is never a target
     return PackedRows(ids, labels, seq_idx.to(torch.int32), col - start_col)
 
 

@@ -3,7 +3,7 @@
 `plan_mesh` runs before any process group exists (it reads `WORLD_SIZE` as torchrun sets it)
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
-`cp` must divide the sequence length. `build_mesh` then makes one DeviceMesh with the axes
+`2*cp` must divide the sequence length and the model must own CP hooks. `build_mesh` then makes one DeviceMesh with the axes
 ("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
 """
 
@@ -80,6 +80,39 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
         )
 
 
+def _check_cp(section: ParallelismSection, dp_shard: int, spec, config, seq_len: int,
+              pack: bool) -> None:  # fmt: skip
+    from am_automodel.models import CP_HOOKS
+
+    cp = section.cp
+    if not spec.has_cp_hooks(config):
+        cls = spec.model_class(config) if spec.model_class is not None else None
+        name = cls.__name__ if cls is not None else type(config).__name__
+        raise RecipeError(
+            f"parallelism.cp = {cp}: {name} has no context-parallel hooks "
+            f"({', '.join(CP_HOOKS)}); use cp=1"
+        )
+    if seq_len % (2 * cp):
+        raise RecipeError(
+            f"parallelism.cp = {cp} needs data.seq_len = {seq_len} to be a multiple of "
+            f"2*cp = {2 * cp} (each CP rank keeps two load-balanced chunks of every row)"
+        )
+    if pack:
+        raise RecipeError(
+            f"parallelism.cp = {cp} needs data.pack = false: the context-parallel attention "
+            "sees one document per row"
+        )
+    others = {"dp_shard": dp_shard, "dp_replicate": section.dp_replicate, "ep": section.ep,
+              "pp": section.pp}  # fmt: skip
+    combined = [f"{k}={v}" for k, v in others.items() if v > 1]
+    if combined or section.mixed_precision != "none":
+        combined += ["mixed_precision"] if section.mixed_precision != "none" else []
+        raise RecipeError(
+            f"parallelism.cp = {cp} with {', '.join(combined)}: context parallelism is not "
+            "combined with FSDP / EP / PP / mixed precision in automodel train yet; use cp alone"
+        )
+
+
 def plan_mesh(
     section: ParallelismSection, world_size: int, spec, config, seq_len: int, pack: bool = True
 ) -> MeshPlan:
@@ -113,13 +146,8 @@ def plan_mesh(
         )
     if section.pp > 1:
         _check_pipeline(section, dp_shard, pack)
-    if section.cp > 1 and not spec.supports_cp:
-        raise RecipeError(
-            f"parallelism.cp = {section.cp}: {type(config).__name__} does not support context "
-            "parallelism (its Mamba layers carry state along the sequence); use cp=1"
-        )
-    if seq_len % section.cp:
-        raise RecipeError(f"parallelism.cp = {section.cp} does not divide data.seq_len = {seq_len}")
+    if section.cp > 1:
+        _check_cp(section, dp_shard, spec, config, seq_len, pack)
     device = _device(section.device)
     data = section.dp_replicate * dp_shard * section.ep
     use_fsdp = (data > 1 or section.mixed_precision != "none") and section.pp == 1

@@ -2,8 +2,9 @@
 
 A model family plugs in with one `register_model(model_type, ModelSpec(...))` and, for tiny
 built-in presets, `register_preset(name, fn)`; generic code never branches on model names.
-Nemotron-H (`nemotron_h`) uses am-models-nemotron; any other `model_type` falls back to
-transformers' `AutoModelForCausalLM` (packed rows through `position_ids`).
+Nemotron-H (`nemotron_h`) uses am-models-nemotron, Gemma 4 (`gemma4`, `gemma4.py`)
+am-models-gemma4; any other `model_type` falls back to transformers'
+`AutoModelForCausalLM` (packed rows through `position_ids`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class ModelSpec:
       weights (`config` overrides the directory's);
     - `packing`: which forward keyword carries packed-document boundaries, "seq_idx" ([B, S]
       document index per token) or "position_ids" (positions restarting at each document);
-    - `num_layers(config)`, `num_experts(config)` (None: no MoE), `supports_cp`: for mesh checks.
+    - `num_layers(config)`, `num_experts(config)` (None: no MoE): for mesh checks;
+    - `model_class(config)`: the class `build` makes (context parallelism needs its
+      `setup_cp_attention` and `prepare_model_inputs_for_cp` hooks);
+    - `inputs(batch, config, device, dtype)`: forward keywords of a batch of packed rows
+      (default: `{packing: batch[packing]}`).
     """
 
     build: Callable[[Any, Any], nn.Module]
@@ -49,9 +54,22 @@ class ModelSpec:
     packing: str
     num_layers: Callable[[Any], int]
     num_experts: Callable[[Any], int | None]
-    supports_cp: bool = False
+    model_class: Callable[[Any], type] | None = None
+    inputs: Callable[..., dict[str, Any]] | None = None
+
+    def forward_inputs(self, batch: dict, config, device, dtype) -> dict[str, Any]:
+        """The forward keywords (besides `input_ids`) that carry the rows' document boundaries."""
+        if self.inputs is not None:
+            return self.inputs(batch, config, device, dtype)
+        return {self.packing: batch[self.packing].to(device)}
+
+    def has_cp_hooks(self, config) -> bool:
+        """Whether the model class owns context parallelism (its CP hooks)."""
+        cls = self.model_class(config) if self.model_class is not None else None
+        return cls is not None and all(callable(getattr(cls, name, None)) for name in CP_HOOKS)
 
 
+CP_HOOKS = ("setup_cp_attention", "prepare_model_inputs_for_cp")
 _REGISTRY: dict[str, ModelSpec] = {}
 PRESETS: dict[str, Callable[[int], Any]] = {}
 
@@ -83,6 +101,12 @@ def _nemotron_from_pretrained(path, dtype, backend, config=None):
     return NemotronHForCausalLM.from_pretrained(path, config=config, dtype=dtype, backend=backend)
 
 
+def _nemotron_class(config):
+    from am_models_nemotron import NemotronHForCausalLM
+
+    return NemotronHForCausalLM
+
+
 def _nemotron_layers(config) -> int:
     from am_models_nemotron.layers import resolve_block_types
 
@@ -106,6 +130,7 @@ register_model(
         packing="seq_idx",
         num_layers=_nemotron_layers,
         num_experts=_nemotron_experts,
+        model_class=_nemotron_class,
     ),
 )
 
@@ -161,6 +186,12 @@ def _auto_from_pretrained(path, dtype, backend, config=None):
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
 
 
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping.get(type(config))
+
+
 _AUTO = ModelSpec(
     build=_auto_build,
     init_weights=_auto_init,
@@ -168,6 +199,7 @@ _AUTO = ModelSpec(
     packing="position_ids",
     num_layers=lambda c: int(getattr(c, "num_hidden_layers", 1)),
     num_experts=lambda c: None,
+    model_class=_auto_class,
 )
 
 
@@ -195,16 +227,18 @@ def build_model_config(section: ModelSection, vocab_size: int):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path))
+    text = config.get_text_config()  # a VLM's (Gemma 4) text fields live in its text config
     for key, value in section.config_overrides.items():
-        if not hasattr(config, key):
+        target = config if hasattr(config, key) else text
+        if not hasattr(target, key):
             raise RecipeError(
                 f"model.config_overrides.{key}: {type(config).__name__} has no field {key!r}"
             )
-        setattr(config, key, value)
+        setattr(target, key, value)
     config.dtype = section.dtype
-    if config.vocab_size < vocab_size:
+    if text.vocab_size < vocab_size:
         raise RecipeError(
-            f"model vocab_size = {config.vocab_size} is smaller than the tokenizer's "
+            f"model vocab_size = {text.vocab_size} is smaller than the tokenizer's "
             f"{vocab_size} ids; set model.config_overrides.vocab_size or use a matching tokenizer"
         )
     return config
@@ -226,3 +260,6 @@ def initial_state_dict(
             model = spec.build(config, backend)
         spec.init_weights(model, dtype)
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+import am_automodel.gemma4  # noqa: E402,F401 - registers the Gemma 4 spec and preset

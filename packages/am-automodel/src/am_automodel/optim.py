@@ -12,8 +12,10 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from am_automodel.recipe import OptimizerSection
+from am_dtype.dtensor import full_tensor
 
 __all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "lr_factor"]
 
@@ -65,10 +67,9 @@ def build_scheduler(optimizer, section: OptimizerSection, total_steps: int):
 
 
 def _group_key(grad: torch.Tensor):
-    mesh = getattr(grad, "device_mesh", None)
-    if mesh is None:
+    if not isinstance(grad, DTensor):
         return ("local", grad.device, grad.dtype)
-    return ("dtensor", id(mesh), tuple(grad.placements), grad.dtype)
+    return ("dtensor", id(grad.device_mesh), tuple(grad.placements), grad.dtype)
 
 
 @torch.no_grad()
@@ -84,9 +85,7 @@ def clip_grad_norm(parameters, max_norm: float, group=None) -> torch.Tensor:
         groups.setdefault(_group_key(g), []).append(g)
     total_sq = torch.zeros((), dtype=torch.float32)
     for grads_of_mesh in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads_of_mesh, norm_type=2.0)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads_of_mesh, norm_type=2.0))
         total_sq = total_sq + norm.float().cpu() ** 2
     if group is not None:
         import torch.distributed as dist

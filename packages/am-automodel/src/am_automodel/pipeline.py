@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from am_automodel.data import IGNORE_INDEX
 from am_automodel.models import initial_state_dict
 from am_automodel.optim import clip_grad_norm
+from am_utils.loss import IGNORE_INDEX, next_token_targets
 
 __all__ = [
     "PipelineLoss",
@@ -29,7 +29,8 @@ __all__ = [
 
 
 class PipelineLoss:
-    """Summed CE of pre-shifted labels (-100 = no target) over the global batch's target count."""
+    """Summed CE over the global batch's target count; the schedule's targets are the rows'
+    `next_token_targets` (shifted on the full rows before the microbatch split)."""
 
     def __init__(self) -> None:
         self.num_targets = 1
@@ -68,6 +69,10 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
     )
 
 
+def _targets(batch: dict) -> torch.Tensor:
+    return next_token_targets(batch["labels"], batch["seq_idx"])
+
+
 def _from_last_stage(pp, value: torch.Tensor | None, group) -> float:
     """The last stage's scalar on every rank of the pipeline."""
     t = torch.zeros((), dtype=torch.float64)
@@ -80,7 +85,7 @@ def _from_last_stage(pp, value: torch.Tensor | None, group) -> float:
 def pipeline_train_step(pp, batches, optimizer, max_grad_norm: float, group):
     """One optimizer step through the pipeline; returns (loss, grad_norm) on every rank."""
     input_ids = torch.cat([b["input_ids"] for b in batches])
-    labels = torch.cat([b["labels"] for b in batches])
+    labels = torch.cat([_targets(b) for b in batches])
     loss = pp.step(input_ids, labels=labels)
     grad_norm = clip_grad_norm(list(pp.parameters()), max_grad_norm, group=group)
     optimizer.step()
@@ -95,7 +100,7 @@ def pipeline_eval(pp, batches, group) -> float:
     for stage in pp.stages:
         stage.eval()
     for batch in batches:
-        labels = batch["labels"]
+        labels = _targets(batch)
         pp.loss_fn.set_global_batch(labels)
         losses: list[torch.Tensor] = []
         args = (batch["input_ids"],) if pp.has_first_stage else ()

@@ -19,23 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from am_automodel.build import build_model
 from am_automodel.checkpoint import Checkpointer
-from am_automodel.data import (
-    IGNORE_INDEX,
-    RowLoader,
-    build_datasets,
-    check_data_files,
-    eval_batches,
-)
+from am_automodel.data import RowLoader, build_datasets, check_data_files, eval_batches
 from am_automodel.export import export_hf
 from am_automodel.mesh import MeshPlan, ProcessGroup, build_mesh, plan_mesh
 from am_automodel.metrics import ExpertLoadMonitor, MetricsLogger, peak_memory_mb
 from am_automodel.models import build_model_config, model_spec
 from am_automodel.optim import build_optimizer, build_scheduler, clip_grad_norm
 from am_automodel.recipe import Recipe, RecipeError
+from am_automodel.step import BatchRunner
 from am_automodel.tokenizer import build_tokenizer
 
 __all__ = ["TrainResult", "prepare", "run"]
@@ -99,16 +93,6 @@ def _check_pipeline_batch(recipe: Recipe) -> None:
         )
 
 
-def _batch_loss_sum(model, batch: dict, packing: str, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy (labels are pre-shifted, -100 at document ends)."""
-    kwargs = {packing: batch[packing].to(device)}
-    logits = model(input_ids=batch["input_ids"].to(device), **kwargs).logits
-    labels = batch["labels"].to(device)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")  # fmt: skip
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
 def _all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -116,10 +100,13 @@ def _all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _train_step(model, batches, packing, plan, device, optimizer, max_grad_norm):
+def _train_step(runner: BatchRunner, batches, plan, optimizer, max_grad_norm):
     """One optimizer step over `batches` (this rank's microbatches); returns (loss, grad_norm)."""
-    local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    model = runner.model
+    local_targets = sum(runner.num_targets(b) for b in batches)
+    # CP ranks read the same rows (each computes a share of their tokens): count them once.
     (global_targets,) = _all_sum([local_targets])
+    global_targets /= plan.cp
     scale = plan.data_size / max(global_targets, 1.0)
     accumulate = (
         plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
@@ -130,9 +117,10 @@ def _train_step(model, batches, packing, plan, device, optimizer, max_grad_norm)
     for i, batch in enumerate(batches):
         if accumulate and i == len(batches) - 1:
             model.prepare_for_final_backward()
-        loss_sum, _ = _batch_loss_sum(model, batch, packing, device)
+        loss_sum, _ = runner.loss_sum(batch)
         (loss_sum * scale).backward()
         total += float(loss_sum.detach())
+    runner.sync_cp_grads()
     grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -141,13 +129,13 @@ def _train_step(model, batches, packing, plan, device, optimizer, max_grad_norm)
 
 
 @torch.no_grad()
-def _evaluate(model, batches, packing, device) -> float:
-    model.eval()
+def _evaluate(runner: BatchRunner, batches) -> float:
+    runner.model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss_sum, n = _batch_loss_sum(model, batch, packing, device)
+        loss_sum, n = runner.loss_sum(batch)
         total, count = total + float(loss_sum), count + n
-    model.train()
+    runner.model.train()
     total, count = _all_sum([total, count])
     return total / max(count, 1.0)
 
@@ -264,16 +252,20 @@ class LocalEngine:
     """One model per rank (plain, or sharded by FSDP2 / EP): the model runs whole on each rank."""
 
     def __init__(self, prep: Prepared, mesh, rank: int, device) -> None:
+        from am_dtype import resolve_dtype
+
         self.prep, self.rank, self.device = prep, rank, device
         self.module = build_model(prep.recipe, prep.config, prep.spec, prep.backend, prep.plan,
                                   mesh, rank)  # fmt: skip
+        dtype = resolve_dtype(prep.recipe.model.dtype)
+        cp_mesh = mesh["cp"] if prep.plan.cp > 1 else None
+        self.runner = BatchRunner(self.module, prep.spec, prep.config, device, dtype, cp_mesh)
 
     def train_step(self, batches, optimizer, max_grad_norm):
-        return _train_step(self.module, batches, self.prep.spec.packing, self.prep.plan,
-                           self.device, optimizer, max_grad_norm)  # fmt: skip
+        return _train_step(self.runner, batches, self.prep.plan, optimizer, max_grad_norm)
 
     def evaluate(self, batches) -> float:
-        return _evaluate(self.module, batches, self.prep.spec.packing, self.device)
+        return _evaluate(self.runner, batches)
 
     def export(self, tokenizer, recipe_yaml, directory, rank):
         return export_hf(self.module, tokenizer, recipe_yaml, directory, rank)

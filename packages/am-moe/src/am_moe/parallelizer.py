@@ -12,6 +12,7 @@ The model is ordinary single-device code; `parallelize_model` rewrites it in pla
    blocks and the root over the data axes and `ep` flattened together (tokens on different EP
    ranks are different data for every other parameter). Expert gradients are divided by that
    full data size as well, so one loss normalization is right for both kinds of parameter.
+   With `dp_replicate_axis_name` (HSDP) that axis replicates instead: a 2-D FSDP mesh.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def _submesh(world_mesh: DeviceMesh, names: Sequence[str]) -> DeviceMesh:
     if len(names) == 1:
         return world_mesh[names[0]]
     return world_mesh[tuple(names)]._flatten("_".join(names))
+
+
+def _fsdp_mesh(world_mesh: DeviceMesh, replicate: str | None, names: Sequence[str]) -> DeviceMesh:
+    """FSDP's mesh over `names` (flattened): 1-D, or 2-D (replicate, shard) for HSDP."""
+    shard_mesh = _submesh(world_mesh, names)
+    if replicate is None:
+        return shard_mesh
+    return world_mesh[(replicate, shard_mesh.mesh_dim_names[0])]
+
+
+def _shard_size(mesh: DeviceMesh) -> int:
+    """Ranks a parameter is sharded over: the last dim of an HSDP mesh, else all of it."""
+    return mesh.size(mesh.ndim - 1)
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, backend=None) -> list[nn.Module]:
@@ -136,7 +150,7 @@ def _shard_experts(blocks, expert_dp_mesh: DeviceMesh, ep_size: int, fsdp_kwargs
         experts = block.experts
         local_experts = next(experts.parameters()).to_local().shape[0]
         # Fewer local experts than FSDP ranks would leave some ranks empty: shard dim 1 then.
-        dim = 1 if local_experts < expert_dp_mesh.size() else 0
+        dim = 1 if local_experts < _shard_size(expert_dp_mesh) else 0
         fully_shard(
             experts,
             mesh=expert_dp_mesh,
@@ -165,6 +179,7 @@ def parallelize_model(
     activation_checkpointing: bool = False,
     block_container: str | Sequence[str] | None = None,
     reshard_after_forward: bool = True,
+    dp_replicate_axis_name: str | None = None,
 ) -> nn.Module:
     """Apply EP, activation checkpointing and FSDP2 to `model` in place; return `model`.
 
@@ -176,6 +191,11 @@ def parallelize_model(
     checkpointing units) are the children of `block_container` (a dotted path, or several, to
     a ModuleList or ModuleDict), by default of every outermost module named `layers` (a VLM's
     vision and language stacks, a model's decoder and MTP stacks).
+
+    `dp_replicate_axis_name` (one of `dp_axis_names`): HSDP. Parameters are sharded over the
+    other data axes (and `ep`) and replicated over this one: FSDP2 on the 2-D mesh
+    (replicate, shard), so each replica holds a whole sharded copy, gradients are
+    reduce-scattered within a replica and all-reduced across replicas.
     """
     dp_axis_names = tuple(dp_axis_names)
     if not dp_axis_names:
@@ -194,14 +214,24 @@ def parallelize_model(
         for container in containers:
             checkpoint_blocks(container)
 
-    data_axes = dp_axis_names + ((ep_axis_name,) if use_ep else ())
-    data_mesh = _submesh(world_mesh, data_axes)
+    replicate = dp_replicate_axis_name
+    if replicate is not None:
+        if replicate not in dp_axis_names:
+            raise ValueError(
+                f"dp_replicate_axis_name={replicate!r} must be one of dp_axis_names "
+                f"{list(dp_axis_names)}"
+            )
+        if len(dp_axis_names) < 2 or world_mesh[replicate].size() == 1:
+            replicate = None  # nothing to replicate over, or no axis left to shard over
+    shard_axes = tuple(a for a in dp_axis_names if a != replicate)
+    data_axes = shard_axes + ((ep_axis_name,) if use_ep else ())
+    data_mesh = _fsdp_mesh(world_mesh, replicate, data_axes)
     fsdp_kwargs = {
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
         "reshard_after_forward": reshard_after_forward,
     }
     if moe_blocks:
-        expert_dp_mesh = _submesh(world_mesh, dp_axis_names)
+        expert_dp_mesh = _fsdp_mesh(world_mesh, replicate, shard_axes)
         _shard_experts(moe_blocks, expert_dp_mesh, world_mesh[ep_axis_name].size(), fsdp_kwargs)
     for block in _blocks_of(containers):
         fully_shard(block, mesh=data_mesh, **fsdp_kwargs)
@@ -210,7 +240,7 @@ def parallelize_model(
         "parallelized: %d MoE blocks with EP over %s, FSDP over %s, %d blocks%s",
         len(moe_blocks),
         ep_axis_name if use_ep else "-",
-        data_axes,
+        ((replicate,) if replicate else ()) + data_axes,
         len(_blocks_of(containers)),
         " with activation checkpointing" if activation_checkpointing else "",
     )
