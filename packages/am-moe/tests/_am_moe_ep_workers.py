@@ -236,12 +236,14 @@ def _model_case(
     nemotron=False,
     axis_names=("dp", "ep"),
     async_dispatch=False,
+    replicate=False,
 ) -> dict:
     """parallelize_model on a ("dp", "ep") mesh vs one process, same global batch(es).
 
     `fp32_compute`: FSDP MixedPrecisionPolicy runs the float64 model in float32 (params and
     gradient reduction), compared at float32 tolerance. `nemotron`: the float32 Nemotron-style
-    model on the grouped-mm backend, compared at float32 tolerance.
+    model on the grouped-mm backend, compared at float32 tolerance. The last axis is the
+    expert axis, the others data axes; `replicate`: the first one replicates (HSDP).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -267,11 +269,15 @@ def _model_case(
     model = parallelize_model(
         TinyMoEModel(uneven=uneven, nemotron=nemotron, async_dispatch=async_dispatch),
         mesh,
-        dp_axis_names=axis_names[:1],
-        ep_axis_name=axis_names[1],
+        dp_axis_names=axis_names[:-1],
+        ep_axis_name=axis_names[-1],
         activation_checkpointing=ac,
         mp_policy=mp,
+        dp_replicate_axis_name=axis_names[0] if replicate else None,
     )
+    if replicate:  # every parameter on the 2-D (replicate, shard) mesh, experts too
+        kinds = {tuple(type(q).__name__ for q in p.placements) for p in model.parameters()}
+        assert kinds == {("Replicate", "Shard")}, kinds
     fp32 = fp32_compute or nemotron
     tol = {"rtol": 1e-4, "atol": 1e-5} if fp32 else TOL
     mine = slice(rank * seqs_per_rank, (rank + 1) * seqs_per_rank)
@@ -389,6 +395,9 @@ def _errors_case() -> dict:
     for key, call in {
         "indivisible": lambda: parallelize_model(TinyMoEModel(n_experts=world * 2 + 1), mesh),
         "missing_axis": lambda: parallelize_model(TinyMoEModel(), mesh, ep_axis_name="expert"),
+        "bad_replicate": lambda: parallelize_model(
+            TinyMoEModel(), mesh, dp_replicate_axis_name="rep"
+        ),  # fmt: skip
     }.items():
         try:
             call()
@@ -476,13 +485,17 @@ def ep2_worker(rank: int, world: int) -> dict:
 
 
 def ep4_worker(rank: int, world: int) -> dict:
-    """Four ranks: EP=4 (uniform, uneven) and a 2x2 dp x ep mesh with FSDP2, AC, deferred sync."""
+    """Four ranks: EP=4 (uniform, uneven), a 2x2 dp x ep mesh with FSDP2, AC, deferred sync,
+    and HSDP (replicate 2 x shard 1) with EP=2."""
     return _run_checks({
         "model_ep4": lambda: _model_case((1, 4)),
         "model_ep4_uneven": lambda: _model_case((1, 4), uneven=True),
         "model_dp2_ep2_ac": lambda: _model_case((2, 2), ac=True),
         "model_dp2_ep2_custom_axes": lambda: _model_case(
             (2, 2), ac=True, axis_names=("data", "expert")
+        ),
+        "model_hsdp2_ep2": lambda: _model_case(
+            (2, 1, 2), axis_names=("rep", "dp", "ep"), replicate=True
         ),
         "accum_synced": lambda: _model_case((2, 2), n_micro=2),
         "accum_deferred": lambda: _model_case((2, 2), n_micro=2, defer_sync=True),

@@ -43,6 +43,9 @@ def test_parallelize_errors_name_the_bad_values():
             in (r["indivisible"])
         )
         assert "no axes ['expert']" in r["missing_axis"] and "['dp', 'ep']" in r["missing_axis"]
+        assert (
+            r["bad_replicate"] == "dp_replicate_axis_name='rep' must be one of dp_axis_names ['dp']"
+        )
 
 
 @spawned
@@ -55,6 +58,14 @@ def test_meta_device_model_parallelizes_and_materializes():
 def test_custom_mesh_axis_names_dp2_ep2_match_single_process():
     # ("data", "expert") instead of ("dp", "ep"): every helper reads the names it is given.
     res = workers.check_ok(4, "model_dp2_ep2_custom_axes")
+    assert all(r["local_experts"] == 4 and r["n_params"] == 20 for r in res)
+
+
+@spawned
+def test_hsdp_replicate_axis_with_ep2_matches_single_process():
+    # (rep=2, dp=1, ep=2): whole replicas on the 2-D (replicate, shard) FSDP mesh, experts split
+    # over ep inside each replica; outputs, loss and every gradient equal one process.
+    res = workers.check_ok(4, "model_hsdp2_ep2")
     assert all(r["local_experts"] == 4 and r["n_params"] == 20 for r in res)
 
 

@@ -40,9 +40,11 @@ def export_hf(model, tokenizer, recipe_yaml: str, directory: str | os.PathLike, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     _barrier()
-    from transformers import PreTrainedModel
+    from am_utils.checkpointing import HFCheckpointingMixin
 
-    if not isinstance(model, PreTrainedModel):  # our HFCheckpointingMixin models
+    # Ours first: Gemma 4 is also a transformers PreTrainedModel, but its save_pretrained is
+    # the mixin's collective one (every rank gathers, then a barrier).
+    if isinstance(model, HFCheckpointingMixin):
         model.save_pretrained(str(tmp), is_main_process=rank == 0)
     else:  # a transformers PreTrainedModel: gather on every rank, rank 0 writes
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
