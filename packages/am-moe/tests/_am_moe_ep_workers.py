@@ -275,9 +275,10 @@ def _model_case(
         mp_policy=mp,
         dp_replicate_axis_name=axis_names[0] if replicate else None,
     )
-    if replicate:  # every parameter on the 2-D (replicate, shard) mesh, experts too
+    if replicate:  # every parameter replicated over the first axis, sharded inside a replica
         kinds = {tuple(type(q).__name__ for q in p.placements) for p in model.parameters()}
-        assert kinds == {("Replicate", "Shard")}, kinds
+        # dense: (replicate, shard) mesh; experts: FSDP's (replicate, shard) on top of ep
+        assert kinds == {("Replicate", "Shard"), ("Replicate", "_StridedShard", "Shard")}, kinds
     fp32 = fp32_compute or nemotron
     tol = {"rtol": 1e-4, "atol": 1e-5} if fp32 else TOL
     mine = slice(rank * seqs_per_rank, (rank + 1) * seqs_per_rank)

@@ -12,6 +12,7 @@ real bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from am_automodel.recipe import RecipeError, load_recipe, recipe_help
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             from am_automodel.train import run
 
             result = run(load_recipe(args.recipe, overrides))
+            if int(os.environ.get("RANK", "0")) != 0:  # the summary once, from rank 0
+                return 0
             if result.losses:
                 first, last = min(result.losses), max(result.losses)
                 print(f"automodel: done; loss {result.losses[first]:.4f} (step {first}) -> "

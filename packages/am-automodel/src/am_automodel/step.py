@@ -10,8 +10,9 @@ Context parallelism (`parallelism.cp > 1`) goes through the model's own hooks: t
 embeds the full sequence (`prepare_model_inputs_for_cp`), its `_cp_make_batch_fn` keeps this
 rank's load-balanced share of the sequence (and shifts the labels on the full sequence first),
 and `setup_cp_attention(cp_mesh)` makes its attention span every CP rank's keys. The CP ranks
-hold whole, identical models; `sync_cp_grads` sums their gradients (each rank's loss covers
-only its tokens).
+hold whole, identical models (CP is not combined with FSDP yet: the embedding runs outside
+the root module's forward, where FSDP2 would not gather its weight); `sync_cp_grads` sums
+their gradients (each rank's loss covers only its tokens).
 """
 
 from __future__ import annotations
