@@ -18,19 +18,10 @@ from am_automodel.models import ModelSpec, register_model, register_preset
 __all__ = ["gemma4_inputs", "tiny_gemma4_moe"]
 
 
-def _backend(backend):
-    """Gemma 4 takes transformers' attention kernels; BackendConfig() defaults to 'te' on CUDA."""
-    from dataclasses import replace
-
-    if backend is not None and backend.attn not in ("sdpa", "eager", "flex"):
-        return replace(backend, attn="sdpa")
-    return backend
-
-
 def _build(config, backend):
     from am_models_gemma4 import Gemma4ForConditionalGeneration
 
-    return Gemma4ForConditionalGeneration.from_config(config, backend=_backend(backend))
+    return Gemma4ForConditionalGeneration.from_config(config, backend=backend)
 
 
 def _init(model, dtype):
@@ -41,7 +32,7 @@ def _from_pretrained(path, dtype, backend, config=None):
     from am_models_gemma4 import Gemma4ForConditionalGeneration
 
     return Gemma4ForConditionalGeneration.from_pretrained(
-        path, config=config, dtype=dtype, backend=_backend(backend)
+        path, config=config, dtype=dtype, backend=backend
     )
 
 
