@@ -18,7 +18,8 @@ change at one thread) and the speedup on wall-clock seconds, with the load avera
 (os.getloadavg) measured next to it. Forward is timed under no_grad; forward+backward is
 one training step without the optimizer.
 `--sweep` times the whole model's forward+backward at the shapes users train, varying one
-axis at a time around the base point (hidden 512, seq 1024, chunk 128, 16 experts top-4):
+axis at a time around the base point (hidden 512, seq 1024, chunk 128, 16 experts top-4;
+`--tokens` per step, default 1024):
 hidden 256-1024, sequence 512-4096, Mamba chunk 64-256, 8-64 experts top-2..8; it prints
 one ratio per point and the smallest (about 4 minutes at one thread on an idle core).
 Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x (at every sweep point).
@@ -186,34 +187,35 @@ def bench_model(args) -> None:
     )
 
 
-def sweep_points(quick: bool) -> list[tuple[str, dict, int, int]]:
-    """(label, config overrides, batch, seq): one axis varied at a time around the base."""
+def sweep_points(quick: bool, tokens: int = 1024) -> list[tuple[str, dict, int, int]]:
+    """(label, config overrides, batch, seq): one axis varied at a time around the base.
+
+    Each point runs max(1, tokens // seq) sequences, so a point at seq >= tokens is one
+    sequence of that length.
+    """
     if quick:
         return [("base", {}, 1, 256), ("chunk 64", {"chunk_size": 64}, 1, 256)]
-    points: list[tuple[str, dict, int, int]] = [("base", {}, 2, 1024)]
+
+    def batch(seq: int) -> int:
+        return max(1, tokens // seq)
+
+    points: list[tuple[str, dict, int, int]] = [("base", {}, batch(1024), 1024)]
     for hidden in (256, 1024):
         heads = hidden // 32
-        points.append(
-            (f"hidden {hidden}", {"hidden_size": hidden, "mamba_num_heads": heads}, 2, 1024)
-        )
+        overrides = {"hidden_size": hidden, "mamba_num_heads": heads}
+        points.append((f"hidden {hidden}", overrides, batch(1024), 1024))
     for seq in (512, 2048, 4096):
-        points.append((f"seq {seq}", {}, max(1, 2048 // seq), seq))
+        points.append((f"seq {seq}", {}, batch(seq), seq))
     for chunk in (64, 256):
-        points.append((f"chunk {chunk}", {"chunk_size": chunk}, 2, 1024))
+        points.append((f"chunk {chunk}", {"chunk_size": chunk}, batch(1024), 1024))
     for experts, top_k in ((8, 2), (32, 4), (64, 8)):
-        points.append(
-            (
-                f"{experts} experts top-{top_k}",
-                {"n_routed_experts": experts, "num_experts_per_tok": top_k},
-                2,
-                1024,
-            )
-        )
+        overrides = {"n_routed_experts": experts, "num_experts_per_tok": top_k}
+        points.append((f"{experts} experts top-{top_k}", overrides, batch(1024), 1024))
     return points
 
 
 def bench_sweep(args) -> None:
-    points = sweep_points(args.quick)
+    points = sweep_points(args.quick, args.tokens)
     if args.points:
         wanted = [p.strip() for p in args.points.split(",")]
         known = [label for label, *_ in points]
@@ -223,7 +225,7 @@ def bench_sweep(args) -> None:
         points = [p for p in points if p[0] in wanted]
     print(
         "\nWhole-model forward+backward sweep (fp32; base: hidden 512, MEM*EM-E, chunk 128, "
-        "16 experts top-4, batch 2 x seq 1024)"
+        f"16 experts top-4, seq 1024; {args.tokens} tokens per step, or one sequence if longer)"
     )
     print(f"  [{load_average()}]")
     clock = args.clock
@@ -280,6 +282,9 @@ def main() -> None:
         "--sweep", action="store_true", help="whole-model fwd+bwd ratio over a shape sweep"
     )
     parser.add_argument("--points", default=None, help="--sweep: comma-separated point labels")
+    parser.add_argument(
+        "--tokens", type=int, default=1024, help="--sweep: tokens per step (batch x seq)"
+    )
     parser.add_argument(
         "--clock",
         choices=CLOCKS,
