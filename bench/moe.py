@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_average
 
 from am_dtype.backend import BackendConfig
 from am_moe.config import MoEConfig
@@ -211,23 +210,18 @@ def _matmul(n: int, dtype: torch.dtype) -> Callable[[], None]:
     return lambda: torch.mm(a, b)
 
 
-def _time_interleaved(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
-    """Median seconds per case; each repeat runs every case once, in a rotating order."""
-    for _, (fn, module) in cases.items():
-        fn()  # warm-up (allocator, thread pool)
+def _time_interleaved(cases: dict[str, tuple], repeats: int, clock: str) -> dict[str, float]:
+    """Median seconds per case on `clock`; each repeat runs every case once, in a rotating
+    order (bench/_timing.py), gradients cleared untimed after each call."""
+
+    def clear(name: str) -> None:
+        module = cases[name][1]
         if module is not None:
             _clear_grads(module)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    names = list(cases)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn, module = cases[name]
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            if module is not None:
-                _clear_grads(module)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+
+    fns = {name: fn for name, (fn, _) in cases.items()}
+    timings = interleaved(fns, repeats, warmup=1, after=clear)
+    return {name: t.median(clock) for name, t in timings.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +243,7 @@ def _check_agreement(impls, inputs, dtype) -> float:
     return worst
 
 
-def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int) -> dict:
+def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int, clock: str = "wall") -> dict:
     results: dict = {"ceiling": {}, "rows": []}
     cases: dict[str, tuple] = {}
     meta: dict[str, tuple] = {}
@@ -265,7 +259,9 @@ def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int) -> dict:
                 key = f"{name} {dname} {mode}"
                 cases[key] = (_step(module, fwd, inputs, backward), module)
                 meta[key] = (name, dname, mode, _saved_bytes(fwd, inputs))
-    medians = _time_interleaved(cases, repeats)
+    results["load_before"] = load_average()
+    medians = _time_interleaved(cases, repeats, clock)
+    results["load_after"] = load_average()
     for dname in dtypes:
         results["ceiling"][dname] = 2.0 * matmul_n**3 / medians[f"matmul {dname}"] / 1e9
     for key, (name, dname, mode, saved) in meta.items():
@@ -284,13 +280,14 @@ def _rate(rows, impl, dtype, mode) -> float:
     )
 
 
-def report(results: dict, shape: Shape, threads: int, repeats: int) -> None:
+def report(results: dict, shape: Shape, threads: int, repeats: int, clock: str = "wall") -> None:
     rows, ceiling = results["rows"], results["ceiling"]
     print(
         f"\nshape: tokens={shape.tokens} dim={shape.dim} moe_inter={shape.inter} "
         f"experts={shape.experts} top_k={shape.topk} {shape.activation}; threads={threads}; "
-        f"median of {repeats} interleaved repeats"
+        f"median of {repeats} interleaved repeats on {clock} seconds"
     )
+    print(f"[before timing: {results['load_before']}; after: {results['load_after']}]")
     for dname, rate in ceiling.items():
         print(f"ceiling: dense matmul {dname}: {rate:8.1f} GFLOP/s")
     header = (
@@ -333,7 +330,13 @@ def _run_ep_part(quick: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shape, 3 repeats")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (fixed)")
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default=None,
+        help="what the medians are taken on (default: cpu at one thread, else wall)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel part")
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         help="expert activation: relu2 (vs NemotronHExperts) or geglu (vs Gemma4TextExperts)",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
+    clock = args.clock or default_clock(args.threads)
     if args.quick:
         shape, repeats, matmul_n = Shape(512, 256, 128, 8, 2), args.repeats or 3, 512
     else:
@@ -354,8 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     for d in dtypes:
         if d not in DTYPES:
             parser.error(f"--dtypes entry {d!r} is not supported; accepted: {list(DTYPES)}")
-    results = run(shape, dtypes, repeats, matmul_n)
-    report(results, shape, args.threads, repeats)
+    results = run(shape, dtypes, repeats, matmul_n, clock)
+    report(results, shape, args.threads, repeats, clock)
     if not args.no_ep:
         _run_ep_part(args.quick)
 

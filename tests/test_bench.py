@@ -30,16 +30,25 @@ def _run(script: str, *args: str) -> str:
 @pytest.mark.parametrize(
     ("script", "args", "expected"),
     [
-        ("nemotron.py", ("--quick", "--repeats", "1"), ["Mamba2 mixer", "Whole model", "speedup"]),
+        (
+            "nemotron.py",
+            ("--quick", "--repeats", "1"),
+            ["Mamba2 mixer", "Whole model", "speedup", "load 1/5/15 min", "1 threads (fixed)"],
+        ),
         (
             "nemotron.py",
             ("--quick", "--sweep", "--repeats", "1"),
-            ["forward+backward sweep", "chunk 64", "smallest speedup"],
+            ["forward+backward sweep", "chunk 64", "smallest speedup", "load 1/5/15 min"],
         ),
         (
             "moe.py",
             ("--quick", "--repeats", "1"),
-            ["all four implementations agree", "ceiling: dense matmul fp32", "goal fwd+bwd"],
+            [
+                "all four implementations agree",
+                "ceiling: dense matmul fp32",
+                "goal fwd+bwd",
+                "load 1/5/15 min",
+            ],
         ),
         ("moe_ep.py", ("--quick",), ["bytes sent per rank", "lower bound"]),
         (
