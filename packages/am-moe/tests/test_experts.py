@@ -317,3 +317,33 @@ def test_geglu_closed_form_is_bit_identical_to_the_plain_math(dtype, workspace):
     assert torch.equal(a, plain.detach())
     assert torch.equal(apply_activation(h, "geglu"), plain.detach())
     assert torch.equal(grad_fn(grad_a.clone()), plain_grad)
+
+
+def test_auto_layout_is_grouped_at_one_fp32_thread_else_padded():
+    """cpu_layout="auto" (the default) picks grouped rows at one thread in fp32/fp64, padded
+    otherwise; the outputs equal the explicit layouts'."""
+    from am_moe.experts.rows import _GroupedRows, _routing_plan, resolve_layout
+
+    assert GroupedExperts.cpu_layout == "auto"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert resolve_layout("auto", torch.float32) == "grouped"
+        assert resolve_layout("auto", torch.float64) == "grouped"
+        assert resolve_layout("auto", torch.bfloat16) == "padded"
+        torch.set_num_threads(2)
+        assert resolve_layout("auto", torch.float32) == "padded"
+        assert resolve_layout("split", torch.float32) == "split"
+        torch.set_num_threads(1)
+        indices = torch.stack([torch.arange(24) % 4, (torch.arange(24) + 1) % 4], dim=1)
+        mask = torch.ones(24, dtype=torch.bool)
+        assert isinstance(_routing_plan(indices, mask, 4, "auto").rows, _GroupedRows)
+        module = _experts(_config("swiglu", e=4, bias=True), "torch_mm")
+        x = torch.randn(24, module.gate_and_up_projs.shape[1])
+        weights = torch.rand(24, 2)
+        auto = module(x, mask, weights, indices)
+        module.cpu_layout = "padded"
+        padded = module(x, mask, weights, indices)
+        torch.testing.assert_close(auto, padded, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

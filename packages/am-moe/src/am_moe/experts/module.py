@@ -22,7 +22,7 @@ from am_moe.dispatch import LocalDispatcher
 from am_moe.experts.activations import ACTIVATIONS
 from am_moe.experts.autograd import _LocalMoE
 from am_moe.experts.kernels import run_experts
-from am_moe.experts.rows import _routing_plan
+from am_moe.experts.rows import _routing_plan, resolve_layout
 
 if TYPE_CHECKING:
     from am_dtype.backend import BackendConfig
@@ -55,7 +55,7 @@ class GroupedExperts(nn.Module):
     """
 
     # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
-    cpu_layout: str = "padded"
+    cpu_layout: str = "auto"
     max_padding: float = 0.125
     # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
     # by all layers (see `_Workspace`) instead of allocating them on every call.
@@ -140,8 +140,9 @@ class GroupedExperts(nn.Module):
     def _local_fused(self, x_TD, token_mask_T, weights_TK, indices_TK, weights) -> Tensor:
         if token_mask_T is None:
             token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+        layout = resolve_layout(self.cpu_layout, weights[0].dtype)
         plan = _routing_plan(
-            indices_TK, token_mask_T, self.n_routed_experts, self.cpu_layout, self.max_padding
+            indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding
         )
         act = partial(
             ACTIVATIONS[self.expert_activation],
