@@ -142,6 +142,65 @@ def cp_matches_single_process(rank, world_size, checkpoint, ids):
     return errors
 
 
+def cp_packed_matches_single_process(rank, world_size, checkpoint, ids, lengths):
+    """CP=world_size on rows of several packed documents (one longer than the sliding
+    window, document edges inside the CP chunks): logits at this rank's positions, summed
+    loss and the gradients summed over ranks equal one process on the packed rows (masked by
+    `_build_packed_gemma4_causal_mask_mapping`, RoPE positions restarting per document)."""
+    import torch.nn.functional as F
+
+    from am_models_gemma4 import (
+        Gemma4ForConditionalGeneration,
+        _build_packed_gemma4_causal_mask_mapping,
+    )
+    from am_models_gemma4.cp import load_balanced_indices
+    from am_utils.loss import next_token_targets
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, backend=cpu_backend())
+    model.train()
+    seq_ids = torch.stack(
+        [
+            torch.repeat_interleave(torch.arange(1, len(row) + 1), torch.tensor(row))
+            for row in lengths
+        ]
+    )
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    window = model.config.get_text_config().sliding_window
+    masks = _build_packed_gemma4_causal_mask_mapping(
+        seq_ids, None, torch.float32, window, as_additive=True
+    )
+    full = model(ids, attention_mask=masks, position_ids=positions, use_cache=False).logits
+    targets = next_token_targets(ids, seq_ids)
+    ref_loss = F.cross_entropy(full.flatten(0, 1), targets.flatten(), reduction="sum")
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    # transformers' packing convention: positions restart at every document.
+    batch = model.prepare_model_inputs_for_cp(ids, position_ids=positions)
+    batch["labels"] = ids
+    shard = batch["_cp_make_batch_fn"](mesh, None, batch)
+    out = model(**shard, use_cache=False)
+    index = load_balanced_indices(ids.shape[1], world_size, rank)
+    errors = {"logits": rel_err(out.logits, full.detach()[:, index])}
+    local = F.cross_entropy(
+        out.logits.flatten(0, 1),
+        shard["shift_labels"].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    local.backward()
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    errors["loss"] = abs(total.item() - ref_loss.item()) / ref_loss.item()
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        errors[name] = rel_err(grad, ref_grads[name])
+    return errors
+
+
 def all_cases(rank, world_size, moe_checkpoint, dense_checkpoint, moe_ids, dense_ids):
     """One spawn for every case (each rank imports torch + transformers only once)."""
     return {
@@ -152,5 +211,12 @@ def all_cases(rank, world_size, moe_checkpoint, dense_checkpoint, moe_ids, dense
         "cp_moe": cp_matches_single_process(rank, world_size, moe_checkpoint, moe_ids[:1, :16]),
         "cp_dense": cp_matches_single_process(
             rank, world_size, dense_checkpoint, dense_ids[:1, :16]
+        ),
+        # 2 rows of 3 and 2 packed documents (8 and 9 > sliding window 6)
+        "cp_packed_moe": cp_packed_matches_single_process(
+            rank, world_size, moe_checkpoint, moe_ids, [[5, 8, 3], [7, 9]]
+        ),
+        "cp_packed_dense": cp_packed_matches_single_process(
+            rank, world_size, dense_checkpoint, dense_ids, [[4, 9, 3], [9, 7]]
         ),
     }

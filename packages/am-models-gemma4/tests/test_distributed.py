@@ -1,6 +1,7 @@
 """Two gloo processes equal one process: EP=2 + FSDP2 through am-moe's parallelizer (MoE),
 FSDP2 with `cast_forward_inputs=True` on the K/V-sharing dense model, and CP=2 (load-balanced,
-sequence 16 > sliding window 6) on both models."""
+sequence 16 > sliding window 6) on both models, with one document per row and with 2-3 packed
+documents per row (one longer than the window, edges inside the CP chunks)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,6 @@ def test_ep2_fsdp2_kv_sharing_fsdp2_and_cp2_equal_one_process(tmp_path):
     for result in results:
         _check(result["moe"], 80)
         _check(result["dense"], 50)
-        for case in ("cp_moe", "cp_dense"):
+        for case in ("cp_moe", "cp_dense", "cp_packed_moe", "cp_packed_dense"):
             assert result[case].pop("logits") <= 1e-5, case
             _check(result[case], 50)

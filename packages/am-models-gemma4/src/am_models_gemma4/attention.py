@@ -133,6 +133,7 @@ class Gemma4Attention(Gemma4TextAttention):
             compile=backend.compile_attn,
         )
         self._am_cp_group = None
+        self._bidirectional_images = config.use_bidirectional_attention == "vision"
 
     def forward(
         self,
@@ -143,6 +144,7 @@ class Gemma4Attention(Gemma4TextAttention):
         past_key_values: Any = None,
         position_ids: Tensor | None = None,
         am_te_boundaries: _TEBoundaries | None = None,
+        am_cp_meta: Tensor | None = None,
         **_: Any,
     ) -> tuple[Tensor, None]:
         """hidden_states [B, S, H*D] -> ([B, S, hidden], None)."""
@@ -180,6 +182,8 @@ class Gemma4Attention(Gemma4TextAttention):
                 scaling=self.scaling,
                 sliding_window=self.sliding_window,
                 position_ids=position_ids,
+                cp_meta=am_cp_meta,
+                bidirectional_images=self.is_sliding and self._bidirectional_images,
             )
             out = out.transpose(1, 2)
         else:
