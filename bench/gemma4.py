@@ -10,14 +10,16 @@ Runs, in one process and on the same weights (fp32, train mode):
   (b) the whole MoE text model (hidden 512, 4 layers sliding/full, 16 experts top-4,
       batch 2 x seq 512 = 1024 tokens): am_models_gemma4.Gemma4ForConditionalGeneration vs
       transformers' Gemma4ForConditionalGeneration in both experts implementations.
-Each measurement is the median of interleaved repeats (ours, theirs, ...), so a busy machine
-slows every case alike. Forward runs under no_grad; forward+backward is one training step
+Each measurement is the median of interleaved repeats (ours, theirs, ours, theirs, ...), so a
+busy machine slows every case alike; the 1-minute load average is printed beside every table
+(the machine may be shared). Forward runs under no_grad; forward+backward is one training step
 without the optimizer. Goal: whole model forward+backward >= 1.5x transformers' best.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -92,7 +94,8 @@ def step_fns(name: str, run: Callable[[], torch.Tensor], params) -> dict:
 
 def report(title: str, tokens: int, t: dict[str, float], names: list[str]) -> float:
     """Print tokens/s per case and ours/their ratios; return ours vs the best reference (fwd+bwd)."""
-    print(f"\n{title}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{title}\n  load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
     header = "".join(f"{n:>22s}" for n in names)
     print(f"  {'tokens/s':18s}{header}   speedup vs each reference")
     best = 0.0
@@ -148,8 +151,9 @@ def bench_moe_block(args, hf) -> None:
         ours.experts.down_projs.copy_(layer.experts.down_proj.transpose(1, 2))
     tokens = 512 if args.quick else 2048
     gen = torch.Generator().manual_seed(1)
-    residual = torch.randn(tokens, config.hidden_size, generator=gen)
-    normed = torch.randn(tokens, config.hidden_size, generator=gen)
+    # Inputs need their gradients, as inside the model (the backward computes dX too).
+    residual = torch.randn(tokens, config.hidden_size, generator=gen).requires_grad_()
+    normed = torch.randn(tokens, config.hidden_size, generator=gen).requires_grad_()
     probe = torch.randn(tokens, config.hidden_size, generator=gen)
 
     def theirs() -> torch.Tensor:
