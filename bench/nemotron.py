@@ -21,7 +21,7 @@ one training step without the optimizer.
 axis at a time around the base point (hidden 512, seq 1024, chunk 128, 16 experts top-4;
 `--tokens` per step, default 1024):
 hidden 256-1024, sequence 512-4096, Mamba chunk 64-256, 8-64 experts top-2..8; it prints
-one ratio per point and the smallest (about 4 minutes at one thread on an idle core).
+one ratio per point and the smallest (one measured run: 7m27s of CPU time at one thread).
 Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x (at every sweep point).
 """
 
