@@ -213,7 +213,7 @@ def test_patched_linear_injects_is_first_microbatch(fake_te):
     lin(x)
     lin(x, is_first_microbatch=True)  # an explicit argument wins ...
     lin(x, True)  # ... also when passed by position
-    grouped = fake_te.pytorch.GroupedLinear(4, 3, params_dtype=torch.float32)
+    grouped = fake_te.pytorch.GroupedLinear(2, 4, 3, bias=False, params_dtype=torch.float32)
     out = grouped(x, [1, 1])
     grouped(x, [2, 0], True)
     fake_te.pytorch.RMSNorm(4)(x)  # norms take no such argument
@@ -227,7 +227,9 @@ def test_patched_linear_injects_is_first_microbatch(fake_te):
         ("GroupedLinear", True, [2, 0]),
         ("RMSNorm",),
     ]
-    torch.testing.assert_close(out, x @ grouped.weight.t())
+    torch.testing.assert_close(
+        out, torch.cat((x[:1] @ grouped.weight0.t(), x[1:] @ grouped.weight1.t()))
+    )
 
 
 def test_patched_modules_short_circuit_unallocated_inputs(fake_te):
@@ -239,7 +241,7 @@ def test_patched_modules_short_circuit_unallocated_inputs(fake_te):
     out = norm(torch.empty(7, 4, device="meta", dtype=torch.bfloat16))
     assert out.is_meta and out.shape == (7, 4) and out.dtype == torch.bfloat16
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake_out = te.GroupedLinear(4, 6)(torch.empty(5, 4), [2, 3])
+        fake_out = te.GroupedLinear(2, 4, 6)(torch.empty(5, 4), [2, 3])
     assert is_tensor_unallocated(fake_out) and fake_out.shape == (5, 6)
     assert fake_te.calls == []  # TE's kernels were never reached
 

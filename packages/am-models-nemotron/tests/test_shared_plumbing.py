@@ -3,50 +3,32 @@
 from __future__ import annotations
 
 import functools
-import sys
-import types
 
 import pytest
 import torch
 from _nemotron_helpers import cpu_backend, tiny_config
-from torch import nn
 
 import am_dtype.backend as am_backend
-import am_dtype.fp8 as am_fp8
+from am_dtype.fake_te import install_fake_transformer_engine
 from am_models_nemotron import NemotronHForCausalLM
 
 SENTINEL = 7.0  # what the stand-in's parameters hold until someone initializes them
 
 
-class _StandInTELinear(nn.Module):
-    """Emulates `transformer_engine.pytorch.Linear` as far as the model uses it.
-
-    Documented constructor `(in_features, out_features, bias=True, device=None,
-    params_dtype=None)`, parameters `weight` [out, in] and `bias` [out], forward
-    `x @ weight.T + bias`. Not an `nn.Linear` subclass, as the real class is not.
-    """
-
-    def __init__(self, in_features, out_features, bias=True, device=None, params_dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        kw = {"device": device, "dtype": params_dtype}
-        self.weight = nn.Parameter(torch.full((out_features, in_features), SENTINEL, **kw))
-        self.bias = nn.Parameter(torch.full((out_features,), SENTINEL, **kw)) if bias else None
-
-    def forward(self, x):
-        y = x @ self.weight.t()
-        return y if self.bias is None else y + self.bias
-
-
 @pytest.fixture
 def te_linear(monkeypatch):
-    package = types.ModuleType("transformer_engine")
-    package.pytorch = types.ModuleType("transformer_engine.pytorch")
-    package.pytorch.Linear = _StandInTELinear
-    monkeypatch.setitem(sys.modules, "transformer_engine", package)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", package.pytorch)
-    monkeypatch.setattr(am_backend, "HAVE_TE", True)
-    monkeypatch.setattr(am_fp8, "_patch_te_modules", lambda: None)  # nothing real to patch
+    """The shared fake TE, its `te.Linear` holding SENTINEL until someone initializes it."""
+    fake = install_fake_transformer_engine(monkeypatch)
+
+    class SentinelLinear(fake.pytorch.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.fill_(SENTINEL)
+
+    monkeypatch.setattr(fake.pytorch, "Linear", SentinelLinear)
+    return SentinelLinear
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -55,7 +37,7 @@ def test_initialize_weights_covers_te_linear_projections(te_linear, bias):
     torch.manual_seed(0)
     ref = NemotronHForCausalLM(config, backend=cpu_backend())
     te = NemotronHForCausalLM(config, backend=cpu_backend(linear="te"))
-    projections = [n for n, m in te.named_modules() if isinstance(m, _StandInTELinear)]
+    projections = [n for n, m in te.named_modules() if isinstance(m, te_linear)]
     # q/k/v/o, the dense MLP, shared experts, latent projections, Mamba in/out, the LM head.
     assert {n.rsplit(".", 1)[-1] for n in projections} >= {
         "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",

@@ -1,178 +1,32 @@
 """attn='te' glue (bshd and packed / padded THD) against an emulation of Transformer Engine.
 
-There is no transformer_engine (and no CUDA) here, so `transformer_engine.pytorch` is replaced
-by `_FakeDotProductAttention`, written from the documented contract of TE's
-`DotProductAttention` (constructor and forward docstrings of
-transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py):
-
-- construction: `(num_attention_heads, kv_channels, num_gqa_groups=..., attention_dropout=...,
-  attn_mask_type=..., qkv_format=...)`; `qkv_format` and `attn_mask_type` may be overridden
-  per forward call;
-- "bshd"/"sbhd": 4D [B, S, H, Dh] / [S, B, H, Dh]; "causal" aligns the diagonal top-left,
-  "causal_bottom_right" bottom-right; output [B, S, H * Dh] / [S, B, H * Dh];
-- "thd": 3D [T, H, Dh]; the mask type must contain "padding"; `cu_seqlens_q/kv` must be 1D
-  int32 of equal shape [N + 1]; sequence i is rows cu[i]:cu[i + 1] and attends only within
-  itself (causal top-left for "padding_causal", bottom-right for
-  "padding_causal_bottom_right"); output [T, H * Dh].
-
-The emulation checks what it is given (layout, rank, head counts, head size, dtypes,
-cu_seqlens bounds, max_seqlen covering every sequence) and fails on anything else, so these
-tests prove that the model hands TE the documented layout and boundaries and that the result
-equals the sdpa path. They cannot prove TE's kernels (needs CUDA; see test_gpu.py).
+There is no transformer_engine (and no CUDA) here, so the shared emulation
+`am_dtype.fake_te` stands in for it: written from the documented contract of TE's
+`DotProductAttention` ("bshd"/"sbhd" with causal alignments, "thd" with int32 `cu_seqlens_q/kv`
+and a "padding*" mask type), it checks what it is given (layout, rank, head counts, head size,
+dtypes, cu_seqlens bounds, max_seqlen covering every sequence) and fails on anything else. So
+these tests prove that the model hands TE the documented layout and boundaries and that the
+result equals the sdpa path. They cannot prove TE's kernels (needs CUDA; see test_gpu.py).
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _nemotron_helpers import cpu_backend, rel_err, tiny_config
-from torch import nn
 
-import am_dtype.backend as am_backend
+from am_dtype.fake_te import install_fake_transformer_engine
 from am_models_nemotron import NemotronHForCausalLM
 from am_utils.attention import build_varlen_seqs
 
 LENGTHS = (7, 12, 5)  # 12 > chunk_size: a boundary falls inside a Mamba chunk
-MASK_TYPES = (
-    "no_mask",
-    "padding",
-    "causal",
-    "padding_causal",
-    "causal_bottom_right",
-    "padding_causal_bottom_right",
-    "arbitrary",
-)
-
-
-# --------------------------------------------------------------------------- the emulation
-
-
-def _attend(q, k, v, scale, alignment, dropout_p):
-    """One sequence: q [Sq, H, Dh], k/v [Sk, G, Dh] -> [Sq, H, Dh]."""
-    heads, groups = q.shape[1], k.shape[1]
-    q, k, v = (x.transpose(0, 1) for x in (q, k, v))
-    k = k.repeat_interleave(heads // groups, dim=0)
-    v = v.repeat_interleave(heads // groups, dim=0)
-    sq, sk = q.shape[1], k.shape[1]
-    mask = None
-    if alignment is not None:
-        offset = sk - sq if alignment == "bottom_right" else 0
-        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + offset
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
-    return out.transpose(0, 1)
-
-
-class _FakeDotProductAttention(nn.Module):
-    calls: list[dict] = []  # replaced per test by the fixture
-
-    def __init__(
-        self,
-        num_attention_heads,
-        kv_channels,
-        num_gqa_groups=None,
-        attention_dropout=0.0,
-        attn_mask_type="causal",
-        qkv_format="sbhd",
-        softmax_scale=None,
-    ):
-        super().__init__()
-        assert isinstance(kv_channels, int)
-        self.heads, self.head_dim = num_attention_heads, kv_channels
-        self.groups = num_gqa_groups or num_attention_heads
-        assert self.heads % self.groups == 0
-        assert attn_mask_type in MASK_TYPES and qkv_format in ("sbhd", "bshd", "thd")
-        self.attn_mask_type, self.qkv_format = attn_mask_type, qkv_format
-        self.dropout = attention_dropout
-        self.scale = softmax_scale if softmax_scale is not None else kv_channels**-0.5
-
-    def forward(
-        self,
-        query_layer,
-        key_layer,
-        value_layer,
-        attention_mask=None,
-        qkv_format=None,
-        cu_seqlens_q=None,
-        cu_seqlens_kv=None,
-        cu_seqlens_q_padded=None,
-        cu_seqlens_kv_padded=None,
-        max_seqlen_q=None,
-        max_seqlen_kv=None,
-        attn_mask_type=None,
-    ):
-        q, k, v = query_layer, key_layer, value_layer
-        fmt = qkv_format or self.qkv_format
-        mask_type = (attn_mask_type or self.attn_mask_type).replace(",", "_")
-        mask_type = "padding_causal" if mask_type == "causal_padding" else mask_type
-        assert fmt in ("sbhd", "bshd", "thd"), fmt
-        assert mask_type in MASK_TYPES, mask_type
-        assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
-        assert k.shape[:-1] == v.shape[:-1]
-        assert q.shape[-2] == self.heads, f"query heads {q.shape[-2]} != {self.heads}"
-        assert k.shape[-2] == self.groups, f"key heads {k.shape[-2]} != {self.groups}"
-        assert q.shape[-1] == k.shape[-1] == v.shape[-1] == self.head_dim, "head_dim"
-        assert attention_mask is None, "the emulation covers the cu_seqlens form only"
-        assert cu_seqlens_q_padded is None and cu_seqlens_kv_padded is None
-        p = self.dropout if self.training else 0.0
-        call = {"qkv_format": fmt, "attn_mask_type": mask_type, "q": q.shape, "k": k.shape}
-        type(self).calls.append(call)
-        if fmt != "thd":
-            assert q.dim() == k.dim() == 4, f"{fmt} needs 4D q, k, v"
-            assert mask_type in ("no_mask", "causal", "causal_bottom_right"), mask_type
-            assert cu_seqlens_q is None and cu_seqlens_kv is None
-            if fmt == "sbhd":
-                q, k, v = (x.transpose(0, 1) for x in (q, k, v))
-            align = {"no_mask": None, "causal": "top_left"}.get(mask_type, "bottom_right")
-            out = torch.stack(
-                [_attend(q[b], k[b], v[b], self.scale, align, p) for b in range(q.shape[0])]
-            )
-            if fmt == "sbhd":
-                out = out.transpose(0, 1)
-            return out.reshape(*out.shape[:2], -1)
-        assert q.dim() == k.dim() == 3, "thd needs 3D [T, H, Dh] q, k, v"
-        assert "padding" in mask_type, "thd needs a padding mask type"
-        assert cu_seqlens_q is not None and cu_seqlens_kv is not None
-        for cu in (cu_seqlens_q, cu_seqlens_kv):
-            assert cu.dtype == torch.int32, f"cu_seqlens must be int32, got {cu.dtype}"
-            assert cu.dim() == 1
-        assert cu_seqlens_q.shape == cu_seqlens_kv.shape
-        cu_q, cu_kv = cu_seqlens_q.tolist(), cu_seqlens_kv.tolist()
-        for cu, total, longest in (
-            (cu_q, q.shape[0], max_seqlen_q),
-            (cu_kv, k.shape[0], max_seqlen_kv),
-        ):
-            lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-            assert cu[0] == 0 and min(lengths, default=0) >= 0 and cu[-1] <= total, cu
-            assert longest is None or longest >= max(lengths, default=0), (longest, lengths)
-        call.update(cu_q=cu_q, cu_kv=cu_kv, max_q=max_seqlen_q, max_kv=max_seqlen_kv)
-        align = "bottom_right" if "bottom_right" in mask_type else "top_left"
-        if mask_type == "padding":
-            align = None
-        parts = [
-            _attend(q[a:b], k[c:d], v[c:d], self.scale, align, p)
-            for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:], strict=True)
-        ]
-        parts.append(q.new_zeros(q.shape[0] - cu_q[-1], *q.shape[1:]))  # rows past the end
-        return torch.cat(parts).reshape(q.shape[0], -1)
 
 
 @pytest.fixture
 def fake_te(monkeypatch):
-    """Install the emulation as transformer_engine.pytorch; returns the list of TE calls."""
-    calls: list[dict] = []
-    fake_cls = type("DotProductAttention", (_FakeDotProductAttention,), {"calls": calls})
-    package = types.ModuleType("transformer_engine")
-    pytorch = types.ModuleType("transformer_engine.pytorch")
-    pytorch.DotProductAttention = fake_cls
-    package.pytorch = pytorch
-    monkeypatch.setitem(sys.modules, "transformer_engine", package)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
-    monkeypatch.setattr(am_backend, "HAVE_TE", True)
-    return calls
+    """The shared TE emulation (am_dtype.fake_te); returns its log of attention calls."""
+    return install_fake_transformer_engine(monkeypatch).attention_calls
 
 
 # --------------------------------------------------------------------------- helpers
@@ -187,7 +41,7 @@ def models(fake_te):
     te = NemotronHForCausalLM(tiny_config(), backend=cpu_backend(attn="te"))
     te.load_state_dict(sdpa.state_dict())
     attn = [b.mixer for b in te.model.layers.values() if b.block_type == "attention"]
-    assert attn and all(isinstance(m.attn.te_attn, _FakeDotProductAttention) for m in attn)
+    assert attn and all(type(m.attn.te_attn).__module__ == "am_dtype.fake_te" for m in attn)
     return sdpa.eval(), te.eval(), fake_te
 
 

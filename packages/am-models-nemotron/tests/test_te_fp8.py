@@ -1,70 +1,28 @@
 """`BackendConfig.te_fp8`: Nemotron-H's forward runs under Transformer Engine's FP8 autocast.
 
-There is no transformer_engine (and no CUDA) here, so a fake one is installed: `te.Linear` is
-a plain linear layer that records, at every call, the FP8 state TE's documented
-`autocast(enabled, recipe, amax_reduction_group)` / `fp8_autocast(enabled, fp8_recipe,
-fp8_group)` contexts would have set (enabled, recipe; nested contexts restore the outer
-state). The real TE path is `test_gpu.py::test_forward_under_real_te_fp8_autocast`.
+There is no transformer_engine (and no CUDA) here, so the shared fake (`am_dtype.fake_te`) is
+installed: its `te.Linear` is a plain linear layer that records, at every call, the FP8 state
+TE's documented `autocast(enabled, recipe, amax_reduction_group)` / `fp8_autocast(enabled,
+fp8_recipe, fp8_group)` contexts would have set (nested contexts restore the outer state).
+The real TE path is `test_gpu.py::test_forward_under_real_te_fp8_autocast`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import types
-
 import pytest
 import torch
 from _nemotron_helpers import cpu_backend, tiny_config
-from torch import nn
 
-import am_dtype.backend as am_backend
-import am_dtype.fp8 as am_fp8
 from am_dtype import TEFp8Config
+from am_dtype.fake_te import install_fake_transformer_engine
 from am_models_nemotron import NemotronHForCausalLM
-
-RECIPE_MODULE = "transformer_engine.common.recipe"
 
 
 @pytest.fixture
 def fake_te(monkeypatch):
-    """Install the fake TE; returns (state, log of (enabled, recipe) per te.Linear call)."""
-    state = {"enabled": False, "recipe": None}
-    linear_calls: list[tuple[bool, object]] = []
-
-    class Linear(nn.Linear):
-        def __init__(self, in_features, out_features, bias=True, device=None, params_dtype=None):
-            super().__init__(
-                in_features, out_features, bias=bias, device=device, dtype=params_dtype
-            )
-
-        def forward(self, inp, is_first_microbatch=None):
-            linear_calls.append((state["enabled"], state["recipe"]))
-            return super().forward(inp)
-
-    @contextlib.contextmanager
-    def autocast(enabled=True, calibrating=False, recipe=None, amax_reduction_group=None):
-        outer = dict(state)
-        state.update(enabled=enabled, recipe=recipe)
-        try:
-            yield
-        finally:
-            state.update(outer)
-
-    root = types.ModuleType("transformer_engine")
-    pytorch = types.ModuleType("transformer_engine.pytorch")
-    common = types.ModuleType("transformer_engine.common")
-    recipe = types.ModuleType(RECIPE_MODULE)
-    pytorch.Linear, pytorch.autocast = Linear, autocast
-    for name in ("Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling"):
-        setattr(recipe, name, type(name, (), {"__module__": RECIPE_MODULE}))
-    root.pytorch, root.common, common.recipe = pytorch, common, recipe
-    for mod in (root, pytorch, common, recipe):
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(am_backend, "HAVE_TE", True)
-    monkeypatch.setattr(am_fp8, "HAVE_TE", True)
-    monkeypatch.setattr(am_fp8, "_patch_te_modules", am_fp8._make_lazy_te_patcher())
-    return state, linear_calls, recipe
+    """The shared fake TE; returns (fp8 state, (enabled, recipe) per te.Linear call, recipes)."""
+    fake = install_fake_transformer_engine(monkeypatch)
+    return fake.fp8_state, fake.linear_fp8, fake.recipe
 
 
 def _models(te_fp8):
@@ -89,7 +47,7 @@ def test_forward_runs_every_te_linear_inside_fp8_autocast_with_the_recipe(fake_t
     assert len(linear_calls) > 10  # projections of every block and the head
     assert all(enabled for enabled, _ in linear_calls)
     assert all(type(r) is getattr(recipe_mod, cls) for _, r in linear_calls)
-    assert state == {"enabled": False, "recipe": None}  # the context was left
+    assert state["enabled"] is False and state["recipe"] is None  # the context was left
     # The fake te.Linear is a plain linear: the same numbers as the torch model.
     ref = plain(IDS, labels=IDS)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-6, atol=1e-6)

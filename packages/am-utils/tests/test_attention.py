@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import sys
-import types
 
 import pytest
 import torch
-from torch import nn
 
 import am_dtype.backend as am_backend
+from am_dtype.fake_te import install_fake_transformer_engine
 from am_utils.attention import (
     ATTENTION_KERNELS,
     AttentionKernel,
@@ -159,32 +157,15 @@ def test_compile_with_te_is_rejected():
 
 @pytest.fixture
 def fake_te(monkeypatch):
-    """A stand-in transformer_engine.pytorch.DotProductAttention that records its calls."""
-    calls: list = []
-
-    class DotProductAttention(nn.Module):
-        def __init__(self, heads, head_dim, **kwargs):
-            super().__init__()
-            self.init = {"heads": heads, "head_dim": head_dim, **kwargs}
-
-        def forward(self, q, k, v, **kwargs):
-            calls.append({"q": tuple(q.shape), "k": tuple(k.shape), **kwargs})
-            return q.new_ones(*q.shape[:-2], q.shape[-2] * q.shape[-1])
-
-    package = types.ModuleType("transformer_engine")
-    package.pytorch = types.ModuleType("transformer_engine.pytorch")
-    package.pytorch.DotProductAttention = DotProductAttention
-    monkeypatch.setitem(sys.modules, "transformer_engine", package)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", package.pytorch)
-    monkeypatch.setattr(am_backend, "HAVE_TE", True)
-    return calls
+    """The shared fake TE (am_dtype.fake_te); returns its log of DotProductAttention calls."""
+    return install_fake_transformer_engine(monkeypatch).attention_calls
 
 
 def test_te_module_gets_scale_and_sliding_window(fake_te):
     te = build_te_attention(H, HKV, D, 0.1, scale=1.0, sliding_window=5)
     assert te.init == {
-        "heads": H,
-        "head_dim": D,
+        "num_attention_heads": H,
+        "kv_channels": D,
         "num_gqa_groups": HKV,
         "attention_dropout": 0.1,
         "attn_mask_type": "causal_bottom_right",
@@ -192,21 +173,30 @@ def test_te_module_gets_scale_and_sliding_window(fake_te):
         "softmax_scale": 1.0,
         "window_size": (4, 0),  # W - 1 keys left of the diagonal: i - W < j <= i
     }
-    assert "window_size" not in build_te_attention(H, HKV, D).init
+    assert build_te_attention(H, HKV, D).init["window_size"] is None
 
 
-def test_te_kernel_bshd_and_thd_calls(fake_te):
+def test_te_kernel_bshd_and_thd_calls_equal_the_reference(fake_te):
     kernel = _kernel("te", sliding_window=3)
-    q, k, v = _qkv(batch=2, q_len=5, kv_len=5)
-    assert kernel(q, k, v).shape == q.shape
-    assert fake_te[-1] == {"q": (2, 5, H, D), "k": (2, 5, HKV, D)}
+    q, k, v = (x.float() for x in _qkv(batch=2, q_len=5, kv_len=5))
+    allowed = causal_mask(5, 5, sliding_window=3)
+    want = _reference(q, k, v, allowed, D**-0.5)
+    torch.testing.assert_close(kernel(q, k, v), want, rtol=1e-5, atol=1e-6)
+    assert fake_te[-1]["q"] == (2, 5, H, D) and fake_te[-1]["k"] == (2, 5, HKV, D)
+    assert fake_te[-1]["qkv_format"] == "bshd" and fake_te[-1]["window_size"] == (2, 0)
     token_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]).bool()
     varlen = build_varlen_seqs(5, 5, 2, token_mask, None)
     out = kernel(q, k, v, None, varlen)
     call = fake_te[-1]
     assert call["qkv_format"] == "thd" and call["q"] == (8, H, D)
-    assert call["cu_seqlens_q"].tolist() == [0, 5, 8] and call["max_seqlen_q"] == 5
-    assert (out[1, :, :2] == 0).all() and (out[1, :, 2:] == 1).all()  # padded rows are zeros
+    assert call["cu_q"] == [0, 5, 8] and call["max_q"] == 5
+    assert (out[1, :, :2] == 0).all()  # padded rows are zeros
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-6)
+    # Row 1's three real tokens attend among themselves only (the pads are not keys).
+    alone = _reference(
+        q[1:, :, 2:], k[1:, :, 2:], v[1:, :, 2:], causal_mask(3, 3, sliding_window=3), D**-0.5
+    )
+    torch.testing.assert_close(out[1:, :, 2:], alone, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not a dense attention mask"):
         kernel(q, k, v, causal_mask(5, 5))
 

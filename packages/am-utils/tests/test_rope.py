@@ -1,12 +1,8 @@
 """apply_rotary_pos_emb: transformers' numbers on the PyTorch path and through TE's fused
-kernel, the latter against an emulation of TE's documented
-`apply_rotary_pos_emb(t, freqs, tensor_format, interleaved, fused, ...)` installed as a fake
-`transformer_engine` (no TE or CUDA here)."""
+kernel, the latter against the shared emulation (`am_dtype.fake_te`) of TE's documented
+`apply_rotary_pos_emb(t, freqs, tensor_format, interleaved, fused, ...)` (no TE or CUDA here)."""
 
 from __future__ import annotations
-
-import sys
-import types
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply
 
 import am_utils.rope as rope
+from am_dtype.fake_te import install_fake_transformer_engine
 from am_utils.rope import apply_rotary_pos_emb, rotate_half
 
 B, H, S, D = 2, 3, 7, 8
@@ -96,40 +93,8 @@ def test_bad_arguments_are_rejected():
 
 @pytest.fixture
 def fake_te_rope(monkeypatch):
-    """TE's documented fused RoPE contract: t in "sbhd"/"bshd", freqs [S, 1, 1, R] angles
-    (float32), the first R dims of t rotated in the halves layout, the rest passed through."""
-    calls = []
-
-    def apply_rotary_pos_emb(
-        t, freqs, tensor_format="sbhd", interleaved=False, fused=False, cu_seqlens=None, **_
-    ):
-        assert tensor_format in ("sbhd", "bshd") and not interleaved and cu_seqlens is None
-        assert freqs.dim() == 4 and freqs.shape[1:3] == (1, 1) and freqs.dtype == torch.float32
-        seq_dim = 0 if tensor_format == "sbhd" else 1
-        assert freqs.shape[0] == t.shape[seq_dim]
-        calls.append({"format": tensor_format, "fused": fused, "rows": t.shape[1 - seq_dim]})
-        f = freqs if tensor_format == "sbhd" else freqs.transpose(0, 1)
-        rot = freqs.shape[-1]
-        head, tail = t[..., :rot], t[..., rot:]
-        cos, sin = torch.cos(f).to(t.dtype), torch.sin(f).to(t.dtype)
-        x1, x2 = head.chunk(2, dim=-1)
-        rotated = head * cos + torch.cat((-x2, x1), dim=-1) * sin
-        return torch.cat((rotated, tail), dim=-1)
-
-    names = [
-        "transformer_engine",
-        "transformer_engine.pytorch",
-        "transformer_engine.pytorch.attention",
-        "transformer_engine.pytorch.attention.rope",
-    ]
-    mods = {n: types.ModuleType(n) for n in names}
-    mods[names[-1]].apply_rotary_pos_emb = apply_rotary_pos_emb
-    for parent, child in zip(names, names[1:], strict=False):
-        setattr(mods[parent], child.rsplit(".", 1)[1], mods[child])
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(rope, "_te_installed", lambda: True)
-    return calls
+    """The shared fake TE (am_dtype.fake_te); returns its log of fused RoPE calls."""
+    return install_fake_transformer_engine(monkeypatch).rope_calls
 
 
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
