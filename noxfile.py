@@ -111,6 +111,7 @@ def isolated(session: nox.Session, package: str) -> None:
         str(ROOT / "packages" / package / "tests"),
         "-p",
         "no:cacheprovider",
+        "--durations=10",  # where the suite's time goes, in every CI log
         "--rootdir",
         str(ROOT),
         "-c",
@@ -137,6 +138,7 @@ def tests(session: nox.Session) -> None:
         "tests",
         "-p",
         "no:cacheprovider",
+        "--durations=15",
         *_cov_args(names),
         *session.posargs,
         env=_coverage_env("tests"),
