@@ -1,6 +1,6 @@
 """Gemma 4 MoE on CPU: our model and MoE block vs transformers', tokens/s and ratios.
 
-Usage: python bench/gemma4.py [--quick] [--repeats N] [--threads T]
+Usage: python bench/gemma4.py [--quick] [--repeats N] [--threads T] [--clock cpu|wall]
 
 Runs, in one process and on the same weights (fp32, train mode):
   (0) the machine's dense fp32 matmul rate (GFLOP/s): the ceiling;
@@ -10,22 +10,23 @@ Runs, in one process and on the same weights (fp32, train mode):
   (b) the whole MoE text model (hidden 512, 4 layers sliding/full, 16 experts top-4,
       batch 2 x seq 512 = 1024 tokens): am_models_gemma4.Gemma4ForConditionalGeneration vs
       transformers' Gemma4ForConditionalGeneration in both experts implementations.
-Each measurement is the median of interleaved repeats (ours, theirs, ours, theirs, ...), so a
-busy machine slows every case alike; the 1-minute load average is printed beside every table
-(the machine may be shared). Forward runs under no_grad; forward+backward is one training step
+Each measurement is the median of interleaved repeats in a rotating order (bench/_timing.py),
+so a busy machine slows every case alike. The thread count is fixed (`--threads`, default 1:
+on a shared CPU, OpenMP workers spin while a sibling thread is descheduled, which swings
+multi-threaded timings by several x); at one thread the ratios are taken on CPU seconds (the
+work done, which other processes barely change), else on wall seconds; the load average is
+printed beside every table. Forward runs under no_grad; forward+backward is one training step
 without the optimizer. Goal: whole model forward+backward >= 1.5x transformers' best.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_average
 
 warnings.filterwarnings("ignore")
 
@@ -63,18 +64,9 @@ def gemma4_config(quick: bool):
     )
 
 
-def median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each fn, calling them interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def median_times(fns: dict[str, Callable[[], None]], repeats: int, clock: str) -> dict:
+    """Median seconds per call of each fn on `clock`, calling them interleaved."""
+    return {name: t.median(clock) for name, t in interleaved(fns, repeats).items()}
 
 
 def step_fns(name: str, run: Callable[[], torch.Tensor], params) -> dict:
@@ -94,8 +86,7 @@ def step_fns(name: str, run: Callable[[], torch.Tensor], params) -> dict:
 
 def report(title: str, tokens: int, t: dict[str, float], names: list[str]) -> float:
     """Print tokens/s per case and ours/their ratios; return ours vs the best reference (fwd+bwd)."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{title}\n  load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
+    print(f"\n{title}\n  {load_average()}")
     header = "".join(f"{n:>22s}" for n in names)
     print(f"  {'tokens/s':18s}{header}   speedup vs each reference")
     best = 0.0
@@ -109,10 +100,10 @@ def report(title: str, tokens: int, t: dict[str, float], names: list[str]) -> fl
     return best
 
 
-def bench_ceiling(quick: bool, repeats: int) -> None:
+def bench_ceiling(quick: bool, repeats: int, clock: str) -> None:
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_times({"mm": lambda: a @ b}, repeats)
+    t = median_times({"mm": lambda: a @ b}, repeats, clock)
     print(f"\nceiling: dense matmul fp32 {n}x{n}: {2 * n**3 / t['mm'] / 1e9:.1f} GFLOP/s")
 
 
@@ -177,7 +168,7 @@ def bench_moe_block(args, hf) -> None:
             hf.set_experts_implementation(default)
 
     fns.update(step_fns("hf eager", eager, list(layer.parameters())))
-    t = median_times(fns, args.repeats)
+    t = median_times(fns, args.repeats, args.clock)
     report(
         f"MoE block alone (router + {config.num_experts} experts top-{config.top_k_experts}, "
         f"dim {config.hidden_size}, expert hidden {config.moe_intermediate_size}; {tokens} "
@@ -212,7 +203,7 @@ def bench_model(args, hf, ours) -> None:
     fns = dict(step_fns("ours", run(ours), list(ours.parameters())))
     fns.update(step_fns(f"hf {default}", run(hf), list(hf.parameters())))
     fns.update(step_fns("hf eager", run(hf, "eager"), list(hf.parameters())))
-    t = median_times(fns, args.repeats)
+    t = median_times(fns, args.repeats, args.clock)
     best = report(
         f"Whole MoE text model (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_experts} experts top-{cfg.top_k_experts}; batch {batch} x seq {seq}, fp32; "
@@ -228,20 +219,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (fixed)")
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default=None,
+        help="what the ratios are taken on (default: cpu at one thread, else wall)",
+    )
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
+    args.clock = args.clock or default_clock(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.repeats} repeats (median)"
+        f"{torch.get_num_threads()} threads (fixed), {args.repeats} interleaved repeats (median), "
+        f"ratios on {args.clock} seconds"
     )
-    bench_ceiling(args.quick, args.repeats)
+    bench_ceiling(args.quick, args.repeats, args.clock)
     hf, ours = paired_models(args.quick)
     bench_moe_block(args, hf)
     bench_model(args, hf, ours)

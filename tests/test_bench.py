@@ -59,6 +59,8 @@ def _run(script: str, *args: str) -> str:
                 "MoE block alone",
                 "Whole MoE text model",
                 "goal fwd+bwd",
+                "ratios on cpu seconds",
+                "load 1/5/15 min",
             ],
         ),
         ("pp.py", ("--quick",), ["ratio pipeline / one rank", "ideal", "mask cache: build"]),
