@@ -155,6 +155,44 @@ def test_packed_documents_equal_each_document_alone(saved):
     ours.zero_grad()
 
 
+def test_packed_block_masks_through_flex_equal_dense_masks_through_sdpa(saved):
+    """The mapping's flex BlockMasks (as_block_mask=True) drive attn='flex': the same logits
+    (torch's FlexAttention, no grad) and gradients (CPU autograd) as the dense masks."""
+    _, ours = saved
+    flex = Gemma4ForConditionalGeneration(ours.config, backend=cpu_backend(attn="flex"))
+    flex.load_state_dict(ours.state_dict())
+    pixels, positions, n_img = _image(4, 8, 32, seed=3)
+    docs = [[11, 12, 13, 14, 15], [5, 6] + [IMG] * n_img + [7, 8, 9], [21, 22, 23]]
+    ids = torch.tensor([sum(docs, [])])
+    seq_ids = torch.tensor([sum(([i + 1] * len(d) for i, d in enumerate(docs)), [])])
+    mm = (ids == IMG).long()
+    extra = dict(
+        position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None],
+        pixel_values=pixels[None],
+        image_position_ids=positions[None],
+        mm_token_type_ids=mm,
+    )
+    dense = _build_packed_gemma4_causal_mask_mapping(seq_ids, mm, torch.float32, WINDOW)
+    blocks = _build_packed_gemma4_causal_mask_mapping(
+        seq_ids, mm, torch.float32, WINDOW, as_block_mask=True, flex_block_size=4
+    )
+    with torch.no_grad():
+        want = ours(ids, attention_mask=dense, **extra).logits
+        got = flex(ids, attention_mask=blocks, **extra).logits
+    assert rel_err(got, want) <= 1e-5
+    grads = []
+    for model, masks in ((ours, dense), (flex, blocks)):
+        model.zero_grad()
+        model(ids, attention_mask=masks, labels=ids, **extra).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert rel_err(grads[1][name], grad) <= 1e-5, name
+    with pytest.raises(ValueError, match="BlockMask needs attn='flex'"):
+        ours(ids, attention_mask=blocks, **extra)
+
+
 def test_packed_mask_forms_and_document_isolation():
     seq_ids = torch.tensor([[1, 1, 1, 2, 2, 0]])
     mm = torch.tensor([[0, 1, 1, 1, 1, 0]])  # an image run across the document boundary

@@ -96,6 +96,51 @@ def test_gradients_match_the_reference(name):
         torch.testing.assert_close(a, t.grad, rtol=TOL[name] * 10, atol=TOL[name] * 10)
 
 
+def _doc_block_mask(docs, length, block_size=2):
+    """A FlexAttention BlockMask: causal within documents given as ids per position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = torch.tensor(docs)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    block = create_block_mask(mask_mod, len(docs), None, length, length, device="cpu",
+                              BLOCK_SIZE=block_size)  # fmt: skip
+    same_doc = ids[:, None, :, None] == ids[:, None, None, :]
+    return block, same_doc & causal_mask(length, length)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_flex_takes_a_block_mask_forward_and_backward(window):
+    docs = [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    block, dense = _doc_block_mask(docs, 6)
+    if window is not None:
+        dense = dense & causal_mask(6, 6, sliding_window=window)
+    q, k, v = _qkv(q_len=6, kv_len=6)
+    want = _reference(q, k, v, dense, D**-0.5)
+    kernel = _kernel("flex", sliding_window=window)
+    with torch.no_grad():  # torch's FlexAttention itself
+        torch.testing.assert_close(kernel(q, k, v, block), want, rtol=1e-10, atol=1e-10)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    got = kernel(q, k, v, block)  # CPU autograd: the same mask through SDPA
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    ref = torch.autograd.grad(_reference(q, k, v, dense, D**-0.5).square().sum(), (q, k, v))
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_a_block_mask_is_checked_and_needs_flex():
+    block, _ = _doc_block_mask([[0, 0, 1, 1]], 4)
+    q, k, v = _qkv(batch=1, q_len=5, kv_len=5)
+    with pytest.raises(ValueError, match=r"BlockMask covers batch 1 x 4 queries x 4 keys"):
+        _kernel("flex")(q, k, v, block)
+    for name in ("sdpa", "eager"):
+        with pytest.raises(ValueError, match=rf"BlockMask needs attn='flex'.*attn='{name}'"):
+            _kernel(name)(q, k, v, block)
+
+
 def test_dropout_only_in_training():
     q, k, v = _qkv()
     kernel = AttentionKernel("eager", H, HKV, D, dropout=0.5)

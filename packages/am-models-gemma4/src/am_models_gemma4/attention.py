@@ -35,7 +35,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.dtypes import config_dtype
-from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs
+from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs, is_block_mask
 from am_utils.masks import causal_mask, to_additive_mask, to_bool_mask
 from am_utils.rope import apply_rotary_pos_emb
 
@@ -192,6 +192,8 @@ class Gemma4Attention(Gemma4TextAttention):
         return self.o_proj(out), None
 
     def _attend(self, q, k, v, mask, boundaries) -> Tensor:
+        if is_block_mask(mask):  # attn='flex' takes it as is; the kernel rejects it otherwise
+            return self.kernel(q, k, v, mask=mask)
         if self.attn_backend == "te":
             if mask is not None and mask.dim() != 4:
                 raise ValueError(
@@ -201,9 +203,10 @@ class Gemma4Attention(Gemma4TextAttention):
             varlen = boundaries.get(mask, q.shape[2], k.shape[2], q.shape[0], self.sliding_window)
             return self.kernel(q, k, v, varlen=varlen)
         if mask is not None and not isinstance(mask, Tensor):
+            accepted = " or a FlexAttention BlockMask" if self.attn_backend == "flex" else ""
             raise TypeError(
-                f"attn={self.attn_backend!r} takes a dense [B, 1, S, K] mask (bool or additive), "
-                f"got {type(mask).__name__}"
+                f"attn={self.attn_backend!r} takes a dense [B, 1, S, K] mask (bool or "
+                f"additive){accepted}, got {type(mask).__name__}"
             )
         if mask is not None and self.attn_backend == "eager" and mask.dtype == torch.bool:
             mask = to_additive_mask(mask, q.dtype)

@@ -37,6 +37,7 @@ __all__ = [
     "VarlenSeqs",
     "build_te_attention",
     "build_varlen_seqs",
+    "is_block_mask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,14 +120,62 @@ def _eager(q, k, v, *, mask, scale, dropout_p, sliding_window=None, varlen=None,
     return torch.matmul(probs, v)
 
 
+def is_block_mask(mask: object) -> bool:
+    """True for a FlexAttention `BlockMask` (only attn='flex' takes one)."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return False
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return isinstance(mask, BlockMask)
+
+
+def _flex_block_mask(block_mask, q, q_len: int, k_len: int, window: int | None):
+    """A given BlockMask, checked against q/k and with the layer's sliding window ANDed in."""
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask
+
+    b, _, mq, mk = block_mask.shape
+    if (mq, mk) != (q_len, k_len) or b not in (1, q.shape[0]):
+        raise ValueError(
+            f"the BlockMask covers batch {b} x {mq} queries x {mk} keys, but attention has "
+            f"batch {q.shape[0]} x {q_len} queries x {k_len} keys"
+        )
+    if window is None:
+        return block_mask
+    offset = k_len - q_len  # bottom-right alignment, as causal_mask's window
+
+    def inside(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
+
+    return create_block_mask(
+        and_masks(block_mask.mask_mod, inside),
+        b,
+        None,
+        q_len,
+        k_len,
+        device=q.device.type,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+    )
+
+
 def _flex(q, k, v, *, mask, scale, dropout_p, sliding_window=None, varlen=None, te_module=None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
     q_len, k_len = q.shape[2], k.shape[2]
+    cpu_autograd = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+    if is_block_mask(mask):
+        block_mask = _flex_block_mask(mask, q, q_len, k_len, sliding_window)
+        if cpu_autograd:
+            _warn_once("attn='flex' on CPU with autograd runs the equivalent masked SDPA")
+            b = block_mask.shape[0]
+            dense = create_mask(block_mask.mask_mod, b, 1, q_len, k_len, device=q.device.type)
+            return _sdpa(q, k, v, mask=dense, scale=scale, dropout_p=dropout_p)
+        return flex_attention(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     mask = _windowed(mask, q_len, k_len, sliding_window, q.device)
     allowed = to_bool_mask(mask) if mask is not None else causal_mask(q_len, k_len, device=q.device)
     allowed = allowed.expand(q.shape[0], 1, q_len, k_len)
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if cpu_autograd:
         # torch's CPU FlexAttention has no backward; the same mask through SDPA is the same math.
         _warn_once("attn='flex' on CPU with autograd runs the equivalent masked SDPA")
         return _sdpa(q, k, v, mask=allowed, scale=scale, dropout_p=dropout_p)
@@ -316,7 +365,13 @@ class AttentionKernel(nn.Module):
         mask: torch.Tensor | None = None,
         varlen: VarlenSeqs | None = None,
     ) -> torch.Tensor:
-        """Attend; `mask` is read by sdpa / eager / flex, `varlen` by te (see the module doc)."""
+        """Attend; `mask` is read by sdpa / eager / flex (flex also takes a FlexAttention
+        `BlockMask`), `varlen` by te (see the module doc)."""
+        if self.backend != "flex" and is_block_mask(mask):
+            raise ValueError(
+                f"a FlexAttention BlockMask needs attn='flex', but this layer runs "
+                f"attn={self.backend!r}; pass a dense [B, 1, Q, K] bool or additive mask instead"
+            )
         return self._kernel(
             q,
             k,
