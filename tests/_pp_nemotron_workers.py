@@ -93,13 +93,30 @@ class GlobalMTPLoss:
         return ce(logits, 1) + MTP_FACTOR * depth
 
 
-def run(rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]]) -> list[dict]:
+def _reference(ids, labels, attention_mask):
+    """One process: loss and every parameter's gradient. Unpadded, the model's own loss;
+    padded, `GlobalMTPLoss` over the model's outputs (the model's own MTP loss also drops
+    targets whose source is padding, which a loss given only logits and labels cannot)."""
+    full = tiny_mtp_model()
+    if attention_mask is None:
+        loss = full(ids, labels=labels).loss
+    else:
+        out = full(ids, attention_mask=attention_mask)
+        loss_fn = GlobalMTPLoss()
+        loss_fn.set_global_batch(labels)
+        loss = loss_fn((out.logits, *[full.lm_head(h) for h in out.mtp_per_depth_h]), labels)
+    loss.backward()
+    return full, float(loss), {n: p.grad for n, p in full.named_parameters()}
+
+
+def run(
+    rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]], attention_mask=None
+) -> list[dict]:
+    """Each case (schedule, microbatches) on the batch, with `attention_mask` when given."""
     from am_pp import pipeline_model
 
-    full = tiny_mtp_model()
-    out = full(ids, labels=labels)
-    out.loss.backward()
-    ref_grads = {n: p.grad for n, p in full.named_parameters()}
+    full, ref_loss, ref_grads = _reference(ids, labels, attention_mask)
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     results = []
     for schedule, n_microbatches in cases:
         pp = pipeline_model(
@@ -112,7 +129,7 @@ def run(rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]]) -
             microbatch_size=ids.shape[0] // n_microbatches,
             seq_len=ids.shape[1],
         )
-        loss = pp.step(ids, labels)
+        loss = pp.step(ids, labels, **kwargs)
         errors = {}
         for name, p in pp.named_parameters():
             ref = ref_grads[name]
@@ -126,9 +143,20 @@ def run(rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]]) -
                 ],
                 "has_mtp": [s.mtp is not None for s in pp.stages],
                 "loss": None if loss is None else float(loss),
-                "ref_loss": float(out.loss),
+                "ref_loss": ref_loss,
                 "grad_errors": errors,
                 "n_params": len(ref_grads),
             }
         )
     return results
+
+
+def run_padded_too(rank, world_size, ids, labels, cases, mask, padded_cases) -> dict:
+    """`run` unpadded on `cases` and with `mask` on `padded_cases`, in one spawn; also the
+    padded batch's reference loss with an all-ones mask (to show the padding matters)."""
+    unmasked = _reference(ids, labels, torch.ones_like(mask))[1] if rank == 0 else None
+    return {
+        "plain": run(rank, world_size, ids, labels, cases),
+        "padded": run(rank, world_size, ids, labels, padded_cases, attention_mask=mask),
+        "padded_labels_unmasked_loss": unmasked,
+    }

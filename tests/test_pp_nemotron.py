@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _pp_nemotron_workers import run
+from _pp_nemotron_workers import run, run_padded_too
 
 from am_dtype.testing import run_distributed
 
@@ -42,11 +42,28 @@ def _check(results: list[dict], schedule: str, num_stages: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_nemotron_mtp_two_ranks_equal_one_process():
+def test_nemotron_mtp_two_ranks_equal_one_process_unpadded_and_padded():
+    """Unpadded and left-padded batches (a different padding per microbatch): every stage's
+    attention, Mamba and MoE blocks and the MTP heads see the padding (am-pp carries the
+    attention_mask with the stage outputs), so loss and gradients equal one process's."""
     cases = [("1F1B", 4), ("Interleaved1F1B", 4)]
-    per_rank = run_distributed(run, 2, *_batch(), cases, timeout_s=300)
-    _check([r[0] for r in per_rank], "1F1B", 2)
-    _check([r[1] for r in per_rank], "Interleaved1F1B", 4)
+    ids, labels = _batch()
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate([0, 3, 1, 5]):
+        mask[row, :pads] = 0
+    padded_labels = labels.masked_fill(mask == 0, -100)
+    per_rank = run_distributed(
+        run_padded_too, 2, ids, padded_labels, cases, mask, cases, timeout_s=300
+    )
+    padded = [r["padded"] for r in per_rank]
+    _check([r[0] for r in padded], "1F1B padded", 2)
+    _check([r[1] for r in padded], "Interleaved1F1B padded", 4)
+    # The mask changes the loss: a stage that dropped it would not match the reference.
+    ref = padded[0][0]["ref_loss"]
+    assert abs(per_rank[0]["padded_labels_unmasked_loss"] - ref) > 1e-3 * abs(ref)
+    plain = [r["plain"] for r in per_rank]
+    _check([r[0] for r in plain], "1F1B", 2)
+    _check([r[1] for r in plain], "Interleaved1F1B", 4)
 
 
 @pytest.mark.distributed

@@ -6,8 +6,6 @@ last two, which use a one-rank gloo world to reach `PipelinedModel.step`).
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -123,16 +121,6 @@ def test_pipeline_model_rejects_bad_input_before_any_process_group_work():
         pipeline_model(llama(), schedule="1F1B", n_microbatches=2)
 
 
-@pytest.fixture
-def one_rank_world():
-    dist.init_process_group(
-        "gloo", store=dist.HashStore(), rank=0, world_size=1,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    yield
-    dist.destroy_process_group()
-
-
 def test_one_stage_pipeline_equals_the_model(one_rank_world):
     import torch.nn.functional as F
 
@@ -186,11 +174,16 @@ def test_attention_mask_reaches_every_stage_and_cache_position_is_rejected(one_r
         pp.step(ids, ids, cache_position=torch.arange(10))
 
 
-def test_eval_step_rejects_v_shaped_schedules(one_rank_world):
+def test_eval_step_rejects_what_torch_eval_cannot_run(one_rank_world):
+    ids = torch.randint(6, 90, (2, 8))
     pp = pipeline_model(llama(), schedule="ZBVZeroBubble", n_microbatches=2)
     assert pp.stage_indices == [0, 1]
     with pytest.raises(NotImplementedError, match="V-shaped schedule"):
-        pp.eval_step(torch.randint(6, 90, (2, 8)), torch.randint(6, 90, (2, 8)))
+        pp.eval_step(ids, ids)
+    # Interleaved on one rank: stages 0 and 1 hand off locally (torch fails on its backward).
+    pp = pipeline_model(llama(), schedule="Interleaved1F1B", n_microbatches=2)
+    with pytest.raises(NotImplementedError, match=r"consecutive stages \[0, 1\] on one rank"):
+        pp.eval_step(ids, ids)
 
 
 def test_pp_group_may_be_a_device_mesh(one_rank_world):

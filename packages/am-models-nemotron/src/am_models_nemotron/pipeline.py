@@ -23,9 +23,10 @@ class NemotronHPipelineMixin:
         The first stage shifts the MTP embeddings with its BlockInputs, so they respect packing
         when the microbatch's `cu_seqlens` / `seq_idx` / padding mask reach it. The last stage
         runs the MTP blocks with the BlockInputs built from the kwargs it receives itself;
-        torch.distributed.pipelining hands microbatch kwargs to the first stage only, so
-        there a later stage sees a packed row as one sequence (its decoder blocks too), and
-        the loss function, given only logits, must mask MTP targets that cross a boundary.
+        torch.distributed.pipelining hands microbatch kwargs to the first stage only. am-pp
+        (`am_pp.pipeline_model`) carries the 2-D `attention_mask` to every stage, so every
+        stage's blocks and the MTP heads see the padding; it rejects packing kwargs
+        (`cu_seqlens` / `seq_idx`), which a later stage would not see.
         """
         is_first = self.model.embed_tokens is not None
         if self.mtp_config.enabled and is_first and not embeds:

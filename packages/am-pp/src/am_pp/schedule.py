@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import pipelining
 
+from am_pp._own_forward import MaskCarryingStage, carried_mask
 from am_pp.hf_utils import model_keeps_self_forward, validate_hf_model_for_pipeline_support
 from am_pp.split import generate_stage_module_names, materialize_stage, split_model_into_stages
 
@@ -126,8 +127,9 @@ def _split_rows(value: Any, n: int, name: str) -> list[Any]:
 
 
 # Per-token inputs every stage needs, but PipelineStage hands only to the first one. The
-# patched forwards carry position_ids and attention_mask with the hidden states; a model's
-# own forward (`model_keeps_self_forward`) may not, and none carries cache_position.
+# patched forwards carry position_ids and attention_mask with the hidden states; for a model
+# that keeps its own forward (`model_keeps_self_forward`) am-pp carries the attention_mask
+# (`_own_forward.MaskCarryingStage`) and nothing else reaches a later stage.
 _FIRST_STAGE_ONLY = ("attention_mask", "position_ids", "cache_position")
 _CARRIED = ("attention_mask", "position_ids")
 
@@ -135,14 +137,24 @@ _CARRIED = ("attention_mask", "position_ids")
 def _reject_first_stage_only_inputs(
     kwargs: Mapping[str, Any], num_stages: int, carries_inputs: bool
 ) -> None:
-    given = [k for k in _FIRST_STAGE_ONLY if kwargs.get(k) is not None]
+    if num_stages == 1:
+        return
+    given = [k for k, v in kwargs.items() if v is not None]
     if carries_inputs:
-        given = [k for k in given if k not in _CARRIED]
-    if given and num_stages > 1:
+        given = [k for k in given if k in _FIRST_STAGE_ONLY and k not in _CARRIED]
+        hint = "pass unpadded, unpacked batches (or one stage)"
+    else:
+        # The model's own forward reads every keyword on every stage (packing, padding).
+        given = [k for k in given if k != "attention_mask"]
+        hint = (
+            "a model that keeps its own forward gets only attention_mask (a 2-D padding mask) "
+            "on every stage; pass unpacked batches with padding as attention_mask"
+        )
+    if given:
         raise ValueError(
-            f"{given} would reach only the first of {num_stages} stages (later stages get "
-            "hidden states alone) and the others would silently use plain causal masks and "
-            "default positions; pass unpadded, unpacked batches (or one stage)"
+            f"{sorted(given)} would reach only the first of {num_stages} stages (later stages "
+            "get the previous stage's outputs alone) and the others would silently run "
+            f"without them; {hint}"
         )
 
 
@@ -183,6 +195,8 @@ class PipelinedModel:
         if self.has_first_stage:
             if input_ids is None:
                 raise ValueError("this rank holds the first stage: step() needs input_ids")
+            if not self.carries_inputs and self.num_stages > 1:
+                carried_mask(kwargs.get("attention_mask"), input_ids)  # checked before any p2p
             arg_mbs = [(x,) for x in _split_rows(input_ids, n, "input_ids")]
             split = {k: _split_rows(v, n, k) for k, v in kwargs.items() if v is not None}
             kwarg_mbs = [{k: v[m] for k, v in split.items()} for m in range(n)]
@@ -211,7 +225,8 @@ class PipelinedModel:
         """One forward+backward over the global batch; gradients accumulate in the stages.
 
         input_ids (and whole-batch `kwargs`, split by rows) feed the first stage (the
-        patched forwards pass `attention_mask` / `position_ids` on to every stage);
+        patched forwards pass `attention_mask` / `position_ids` on to every stage; for a
+        model that keeps its own forward am-pp carries `attention_mask`, nothing else);
         `microbatch_kwargs` adds per-microbatch first-stage inputs that do not split by rows
         (e.g. each microbatch's images). `labels` (whole batch) are the loss target; pass
         them on every rank. Returns the global-batch loss on the rank holding the last
@@ -230,12 +245,20 @@ class PipelinedModel:
     ) -> torch.Tensor | None:
         """`step` without backward (validation): the global-batch loss on the last stage's
         rank, no gradients touched. Not for the V-shaped schedules (ZBVZeroBubble,
-        DualPipeV): the installed torch's `eval` still runs their backward hand-offs."""
+        DualPipeV) nor a multi-stage schedule on one rank: where two consecutive stages
+        share a rank, the installed torch's `eval` still runs their local backward
+        hand-offs (and fails). Every rank reaches the same decision (from the placement)."""
         if self.placement == "v":
             raise NotImplementedError(
                 "eval_step with a V-shaped schedule: torch.distributed.pipelining's eval runs "
                 "its backward actions too (and fails); evaluate with a 1F1B or interleaved "
                 "pipeline"
+            )
+        if any(i + 1 in self.stage_indices for i in self.stage_indices):
+            raise NotImplementedError(
+                f"eval_step with consecutive stages {self.stage_indices} on one rank: "
+                "torch.distributed.pipelining's eval runs their local backward hand-off too "
+                "(and fails); evaluate with one stage per rank, or more ranks than 1"
             )
         losses: list[torch.Tensor] = []
         mbs = self._microbatches(input_ids, labels, microbatch_kwargs, kwargs)
@@ -256,9 +279,11 @@ def _group_size_rank(pp_group) -> tuple[Any, int, int]:
 def _static_metas(stage: nn.Module, is_first: bool, microbatch_size, seq_len, dtype):
     if microbatch_size is None or seq_len is None:
         raise ValueError(
-            f"{type(stage).__name__} gives static stage shapes (get_pipeline_stage_metas): "
+            f"{type(getattr(stage, 'stage', stage)).__name__} gives static stage shapes (get_pipeline_stage_metas): "
             "pipeline_model needs microbatch_size and seq_len"
         )
+    if isinstance(stage, MaskCarryingStage):
+        return stage.static_metas(microbatch_size, seq_len, dtype)
     return stage.get_pipeline_stage_metas(is_first, microbatch_size, seq_len, dtype)
 
 
@@ -301,13 +326,15 @@ def pipeline_model(
     pipeline_stages = []
     for index, module in zip(indices, modules, strict=True):
         materialize_stage(module, device, state_dict)
-        metas = {}
+        metas, submod = {}, module
+        if model_keeps_self_forward(module) and num_stages > 1:
+            submod = MaskCarryingStage(module, index == 0, index == num_stages - 1)
         if model_keeps_self_forward(module) and hasattr(module, "get_pipeline_stage_metas"):
-            inputs, outputs = _static_metas(module, index == 0, microbatch_size, seq_len, dtype)
+            inputs, outputs = _static_metas(submod, index == 0, microbatch_size, seq_len, dtype)
             metas = {"input_args": inputs, "output_args": outputs}
         pipeline_stages.append(
             pipelining.PipelineStage(
-                module, index, num_stages, torch.device(device), group=group, **metas
+                submod, index, num_stages, torch.device(device), group=group, **metas
             )
         )
     cls = getattr(pipelining, spec.cls_name)
