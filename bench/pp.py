@@ -6,13 +6,23 @@ model split into 2 stages; rank 0 also times the same model on the same global b
 (one process, one thread, one forward + backward), interleaved repeat by repeat with the
 pipeline steps so both see the same machine load. Medians are reported, with the load
 average before and after, and each timing's process CPU time: on a shared machine a CPU
-share (CPU / wall) well under 1 means the process waited for a core. From the CPU times the
-bench also estimates the ratio without contention, and times the model alone over the same
-8 sequential microbatches (gradient accumulation) to show what microbatching itself costs.
+share (CPU / wall) well under 1 means the process waited for a core.
 
 The ideal pipeline time is the per-stage share of the work stretched by the bubble:
 T_pp / T_1 = (1/p) * (m + p - 1) / m, i.e. 1/p of the work plus the bubble, which is
 (p - 1) / (m + p - 1) of the pipeline step (0.5625 for p = 2, m = 8).
+
+Where the time goes (CPU ms per rank, all from the same run):
+- each rank's own stage module run by hand over the same microbatches (forward + backward,
+  no PipelineStage, no schedule, no p2p), both ranks at once and one at a time: the
+  pipeline step's CPU minus the first is what the engine and the p2p cost (ours); the
+  first over the second is what two busy cores cost each other on this machine (not ours);
+  the busiest stage alone over half the one-rank CPU is the stage split + microbatching
+  (the baseline runs the whole batch in one call; the model alone over 8 sequential
+  microbatches shows microbatching's part);
+- a gloo send + receive of one microbatch's activation, the p2p per microbatch;
+- CPU-time estimates of the ratio without other load: the busiest rank's CPU stretched by
+  the bubble, and the same with both cores as fast as one alone.
 
 Also: the time the per-stage causal-mask cache saves per microbatch (a mask-mapping build
 vs a cache hit at the microbatch shape, eager attention so the mask is a real tensor), and
@@ -35,6 +45,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _timing import load_average
 
 P = 2  # pipeline stages (= ranks)
 
@@ -83,6 +94,42 @@ def _medians(times: list[tuple[float, float]]) -> tuple[float, float] | None:
     return statistics.median(t for t, _ in times[1:]), statistics.median(c for _, c in times[1:])
 
 
+def _stage_work(pp, rank: int, ids, shape: dict):
+    """This rank's share of the step done by hand: its stage module's forward + backward
+    over the same microbatches, no PipelineStage, no schedule, no p2p (rank 0 backpropagates
+    a fixed output gradient, rank 1 the pipeline loss from a fixed input)."""
+    stage, m = pp.stages[0], shape["microbatches"]
+    chunks = ids.chunk(m)
+    h = torch.randn(chunks[0].shape[0], shape["seq"], shape["hidden"],
+                    generator=torch.Generator().manual_seed(2))  # fmt: skip
+    pp.loss_fn.set_global_batch(ids)
+
+    def work():
+        for chunk in chunks:
+            if rank == 0:
+                stage(chunk).backward(h)
+            else:
+                pp.loss_fn(stage(h.clone().requires_grad_()), chunk).backward()
+
+    return work
+
+
+def _p2p_round_trip(rank: int, shape: dict, n: int = 20) -> float:
+    """Seconds of one activation-sized send and one gradient-sized send back (gloo), the
+    p2p a microbatch costs at a 2-stage boundary, here without any compute to hide it."""
+    mb = shape["batch"] // shape["microbatches"]
+    buf = torch.zeros(mb, shape["seq"], shape["hidden"])
+    start = time.perf_counter()
+    for _ in range(n):
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+    return (time.perf_counter() - start) / n
+
+
 def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) -> dict:
     from am_pp import pipeline_model
 
@@ -91,8 +138,13 @@ def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) 
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]),
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     pp = pipeline_model(model, None, "1F1B", shape["microbatches"])
-    pp_times, single_times, accum_times = [], [], []
+    by_hand = _stage_work(pp, rank, ids, shape)
+    times = {k: [] for k in ("pp", "single", "accum", "hand_both", "hand_alone")}
     profiler = cProfile.Profile() if profile else None
+
+    def clear():
+        for p in [*pp.parameters(), *model.parameters()]:
+            p.grad = None
 
     def pp_step():
         pp.step(ids, ids)
@@ -101,23 +153,30 @@ def rank_times(rank: int, world: int, shape: dict, repeats: int, profile: bool) 
     for i in range(repeats + 1):  # the first round warms up (shape inference, allocator)
         dist.barrier()
         if rank == 0:
-            single_times.append(_timed(lambda: _single_step(model, ids)))
-            model.zero_grad(set_to_none=True)
-            accum_times.append(_timed(lambda: _single_step(model, ids, shape["microbatches"])))
-            model.zero_grad(set_to_none=True)
+            times["single"].append(_timed(lambda: _single_step(model, ids)))
+            clear()
+            times["accum"].append(_timed(lambda: _single_step(model, ids, shape["microbatches"])))
+            clear()
         dist.barrier()
         if profiler is not None and i > 0:
             profiler.enable()
-        pp_times.append(_timed(pp_step))
+        times["pp"].append(_timed(pp_step))
         if profiler is not None and i > 0:
             profiler.disable()
-        for p in pp.parameters():
-            p.grad = None
+        clear()
+        dist.barrier()
+        times["hand_both"].append(_timed(by_hand))  # both ranks at once, as in the pipeline
+        clear()
+        for r in range(world):  # one rank at a time, the other waiting in the barrier
+            dist.barrier()
+            if r == rank:
+                times["hand_alone"].append(_timed(by_hand))
+                clear()
+        dist.barrier()
     return {
         "cores": cores,
-        "pp": _medians(pp_times),
-        "single": _medians(single_times),
-        "accum": _medians(accum_times),
+        **{k: _medians(v) for k, v in times.items()},
+        "p2p": _p2p_round_trip(rank, shape),
         "mask": _mask_cache_saving(pp, shape) if rank == 1 else None,
         "profile": _top(profiler, repeats) if profiler is not None else None,
     }
@@ -154,52 +213,72 @@ def _mask_cache_saving(pp, shape: dict) -> dict:
     return {"build": build, "hit": hit}
 
 
-def _load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def report(shape: dict, repeats: int, profile: bool) -> None:
     from am_dtype.testing import run_distributed
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    load_before = _load()
-    first, last = run_distributed(rank_times, P, shape, repeats, profile, timeout_s=1200)
-    load_after = _load()
+    load_before = load_average()
+    first, last = run_distributed(rank_times, P, shape, repeats, profile, timeout_s=1800)
+    load_after = load_average()
     m = shape["microbatches"]
     ideal = (1 / P) * (m + P - 1) / m
-    (pp_wall, pp_cpu0), (_, pp_cpu1) = first["pp"], last["pp"]
+    stretch = (m + P - 1) / m  # a rank's busy time -> the step's time (the bubble)
+    ranks = (first, last)
+    pp_wall = max(r["pp"][0] for r in ranks)
     single_wall, single_cpu = first["single"]
     accum_wall, accum_cpu = first["accum"]
     ratio = pp_wall / single_wall
-    mask = last["mask"]
-    mb_time = pp_wall / m
     print(f"shape: {shape}; 2 gloo ranks x 1 thread, pinned to cores {first['cores']} and "
           f"{last['cores']} of {os.cpu_count()}; median of {repeats} interleaved repeats")  # fmt: skip
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(f"before: {load_before}; after: {load_after}")
     print("wall ms (CPU ms; CPU share < 1: the process waited for a core or its peer):")
     print(f"  one rank, one thread, whole batch fwd+bwd:     {single_wall * 1e3:9.1f} "
           f"({single_cpu * 1e3:.1f}; share {single_cpu / single_wall:.2f})")  # fmt: skip
     print(f"  one rank, {m} sequential microbatches (accum):  {accum_wall * 1e3:9.1f} "
           f"({accum_cpu * 1e3:.1f}; share {accum_cpu / accum_wall:.2f})")  # fmt: skip
+    cpus = [r["pp"][1] for r in ranks]
     print(f"  2-stage 1F1B, {m} microbatches, step:          {pp_wall * 1e3:9.1f} "
-          f"(rank 0 {pp_cpu0 * 1e3:.1f}, rank 1 {pp_cpu1 * 1e3:.1f}; shares "
-          f"{pp_cpu0 / pp_wall:.2f}, {pp_cpu1 / pp_wall:.2f})")  # fmt: skip
+          f"(rank 0 {cpus[0] * 1e3:.1f}, rank 1 {cpus[1] * 1e3:.1f}; shares "
+          f"{cpus[0] / pp_wall:.2f}, {cpus[1] / pp_wall:.2f})")  # fmt: skip
     print(f"ratio pipeline / one rank: {ratio:.3f}; ideal (1/{P}) * (m+p-1)/m = {ideal:.4f} "
           f"(bubble (p-1)/(m+p-1) = {(P - 1) / (m + P - 1):.3f}); "
           f"ratio / ideal = {ratio / ideal:.3f} (goal <= 1.10)")  # fmt: skip
-    # Without contention a rank's step takes its CPU time stretched by the bubble (if its
-    # waits do not spin); this estimate separates our overheads from the machine's load.
-    est = max(pp_cpu0, pp_cpu1) * (m + P - 1) / m / single_cpu
-    print(f"CPU-time estimate (no contention): max rank CPU x (m+p-1)/m / one-rank CPU = "
-          f"{est:.3f}, {est / ideal:.3f} of ideal; microbatching alone costs "
-          f"{accum_cpu / single_cpu:.3f}x the one-rank CPU time")  # fmt: skip
+    _breakdown(ranks, single_cpu, accum_cpu, stretch, ideal, m)
+    mask = last["mask"]
     saved = mask["build"] - mask["hit"]
     print(f"mask cache: build {mask['build'] * 1e6:.1f} us, hit {mask['hit'] * 1e6:.2f} us per "
           f"microbatch per stage; saves {saved * 1e6:.1f} us per microbatch "
-          f"({100 * saved / mb_time:.2f}% of a microbatch's share of the step)")  # fmt: skip
+          f"({100 * saved / (pp_wall / m):.2f}% of a microbatch's share of the step)")  # fmt: skip
     if profile:
-        for rank, result in enumerate((first, last)):
+        for rank, result in enumerate(ranks):
             print(f"--- rank {rank} pipeline steps, top functions by own time {result['profile']}")
+
+
+def _breakdown(ranks, single_cpu: float, accum_cpu: float, stretch: float, ideal: float, m):
+    """Where each rank's CPU time goes, from the same run (see the module docstring)."""
+    print("where the pipeline's CPU time goes, per rank (CPU ms; wall ms in brackets):")
+    for rank, r in enumerate(ranks):
+        (_, pc), (bw, bc), (aw, ac) = r["pp"], r["hand_both"], r["hand_alone"]
+        print(f"  rank {rank}: pipeline step {pc * 1e3:.1f}; its stage's work by hand "
+              f"(no engine, no p2p) with both ranks busy {bc * 1e3:.1f} [{bw * 1e3:.1f}], "
+              f"alone {ac * 1e3:.1f} [{aw * 1e3:.1f}]; engine + p2p {(pc - bc) * 1e3:+.1f} "
+              f"({100 * (pc / bc - 1):+.1f}%), two busy cores {100 * (bc / ac - 1):+.1f}%")  # fmt: skip
+    alone = max(r["hand_alone"][1] for r in ranks)
+    overhead = max(r["pp"][1] / r["hand_both"][1] for r in ranks)
+    share = alone / (single_cpu / P)
+    print(f"  busiest stage alone / (one-rank CPU / {P}) = {share:.3f} (stage split + "
+          f"microbatching; microbatching alone: {accum_cpu / single_cpu:.3f})")  # fmt: skip
+    p2p = ranks[0]["p2p"]
+    print(f"  gloo p2p at the boundary: {p2p * 1e3:.2f} ms per activation + gradient round "
+          f"trip, {2 * m * p2p * 1e3:.1f} ms per step if none of it overlapped compute")  # fmt: skip
+    # Without contention a rank's step takes its CPU time stretched by the bubble (if its
+    # waits do not spin): the first estimate keeps the slowdown two busy cores cause each
+    # other on this machine, the second is the step on two cores as fast as one alone.
+    est = max(r["pp"][1] for r in ranks) * stretch / single_cpu
+    est_alone = alone * overhead * stretch / single_cpu
+    print(f"  estimate (no other load): max rank CPU x (m+p-1)/m / one-rank CPU = {est:.3f}, "
+          f"{est / ideal:.3f} of ideal; with each core as fast as one alone: "
+          f"{est_alone:.3f}, {est_alone / ideal:.3f} of ideal")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
