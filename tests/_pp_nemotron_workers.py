@@ -110,18 +110,19 @@ def _reference(ids, labels, attention_mask):
 
 
 def run(
-    rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]], attention_mask=None
-) -> list[dict]:
+    rank: int, world_size: int, ids, labels, cases: list[tuple[str, int]], attention_mask=None,
+    pp_group=None, reference=None,
+) -> list[dict]:  # fmt: skip
     """Each case (schedule, microbatches) on the batch, with `attention_mask` when given."""
     from am_pp import pipeline_model
 
-    full, ref_loss, ref_grads = _reference(ids, labels, attention_mask)
+    full, ref_loss, ref_grads = reference or _reference(ids, labels, attention_mask)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     results = []
     for schedule, n_microbatches in cases:
         pp = pipeline_model(
             tiny_mtp_model("meta"),
-            None,
+            pp_group,
             schedule,
             n_microbatches,
             loss_fn=GlobalMTPLoss(),
@@ -151,12 +152,23 @@ def run(
     return results
 
 
-def run_padded_too(rank, world_size, ids, labels, cases, mask, padded_cases) -> dict:
-    """`run` unpadded on `cases` and with `mask` on `padded_cases`, in one spawn; also the
+def run_plan(rank, world_size, ids, labels, mask, plan) -> dict:
+    """Several pipelines in one spawn (starting a rank costs more than its cases): for each
+    (ranks, cases, padded) of `plan` the ranks listed run the cases over their own process
+    group, with `mask` when padded (groups of different ranks at the same time). Also the
     padded batch's reference loss with an all-ones mask (to show the padding matters)."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group(ranks) for ranks, _, _ in plan]  # every rank creates every group
+    references = {}
+    out = []
+    for (ranks, cases, padded), group in zip(plan, groups, strict=True):
+        if rank not in ranks:
+            out.append(None)
+            continue
+        m = mask if padded else None
+        if padded not in references:
+            references[padded] = _reference(ids, labels, m)
+        out.append(run(rank, world_size, ids, labels, cases, m, group, references[padded]))
     unmasked = _reference(ids, labels, torch.ones_like(mask))[1] if rank == 0 else None
-    return {
-        "plain": run(rank, world_size, ids, labels, cases),
-        "padded": run(rank, world_size, ids, labels, padded_cases, attention_mask=mask),
-        "padded_labels_unmasked_loss": unmasked,
-    }
+    return {"results": out, "padded_labels_unmasked_loss": unmasked}

@@ -4,14 +4,15 @@ am-pp does not depend on am-models-nemotron, so this cross-package test lives he
 model keeps its own PP-aware forward (`_pp_keep_self_forward`); `am_pp.pipeline_model`
 calls its `customize_pipeline_stage_modules` hook (MTP pinned to the last stage) and
 `get_pipeline_stage_metas` hook (static stage shapes, 1 + D tensors between stages).
-2 ranks run 2-stage 1F1B and 2 x 2 virtual stages Interleaved1F1B; 4 ranks 4-stage 1F1B.
+2 ranks run 2-stage 1F1B and 2 x 2 virtual stages Interleaved1F1B; 4 ranks 4-stage 1F1B;
+each unpadded and with a left-padded batch (an attention_mask), all in one spawn.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _pp_nemotron_workers import run, run_padded_too
+from _pp_nemotron_workers import run_plan as run_pp_plan
 
 from am_dtype.testing import run_distributed
 
@@ -42,32 +43,31 @@ def _check(results: list[dict], schedule: str, num_stages: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_nemotron_mtp_two_ranks_equal_one_process_unpadded_and_padded():
-    """Unpadded and left-padded batches (a different padding per microbatch): every stage's
-    attention, Mamba and MoE blocks and the MTP heads see the padding (am-pp carries the
-    attention_mask with the stage outputs), so loss and gradients equal one process's."""
-    cases = [("1F1B", 4), ("Interleaved1F1B", 4)]
+def test_nemotron_mtp_pipelines_equal_one_process_unpadded_and_padded():
+    """One spawn of 4 ranks: ranks {0, 1} run 2-stage 1F1B and 2 x 2 virtual stages
+    Interleaved1F1B unpadded while ranks {2, 3} run them on a left-padded batch (a different
+    padding per microbatch), then all 4 ranks 4-stage 1F1B, unpadded and padded. Padded,
+    every stage's attention, Mamba and MoE blocks and the MTP heads see the padding (am-pp
+    carries the attention_mask with the stage outputs, also through the middle stages), so
+    loss and gradients equal one process's."""
     ids, labels = _batch()
     mask = torch.ones_like(ids)
     for row, pads in enumerate([0, 3, 1, 5]):
         mask[row, :pads] = 0
-    padded_labels = labels.masked_fill(mask == 0, -100)
-    per_rank = run_distributed(
-        run_padded_too, 2, ids, padded_labels, cases, mask, cases, timeout_s=300
-    )
-    padded = [r["padded"] for r in per_rank]
-    _check([r[0] for r in padded], "1F1B padded", 2)
-    _check([r[1] for r in padded], "Interleaved1F1B padded", 4)
+    labels = labels.masked_fill(mask == 0, -100)
+    two = [("1F1B", 4), ("Interleaved1F1B", 4)]
+    plan = [
+        ([0, 1], two, False),
+        ([2, 3], two, True),
+        ([0, 1, 2, 3], [("1F1B", 4)], False),
+        ([0, 1, 2, 3], [("1F1B", 4)], True),
+    ]
+    per_rank = run_distributed(run_pp_plan, 4, ids, labels, mask, plan, timeout_s=400)
+    for entry, (ranks, cases, padded) in enumerate(plan):
+        for i, (schedule, _) in enumerate(cases):
+            results = [per_rank[r]["results"][entry][i] for r in ranks]
+            stages = len(ranks) * (2 if schedule == "Interleaved1F1B" else 1)
+            _check(results, f"{schedule} on {len(ranks)} ranks, padded={padded}", stages)
     # The mask changes the loss: a stage that dropped it would not match the reference.
-    ref = padded[0][0]["ref_loss"]
+    ref = per_rank[2]["results"][1][0]["ref_loss"]
     assert abs(per_rank[0]["padded_labels_unmasked_loss"] - ref) > 1e-3 * abs(ref)
-    plain = [r["plain"] for r in per_rank]
-    _check([r[0] for r in plain], "1F1B", 2)
-    _check([r[1] for r in plain], "Interleaved1F1B", 4)
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_nemotron_mtp_four_stage_1f1b_equals_one_process():
-    per_rank = run_distributed(run, 4, *_batch(), [("1F1B", 4)], timeout_s=300)
-    _check([r[0] for r in per_rank], "1F1B", 4)

@@ -59,7 +59,7 @@ def _mask_builds(pp) -> list[int]:
 
 def run_case(
     name: str, schedule: str, n_microbatches: int, batch_size: int, from_meta: bool,
-    packed: bool = False, padded: bool = False,
+    packed: bool = False, padded: bool = False, pp_group=None,
 ) -> dict:  # fmt: skip
     data = batch(name, batch_size, n_microbatches)
     inputs = _inputs(batch_size, packed, padded)
@@ -72,7 +72,7 @@ def run_case(
         state_dict = ref_model.state_dict()
     else:
         source, state_dict = CASES[name](), None
-    pp = pipeline_model(source, None, schedule, n_microbatches, state_dict=state_dict)
+    pp = pipeline_model(source, pp_group, schedule, n_microbatches, state_dict=state_dict)
     step = dict(microbatch_kwargs=data["image_kwargs_mbs"], **inputs)
     loss = pp.step(data["input_ids"], data["labels"], **step)
     errors = {}
@@ -101,6 +101,17 @@ def run_case(
     }
 
 
-def run_cases(rank: int, world_size: int, cases: list[tuple]) -> list[dict]:
+def run_in_groups(rank: int, world_size: int, plan: list[tuple[list[int], list[tuple]]]):
+    """Several pipelines in one spawn: for each (ranks, cases) of `plan`, the ranks listed
+    run the cases as a pipeline over their own process group (the others skip them). Groups
+    of different ranks run at the same time; one spawn costs less than the cases (each rank
+    imports torch and transformers). Returns, per plan entry, this rank's results or None."""
+    import torch.distributed as dist
+
     torch.manual_seed(1234 + rank)  # ranks must not rely on sharing RNG state
-    return [run_case(*case) for case in cases]
+    groups = [dist.new_group(ranks) for ranks, _ in plan]  # every rank creates every group
+    out = []
+    for (ranks, cases), group in zip(plan, groups, strict=True):
+        member = rank in ranks
+        out.append([run_case(*case, pp_group=group) for case in cases] if member else None)
+    return out
