@@ -1,12 +1,12 @@
 """Pure-PyTorch Mamba2 kernels: causal depthwise conv, chunked SSD scan, decode steps, gated norm.
 
 These are the CPU default of `Mamba2Mixer` and the reference its GPU kernel
-path is tested against. All math is float32. Three pieces have hand-written
-backwards because autograd's generic ones dominate CPU time: the depthwise
-conv (F.conv1d's depthwise weight gradient is several times slower than shifted
-products; without packing the backward runs in cache-sized blocks), the decay-masked in-chunk product (autograd makes about
-twice the passes over the [.., H, L, L] tensors) and the gated RMSNorm. The
-rest (chunk states, the chunk recurrence, state outputs) is plain autograd.
+path is tested against. All math is float32. Every piece has a hand-written
+backward, because autograd's generic ones dominate CPU time: the depthwise conv
+(F.conv1d's depthwise weight gradient is several times slower than shifted
+products; without packing the backward runs in cache-sized blocks), the chunked
+scan (`ssd_scan.py`: one function for the whole scan, about half the elementwise
+passes and none of the transposed copies autograd made) and the gated RMSNorm.
 
 Shape legend: Bt batch, S sequence, H SSM heads, P head dim, G B/C groups,
 R = H // G heads per group, N state size, L chunk length, K conv width,
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from am_models_nemotron.ssd_scan import chunk_scan
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -228,167 +230,14 @@ def ssd_chunk_scan(
     state before position 0 and belongs to the sequence of position 0; seq_idx [Bt, S]
     (non-decreasing per row) resets the state at each change.
     """
-    Bt, S, H, P = x.shape
-    G, N = B.shape[-2:]
+    H, G = x.shape[2], B.shape[2]
     if H % G:
         raise ValueError(f"{H} heads are not divisible into {G} B/C groups")
-    L = chunk_size
-    pad = (-S) % L
-    nc = (S + pad) // L
     cdt = compute_dtype(x)
-    x32, dt = x.to(cdt), dt.to(cdt)
-    xdt = _pad_seq(x32 * dt[..., None], pad).view(Bt, nc, L, H, P)
-    a_cs = _pad_seq(dt * A.to(cdt), pad).view(Bt, nc, L, H).transpose(2, 3).cumsum(-1)
-    # Group-major copies once, instead of one hidden copy inside every matmul that reads them.
-    B_c = _pad_seq(B.to(cdt), pad).view(Bt, nc, L, G, N).transpose(2, 3).contiguous()
-    C_c = _pad_seq(C.to(cdt), pad).view(Bt, nc, L, G, N).transpose(2, 3).contiguous()
-    seq = None if seq_idx is None else _pad_seq_idx(seq_idx, pad).view(Bt, nc, L)
-
-    y = _intra_chunk(xdt, a_cs, B_c, C_c, seq)
-    states = _chunk_states(xdt, a_cs, B_c, seq)
-    initial = None if initial_state is None else _state_to_gnrp(initial_state.to(cdt), G)
-    starts, final = _pass_states(states, a_cs[..., -1], initial, seq, x32.new_zeros)
-    y = _add_state_outputs(y, starts, a_cs, C_c, seq)
-    final = _state_from_gnrp(final, P)
-    y = y.permute(0, 1, 3, 2, 4).reshape(Bt, nc * L, H, P)[:, :S]
-    if D is not None:
-        y = torch.addcmul(y, x32, D.to(cdt)[:, None])
-    return y, final
-
-
-def _pad_seq(t: Tensor, pad: int) -> Tensor:
-    if pad == 0:
-        return t
-    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-
-
-def _pad_seq_idx(seq_idx: Tensor, pad: int) -> Tensor:
-    # Padding continues the last sequence so it cannot reset the final state (its dt is 0).
-    if pad == 0:
-        return seq_idx
-    return torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
-
-
-def _intra_chunk(xdt: Tensor, a_cs: Tensor, B_c: Tensor, C_c: Tensor, seq: Tensor | None) -> Tensor:
-    """Quadratic in-chunk term: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cs[l] - a_cs[s]) xdt[s]."""
-    L = a_cs.shape[-1]
-    keep = torch.ones(L, L, dtype=torch.bool, device=a_cs.device).tril()
-    if seq is not None:
-        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None]
-    scores = C_c @ B_c.transpose(-1, -2)  # [Bt, nc, G, L, L]
-    # Head-major values: both matmuls of the backward read them, and a strided operand runs
-    # them at about half speed on CPU.
-    v = xdt.transpose(2, 3).contiguous()
-    return _DecayedAttention.apply(scores, a_cs, v, ~keep)
-
-
-class _DecayedAttention(torch.autograd.Function):
-    """y = (exp(segsum(a_cs)) * masked scores) @ v with a hand-written backward.
-
-    scores [Bt, nc, G, L, L] is shared by the R heads of a group; a_cs [Bt, nc, H, L];
-    v [Bt, nc, H, L, P]; drop marks the (future or other-sequence) pairs to zero.
-    Autograd through the elementwise chain makes about twice as many passes over
-    the [Bt, nc, H, L, L] tensors as this backward does.
-    """
-
-    @staticmethod
-    def forward(ctx, scores, a_cs, v, drop):
-        Bt, nc, H, L = a_cs.shape
-        G = scores.shape[2]
-        # exp of arguments below about -87 yields float32 denormals, which run 30x slower on
-        # CPU than normal exp. Clamping to [-80, 0] keeps exp on the fast path: the clamped
-        # decays are < 2e-35 (nothing at float32 precision) and every entry above the
-        # diagonal or across sequences is zeroed through the masked scores, not through exp.
-        decay = (a_cs[..., :, None] - a_cs[..., None, :]).clamp_(min=-80.0, max=0.0).exp_()
-        scores = scores.masked_fill(drop, 0.0)
-        weights = (decay.view(Bt, nc, G, H // G, L, L) * scores[:, :, :, None]).view(decay.shape)
-        ctx.save_for_backward(decay, weights, v, drop)
-        ctx.groups = G
-        return weights @ v
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        decay, weights, v, drop = ctx.saved_tensors
-        Bt, nc, H, L, _ = decay.shape
-        G = ctx.groups
-        grad_w = grad_y @ v.transpose(-1, -2)
-        grad_v = weights.transpose(-1, -2) @ grad_y
-        grad_scores = (grad_w * decay).view(Bt, nc, G, H // G, L, L).sum(3).masked_fill_(drop, 0.0)
-        grad_seg = grad_w.mul_(weights)  # d weights / d segsum = weights (0 where dropped)
-        grad_a = grad_seg.sum(-1) - grad_seg.sum(-2)
-        return grad_scores, grad_a, grad_v, None
-
-
-def _state_to_gnrp(state: Tensor, G: int) -> Tensor:
-    """[Bt, H, P, N] -> the scan's state layout [Bt, G, N, R * P]."""
-    Bt, H, P, N = state.shape
-    return state.view(Bt, G, H // G, P, N).permute(0, 1, 4, 2, 3).reshape(Bt, G, N, -1)
-
-
-def _state_from_gnrp(state: Tensor, P: int) -> Tensor:
-    """The scan's state layout [Bt, G, N, R * P] -> [Bt, H, P, N]."""
-    Bt, G, N, RP = state.shape
-    return state.view(Bt, G, N, RP // P, P).permute(0, 1, 3, 4, 2).reshape(Bt, -1, P, N)
-
-
-def _chunk_states(xdt: Tensor, a_cs: Tensor, B_c: Tensor, seq: Tensor | None) -> Tensor:
-    """State at each chunk's end from its own tokens only, as [Bt, nc, G, N, R*P].
-
-    States are kept transposed (state size before the R heads' P channels of a group) so the
-    three matmuls that touch them (here, and C @ state in `_add_state_outputs`) read every
-    operand in place, without transposed copies forward or backward.
-    """
-    Bt, nc, L, H, P = xdt.shape
-    G = B_c.shape[2]
-    to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [Bt, nc, H, L]
-    if seq is not None:
-        to_end = to_end * (seq == seq[..., -1:]).to(to_end.dtype)[:, :, None]
-    R = H // G
-    xs = xdt.view(Bt, nc, L, G, R, P).transpose(2, 3) * to_end.view(Bt, nc, G, R, L).transpose(
-        3, 4
-    ).unsqueeze(-1)  # [Bt, nc, G, L, R, P]
-    return B_c.transpose(-1, -2) @ xs.contiguous().view(Bt, nc, G, L, R * P)
-
-
-def _pass_states(
-    states: Tensor, chunk_decay_log: Tensor, initial: Tensor | None, seq: Tensor | None, zeros
-) -> tuple[Tensor, Tensor]:
-    """Recurrence over chunks: (state entering each chunk [Bt, nc, G, N, R*P], final state)."""
-    Bt, nc, G, N, RP = states.shape
-    H = chunk_decay_log.shape[-1]
-    decay = torch.exp(chunk_decay_log)  # [Bt, nc, H]
-    if seq is not None:
-        prev_end = torch.cat([seq[:, :1, 0], seq[:, :-1, -1]], dim=1)
-        decay = decay * (seq[..., -1] == prev_end).to(decay.dtype)[..., None]
-    decay = decay.view(Bt, nc, G, 1, H // G, 1).expand(-1, -1, -1, -1, -1, RP * G // H)
-    decay = decay.reshape(Bt, nc, G, 1, RP)
-    h = zeros(Bt, G, N, RP) if initial is None else initial.to(states.dtype)
-    starts = []
-    # unbind, not states[:, c]: each indexing backward would allocate a full-size zero gradient.
-    for state_c, decay_c in zip(states.unbind(1), decay.unbind(1), strict=True):
-        starts.append(h)
-        h = torch.addcmul(state_c, h, decay_c)
-    return torch.stack(starts, dim=1), h
-
-
-def _add_state_outputs(
-    y: Tensor, starts: Tensor, a_cs: Tensor, C_c: Tensor, seq: Tensor | None
-) -> Tensor:
-    """Add each chunk's entering-state term exp(a_cs[l]) C_l . h_start to y [Bt, nc, H, L, P]."""
-    Bt, nc, G, N, RP = starts.shape
-    H, L = a_cs.shape[2], a_cs.shape[3]
-    R, P = H // G, RP * G // H
-    from_start = torch.exp(a_cs)  # [Bt, nc, H, L]
-    if seq is not None:
-        prev_end = torch.cat([seq[:, :1, :1], seq[:, :-1, -1:]], dim=1)
-        from_start = from_start * (seq == prev_end).to(from_start.dtype)[:, :, None]
-    # The R heads of a group share C: one [L, N] @ [N, R*P] product per group, no broadcasting.
-    out = C_c @ starts  # [Bt, nc, G, L, R*P]
-    out = out.view(Bt, nc, G, L, R, P).transpose(3, 4)
-    # In place on y: one fused pass, no [Bt, nc, H, L, P] temporary.
-    return (
-        y.view(Bt, nc, G, R, L, P).addcmul_(out, from_start.view(Bt, nc, G, R, L, 1)).view(y.shape)
+    D = None if D is None else D.to(cdt)
+    initial = None if initial_state is None else initial_state.to(cdt)
+    return chunk_scan(
+        x.to(cdt), dt.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt), chunk_size, D, initial, seq_idx
     )
 
 
