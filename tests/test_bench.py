@@ -65,7 +65,18 @@ def _run(script: str, *args: str) -> str:
                 "load 1/5/15 min",
             ],
         ),
-        ("pp.py", ("--quick",), ["ratio pipeline / one rank", "ideal", "mask cache: build"]),
+        (
+            "pp.py",
+            ("--quick",),
+            [
+                "ratio pipeline / one rank",
+                "ideal",
+                "where the pipeline's CPU time goes",
+                "gloo p2p at the boundary",
+                "mask cache: build",
+                "load 1/5/15 min",
+            ],
+        ),
         ("train.py", ("--quick",), ["automodel / bare loop", "automodel / HF Trainer"]),
     ],
 )
