@@ -21,8 +21,14 @@ CASES = {
                     "parallelism.pp = 8 is larger than the model's 4 layers"),
     "pp with packed rows": ({"parallelism": {"pp": 2, "dp_shard": 1}}, {"WORLD_SIZE": "2"},
                             "parallelism.pp = 2 needs data.pack = false"),
-    "pp with fsdp": ({"parallelism": {"pp": 2, "dp_shard": 2}, "data": {"pack": False}},
-                     {"WORLD_SIZE": "4"}, "parallelism.pp = 2 with dp_shard=2"),
+    "pp with activation checkpointing": (
+        {"parallelism": {"pp": 2, "dp_shard": 2, "activation_checkpointing": True},
+         "data": {"pack": False}}, {"WORLD_SIZE": "4"},
+        "parallelism.pp = 2 with activation_checkpointing=True: not wired for pipeline stages "
+        "yet; pp combines with dp_shard, dp_replicate and ep only"),
+    "pp with cp": ({"model": G4, "parallelism": {"pp": 2, "cp": 2, "dp_shard": 1},
+                    "data": {"pack": False}}, {"WORLD_SIZE": "4"},
+                   "parallelism.pp = 2 with cp=2: not wired"),
     "pp schedule": ({"parallelism": {"pp": 2, "dp_shard": 1, "pp_schedule": "Zigzag"},
                      "data": {"pack": False}}, {"WORLD_SIZE": "2"}, "parallelism.pp_schedule = 'Zigzag'"),
     "pp microbatches": ({"parallelism": {"pp": 2, "dp_shard": 1, "pp_microbatches": 3},
@@ -91,3 +97,13 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, capsys, monkeypatch) -> 
     assert lines == [
         "automodel: error: parallelism.ep = 3 does not divide the model's 8 routed experts"
     ], out.stderr
+
+
+@pytest.mark.parametrize("axis", ["dp_shard", "dp_replicate", "ep"])
+def test_pipeline_combines_with_data_and_expert_axes(axis, tmp_path, monkeypatch) -> None:
+    from am_automodel.train import prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    par = {"pp": 2, "dp_shard": 1, axis: 2}
+    prep = prepare(build_recipe(tiny_raw(tmp_path / "run", parallelism=par, data={"pack": False})))
+    assert prep.plan.pp == 2 and getattr(prep.plan, axis) == 2 and prep.plan.data_size == 2

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -31,6 +32,11 @@ from am_automodel.recipe import RecipeError
 
 __all__ = ["Checkpointer", "FAULT_ENV", "rng_state", "set_rng_state"]
 
+# The optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr")
+# rather than by group index: pipeline stages hold different parameters in groups of the same
+# index, and DCP would keep one rank's `param_groups.0` for all of them (the others then
+# load without their lr, betas, ...).
+_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Fault injection for tests: "save:N" SIGKILLs this process in the middle of the save at
 # step N (after the shards are written, before the commit rename).
@@ -111,7 +117,7 @@ class Checkpointer:
         _barrier()
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
         }
         dcp.save(state, checkpoint_id=str(tmp))
         trainer = {
@@ -138,11 +144,11 @@ class Checkpointer:
         """Restore everything `save` wrote; returns the step the checkpoint was taken after."""
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
         }
         dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
         mine = path / f"trainer_rank{self.rank}.pt"
         if not mine.is_file():
             raise RecipeError(

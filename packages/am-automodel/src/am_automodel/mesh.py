@@ -3,7 +3,9 @@
 `plan_mesh` runs before any process group exists (it reads `WORLD_SIZE` as torchrun sets it)
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
-`2*cp` must divide the sequence length and the model must own CP hooks. `build_mesh` then makes one DeviceMesh with the axes
+`2*cp` must divide the sequence length and the model must own CP hooks; combinations not
+wired yet (pp with cp / activation checkpointing / mixed precision, cp with anything) are
+refused naming what is accepted. `build_mesh` then makes one DeviceMesh with the axes
 ("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
 """
 
@@ -61,17 +63,17 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
             f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "
             "which is not installed"
         )
-    others = {"dp_shard": dp_shard, "dp_replicate": section.dp_replicate, "ep": section.ep}
-    combined = [f"{k}={v}" for k, v in others.items() if v > 1]
-    if combined:
+    refused = []
+    if section.activation_checkpointing:
+        refused.append("activation_checkpointing=True")
+    if section.mixed_precision != "none":
+        refused.append(f"mixed_precision={section.mixed_precision}")
+    if section.cp > 1:
+        refused.append(f"cp={section.cp}")
+    if refused:
         raise RecipeError(
-            f"parallelism.pp = {section.pp} with {', '.join(combined)}: pipeline stages are not "
-            "combined with FSDP / EP in automodel train yet; use pp alone"
-        )
-    if section.activation_checkpointing or section.mixed_precision != "none":
-        raise RecipeError(
-            f"parallelism.pp = {section.pp}: activation_checkpointing and mixed_precision are "
-            "not wired for pipeline stages yet"
+            f"parallelism.pp = {section.pp} with {', '.join(refused)}: not wired for pipeline "
+            "stages yet; pp combines with dp_shard, dp_replicate and ep only"
         )
     if pack:
         raise RecipeError(

@@ -168,6 +168,40 @@ def tiny_nemotron_h(vocab_size: int):
 register_preset("tiny-nemotron-h", tiny_nemotron_h)
 
 
+def small_nemotron_h(vocab_size: int):
+    """Hidden 256, blocks Mamba2 / MoE (8 experts, top-2) / Mamba2 / attention: small but not
+    trivial, the model of `bench/train.py` (packed 1024-token rows)."""
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        layers_block_type=["linear_attention", "moe", "linear_attention", "full_attention"],
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=512,
+        mamba_num_heads=8,
+        mamba_head_dim=32,
+        ssm_state_size=64,
+        n_groups=2,
+        chunk_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=256,
+        n_group=1,
+        topk_group=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="float32",
+    )
+
+
+register_preset("small-nemotron-h", small_nemotron_h)
+
+
 # ----------------------------------------------------------------------------- fallback
 def _auto_build(config, backend):
     from transformers import AutoModelForCausalLM

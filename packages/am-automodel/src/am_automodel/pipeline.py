@@ -2,11 +2,18 @@
 
 Each rank builds the model on the meta device; am-pp splits it into `pp` stages and gives
 this rank's stage storage and its weights from the full starting state dict (every rank
-builds the same seeded one on CPU). A step feeds the rank's whole global batch (every
-microbatch of the accumulation window, concatenated) to the schedule, which splits it into
-`pp_microbatches`; the loss is the token mean over that batch, so the gradients equal one
-process's. Only the first stage receives keyword inputs, so rows must not be packed
-(`data.pack: false`: one right-padded document per row needs no boundary input).
+builds the same seeded one on CPU). With data ranks (`dp_shard`, `dp_replicate`, `ep`) each
+stage module is then parallelized like a whole model (`am_moe.parallelize_model` over the
+world mesh: EP for its MoE blocks, FSDP2 over the data axes of its own pipeline coordinate);
+torch's pipeline schedule defers the FSDP gradient reduction to the last microbatch.
+
+A step feeds the rank's data rows (every microbatch of the accumulation window,
+concatenated) to the schedule, which splits it into `pp_microbatches`. The loss is the token
+mean over the *global* batch (every data rank's rows): each stage's loss is its summed CE
+divided by global targets / data size (FSDP2 averages the gradients over the data ranks), so
+the gradients equal one process's. Only the first stage receives keyword inputs, so rows
+must not be packed (`data.pack: false`: one right-padded document per row needs no
+boundary input).
 """
 
 from __future__ import annotations
@@ -29,19 +36,17 @@ __all__ = [
 
 
 class PipelineLoss:
-    """Summed CE over the global batch's target count; the schedule's targets are the rows'
-    `next_token_targets` (shifted on the full rows before the microbatch split)."""
+    """Summed CE divided by `divisor`, which the step sets (global targets / data size); the
+    schedule's targets are the rows' `next_token_targets` (shifted on the full rows before the
+    microbatch split). No `set_global_batch`: am-pp would set it from this rank's rows only."""
 
     def __init__(self) -> None:
-        self.num_targets = 1
-
-    def set_global_batch(self, labels: torch.Tensor) -> None:
-        self.num_targets = max(int((labels != IGNORE_INDEX).sum()), 1)
+        self.divisor = 1.0
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device),
                                ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
-        return loss / self.num_targets
+        return loss / self.divisor
 
 
 def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
@@ -55,7 +60,7 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
     tr, par = recipe.train, recipe.parallelism
     rows = tr.micro_batch_size * tr.grad_accum
     n_mb = par.pp_microbatches or par.pp
-    return pipeline_model(
+    pp = pipeline_model(
         model,
         pp_group=mesh["pp"],
         schedule=par.pp_schedule,
@@ -67,56 +72,89 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         seq_len=recipe.data.seq_len,
         dtype=resolve_dtype(recipe.model.dtype),
     )
+    if plan.data_size > 1:
+        from am_moe.parallelizer import _fsdp_mesh, parallelize_model
+
+        if plan.ep > 1:
+            # parallelize_model flattens the experts' data mesh only where the stage has MoE
+            # blocks; a new process group must be made by every rank, in the same order, or
+            # the next one hangs. Make it here on all ranks (later calls reuse it by name).
+            replicate = "dp_replicate" if plan.dp_replicate > 1 else None
+            _fsdp_mesh(mesh, replicate, ("dp_shard",) if replicate else ("dp_replicate", "dp_shard"))
+        # After pipeline_model: the stages hold the same full weights on every data rank, so
+        # FSDP2 keeps each rank's shard of them (and EP scatters experts from ep rank 0).
+        # torch's PipelineStage checks isinstance(submod, FSDPModule) at run time.
+        for stage in pp.stages:
+            parallelize_model(stage, mesh, dp_axis_names=("dp_replicate", "dp_shard"),
+                              dp_replicate_axis_name="dp_replicate", ep_axis_name="ep")  # fmt: skip
+    return pp
 
 
 def _targets(batch: dict) -> torch.Tensor:
     return next_token_targets(batch["labels"], batch["seq_idx"])
 
 
-def _from_last_stage(pp, value: torch.Tensor | None, group) -> float:
-    """The last stage's scalar on every rank of the pipeline."""
-    t = torch.zeros((), dtype=torch.float64)
-    if pp.has_last_stage and value is not None:
-        t += float(value)
-    dist.all_reduce(t, group=group)
-    return float(t)
+def _world_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
-def pipeline_train_step(pp, batches, optimizer, max_grad_norm: float, group):
-    """One optimizer step through the pipeline; returns (loss, grad_norm) on every rank."""
+def _count(labels: torch.Tensor) -> int:
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def pipeline_train_step(pp, batches, optimizer, max_grad_norm: float, group, data_size: int = 1):
+    """One optimizer step through the pipeline; returns (loss, grad_norm) on every rank.
+
+    `group`: this rank's pipeline group (the stages' squared grad norms are summed over it);
+    `data_size`: ranks reading different rows (their targets make the global count)."""
     input_ids = torch.cat([b["input_ids"] for b in batches])
     labels = torch.cat([_targets(b) for b in batches])
+    # Every rank of a pipeline reads the same rows: the first stage's rank counts them.
+    (global_targets,) = _world_sum([_count(labels) if pp.has_first_stage else 0])
+    pp.loss_fn.divisor = max(global_targets, 1.0) / data_size
     loss = pp.step(input_ids, labels=labels)
     grad_norm = clip_grad_norm(list(pp.parameters()), max_grad_norm, group=group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _from_last_stage(pp, loss, group), float(grad_norm)
+    # The last stage of each data rank holds sum / divisor: their sum over ranks / data size.
+    (total,) = _world_sum([float(loss) if pp.has_last_stage and loss is not None else 0.0])
+    return total / data_size, float(grad_norm)
 
 
 @torch.no_grad()
-def pipeline_eval(pp, batches, group) -> float:
-    """Token-mean eval loss over `batches`, forward only through the schedule."""
+def pipeline_eval(pp, batches) -> float:
+    """Token-mean eval loss over `batches` of every data rank, forward only."""
     total = count = 0.0
     for stage in pp.stages:
         stage.eval()
+    pp.loss_fn.divisor = 1.0  # summed losses; the mean is taken over every rank below
     for batch in batches:
         labels = _targets(batch)
-        pp.loss_fn.set_global_batch(labels)
         losses: list[torch.Tensor] = []
         args = (batch["input_ids"],) if pp.has_first_stage else ()
         pp.schedule.eval(*args, target=labels, losses=losses)
-        n = int((labels != IGNORE_INDEX).sum())
-        mean = torch.stack(losses).sum() if losses else None
-        total += _from_last_stage(pp, mean, group) * n
-        count += n
+        if pp.has_last_stage:
+            total += float(torch.stack(losses).sum())
+            count += _count(labels)
     for stage in pp.stages:
         stage.train()
+    total, count = _world_sum([total, count])
     return total / max(count, 1.0)
 
 
 def gather_full_state_dict(pp, group) -> dict[str, torch.Tensor]:
-    """Every stage's weights, merged, on every rank (for the HF export)."""
-    local = {k: v.detach().cpu() for stage in pp.stages for k, v in stage.state_dict().items()}
+    """Every stage's full weights (FSDP / EP shards gathered), merged, on every rank (for the
+    HF export); a collective over every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    local = {
+        k: v.detach().cpu()
+        for stage in pp.stages
+        for k, v in get_model_state_dict(stage, options=options).items()
+    }
     parts: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, local, group=group)
     full: dict[str, torch.Tensor] = {}

@@ -288,7 +288,8 @@ class PipelineEngine:
     def train_step(self, batches, optimizer, max_grad_norm):
         from am_automodel.pipeline import pipeline_train_step
 
-        return pipeline_train_step(self.pp, batches, optimizer, max_grad_norm, self.group)
+        return pipeline_train_step(self.pp, batches, optimizer, max_grad_norm, self.group,
+                                   self.prep.plan.data_size)  # fmt: skip
 
     def evaluate(self, batches) -> float:
         from am_automodel.pipeline import pipeline_eval
@@ -298,7 +299,7 @@ class PipelineEngine:
             {key: torch.cat([b[key] for b in batches[i : i + k]]) for key in batches[i]}
             for i in range(0, len(batches), k)
         ]
-        return pipeline_eval(self.pp, merged, self.group)
+        return pipeline_eval(self.pp, merged)
 
     def export(self, tokenizer, recipe_yaml, directory, rank):
         from am_automodel.pipeline import gather_full_state_dict
