@@ -70,7 +70,10 @@ class Stamps:
         self.marks.append((time.perf_counter(), time.process_time()))
 
     def steps(self) -> list[tuple[float, float]]:
-        deltas = [(w1 - w0, c1 - c0) for (w0, c0), (w1, c1) in zip(self.marks, self.marks[1:])]
+        deltas = [
+            (w1 - w0, c1 - c0)
+            for (w0, c0), (w1, c1) in zip(self.marks[:-1], self.marks[1:], strict=True)
+        ]
         return deltas[WARMUP_STEPS - 1 :]  # marks[0] ends step 1: deltas start at step 2
 
 
@@ -207,14 +210,15 @@ def run_trainer(config, batches, out_dir: str) -> list[tuple[float, float]]:
     threads = torch.get_num_threads()
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()]).train()
     if torch.get_num_threads() != threads:
-        raise RuntimeError(f"Trainer changed the thread count {threads} -> {torch.get_num_threads()}")
+        raise RuntimeError(
+            f"Trainer changed the thread count {threads} -> {torch.get_num_threads()}"
+        )
     return stamps.steps()[1:]
 
 
 def model_only(config, batch, repeats: int, clock: str) -> tuple[float, float]:
     """Median seconds of one fwd+bwd of our model and of transformers' (interleaved)."""
-    ours, theirs = _our_model(config), _hf_model(config)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = _our_model(config), _hf_model(config)  # each freshly initialized
 
     def ours_step():
         _loss(ours, batch).backward()
@@ -290,7 +294,9 @@ def main() -> None:
               f"range {lo:,.0f}-{hi:,.0f})")  # fmt: skip
     print(f"automodel / bare loop      : {ours / bare:6.3f}  (goal >= 0.95: overhead <= 5%)")
     print(f"automodel / HF Trainer     : {ours / trainer:6.3f}  (goal >= 1.3)")
-    print(f"bare loop / HF Trainer     : {bare / trainer:6.3f}  (same loop work, our model vs theirs)")
+    print(
+        f"bare loop / HF Trainer     : {bare / trainer:6.3f}  (same loop work, our model vs theirs)"
+    )
     print(f"model fwd+bwd, ours / HF   : {model_ratio:6.3f}  (x faster; {ours_fb * 1e3:.0f} vs "
           f"{theirs_fb * 1e3:.0f} ms {clock})")  # fmt: skip
     ceiling = 1.0 / ((1 - share) / model_ratio + share)

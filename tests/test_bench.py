@@ -77,7 +77,17 @@ def _run(script: str, *args: str) -> str:
                 "load 1/5/15 min",
             ],
         ),
-        ("train.py", ("--quick",), ["automodel / bare loop", "automodel / HF Trainer"]),
+        (
+            "train.py",
+            ("--quick",),
+            [
+                "automodel / bare loop",
+                "automodel / HF Trainer",
+                "model fwd+bwd, ours / HF",
+                "Trainer-ratio ceiling",
+                "load 1/5/15 min",
+            ],
+        ),
     ],
 )
 def test_bench_script_runs(script: str, args: tuple[str, ...], expected: list[str]) -> None:

@@ -80,7 +80,9 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
             # blocks; a new process group must be made by every rank, in the same order, or
             # the next one hangs. Make it here on all ranks (later calls reuse it by name).
             replicate = "dp_replicate" if plan.dp_replicate > 1 else None
-            _fsdp_mesh(mesh, replicate, ("dp_shard",) if replicate else ("dp_replicate", "dp_shard"))
+            _fsdp_mesh(
+                mesh, replicate, ("dp_shard",) if replicate else ("dp_replicate", "dp_shard")
+            )
         # After pipeline_model: the stages hold the same full weights on every data rank, so
         # FSDP2 keeps each rank's shard of them (and EP scatters experts from ep rank 0).
         # torch's PipelineStage checks isinstance(submod, FSDPModule) at run time.

@@ -179,7 +179,7 @@ def _run(prep: Prepared) -> TrainResult:
     model = engine.module
     optimizer = build_optimizer(model, recipe.optimizer, plan.device)
     scheduler = build_scheduler(optimizer, recipe.optimizer, tr.steps)
-    ckpt = Checkpointer(run_dir, recipe.checkpoint.keep_last, rank)
+    ckpt = Checkpointer(run_dir, recipe.checkpoint.keep_last, rank, optimizer_by_name=plan.pp > 1)
     ckpt.remove_partial()
     start = 0
     resume_from = ckpt.resolve_resume(recipe.checkpoint.resume)
