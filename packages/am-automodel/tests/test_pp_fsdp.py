@@ -49,6 +49,10 @@ def _ranks(rank: int, world: int, ep: dict, full: dict, resumed: dict) -> dict:
     layout = {"type": type(weight).__name__,
               "placements": [type(p).__name__ for p in getattr(weight, "placements", ())],
               "local": tuple(weight.to_local().shape), "full": tuple(weight.shape)}  # fmt: skip
+    from torch.distributed.fsdp import FSDPModule
+
+    # torch's schedule defers the reduction to the last microbatch only for an FSDPModule
+    layout["runner_fsdp"] = isinstance(first.engine.pp.pipeline_stages[0].submod, FSDPModule)
     second = run(build_recipe(resumed))
     return {"losses": first.losses, "eval": first.eval_losses, "export": str(first.export_dir),
             "layout": layout, "resumed": second.losses, "start": second.start_step,
@@ -78,6 +82,7 @@ def test_pp_2_x_dp_shard_2_matches_one_process_resumes_and_exports(tmp_path) -> 
     for r in results:
         assert r["layout"]["type"] == "DTensor" and r["layout"]["placements"] == ["Shard"], r
         assert r["layout"]["local"][0] * 2 == r["layout"]["full"][0], r["layout"]
+        assert r["layout"]["runner_fsdp"], r["layout"]
         assert r["losses"] == results[0]["losses"]  # every rank reports the global loss
     got = results[0]
     assert sorted(got["losses"]) == list(range(1, STEPS + 1))

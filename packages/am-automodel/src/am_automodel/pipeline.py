@@ -86,10 +86,22 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         # After pipeline_model: the stages hold the same full weights on every data rank, so
         # FSDP2 keeps each rank's shard of them (and EP scatters experts from ep rank 0).
         # torch's PipelineStage checks isinstance(submod, FSDPModule) at run time.
-        for stage in pp.stages:
+        for stage, runner in zip(pp.stages, pp.pipeline_stages, strict=True):
             parallelize_model(stage, mesh, dp_axis_names=("dp_replicate", "dp_shard"),
                               dp_replicate_axis_name="dp_replicate", ep_axis_name="ep")  # fmt: skip
+            if runner.submod is not stage:
+                # am-pp wraps a model that keeps its own forward (MaskCarryingStage). Make the
+                # wrapper an FSDP root (no parameters of its own) so the schedule sees an
+                # FSDPModule and reduces the gradients once, after the last microbatch.
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(runner.submod, mesh=_data_mesh(stage))
     return pp
+
+
+def _data_mesh(stage) -> object:
+    """The mesh FSDP2 shards the stage's non-expert parameters over."""
+    return next(p for n, p in stage.named_parameters() if ".experts." not in n).device_mesh
 
 
 def _targets(batch: dict) -> torch.Tensor:

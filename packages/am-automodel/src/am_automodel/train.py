@@ -46,6 +46,7 @@ class TrainResult:
     export_dir: Path | None = None
     tokens_per_s: float = 0.0
     model: object = field(default=None, repr=False)
+    engine: object = field(default=None, repr=False)  # LocalEngine / PipelineEngine
 
 
 @dataclass
@@ -235,7 +236,7 @@ def _run(prep: Prepared) -> TrainResult:
         log.close()
     total_time = time.perf_counter() - run_start
     result.tokens_per_s = tokens_per_step * steps_done / total_time if steps_done else 0.0
-    result.model = model
+    result.model, result.engine = model, engine
     return result
 
 
