@@ -48,6 +48,7 @@ def _run(script: str, *args: str) -> str:
             [
                 "all four implementations agree",
                 "ceiling: dense matmul fp32",
+                "6 fwd+bwd matmuls alone",
                 "goal fwd+bwd",
                 "load 1/5/15 min",
             ],

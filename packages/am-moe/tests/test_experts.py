@@ -21,6 +21,7 @@ CPU_IMPLS = (
     "torch_mm/split",
     "torch_mm/padded",
     "torch_mm/grouped",
+    "torch_mm/per_expert",
     "torch_mm/dispatch",
 )
 
@@ -50,7 +51,7 @@ def _experts(config, impl) -> GroupedExperts:
     module = GroupedExperts(config, BackendConfig(experts=impl.split("/")[0]))
     if impl.endswith("/dispatch"):
         module.dispatcher = _ContractDispatcher(config.n_routed_experts)
-    if impl.split("/")[-1] in ("split", "padded", "grouped"):
+    if impl.split("/")[-1] in ("split", "padded", "grouped", "per_expert"):
         module.cpu_layout = impl.split("/")[-1]
         module.max_padding = 1e9  # "padded" even when loads are uneven
     module.init_weights(torch.device("cpu"), init_std=0.3)
@@ -189,17 +190,40 @@ def test_fused_path_saves_less_for_backward():
     assert saved_activation_bytes("torch_mm/padded") < 0.7 * contract
 
 
-def test_bf16_grouped_mm_close_to_fp32():
-    config = _config("swiglu")
-    module = _experts(config, "torch_mm")
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_bf16_close_to_fp32(impl):
+    config = _config("geglu")
+    module = _experts(config, impl)
     x = torch.randn(32, 16)
     weights, indices = _routing(32, 6, 2)
     mask = torch.ones(32, dtype=torch.bool)
     y32 = module(x, mask, weights, indices)
+    y32.sum().backward()
+    g32 = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
     module.to(torch.bfloat16)
     y16 = module(x.bfloat16(), mask, weights.bfloat16(), indices)
+    y16.float().sum().backward()
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+    for g16, g in zip((p.grad for p in module.parameters()), g32, strict=True):
+        # bf16 rounds each product: compare whole gradients, not single elements.
+        assert ((g16.float() - g).norm() / g.norm()).item() < 2e-2
+
+
+def test_reduced_precision_cpu_forward_reads_column_major_weights():
+    """On CPU, bf16/fp16 `x @ w` with both operands row-major runs ~10x slower than with w
+    column-major: the forward matmuls take the weights column-major in those dtypes (same
+    values), and fp32/fp64 weights as they are (no copy)."""
+    from am_moe.experts.rows import _matmul_operand
+
+    w = torch.randn(3, 8, 4)
+    w64 = w.double()
+    assert _matmul_operand(w) is w and _matmul_operand(w64) is w64
+    for dtype in (torch.bfloat16, torch.float16):
+        w16 = w.to(dtype)
+        col = _matmul_operand(w16)
+        assert col.stride() == (32, 1, 8) and torch.equal(col, w16)
 
 
 def test_weight_shapes_follow_activation():
@@ -265,7 +289,7 @@ def test_split_and_padded_layouts_with_head_and_tail_rows(layout):
 
 
 @pytest.mark.parametrize("activation", ["relu2", "swiglu", "geglu"])
-@pytest.mark.parametrize("layout", ["padded", "split", "grouped"])
+@pytest.mark.parametrize("layout", ["padded", "split", "grouped", "per_expert"])
 def test_reused_cpu_buffers_never_leak_between_calls(activation, layout):
     """Two forwards before either backward (two layers, or accumulation) with the shared
     workspace: outputs are not overwritten by the second call and every gradient equals the
@@ -319,17 +343,18 @@ def test_geglu_closed_form_is_bit_identical_to_the_plain_math(dtype, workspace):
     assert torch.equal(grad_fn(grad_a.clone()), plain_grad)
 
 
-def test_auto_layout_is_grouped_at_one_fp32_thread_else_padded():
-    """cpu_layout="auto" (the default) picks grouped rows at one thread in fp32/fp64, padded
-    otherwise; the outputs equal the explicit layouts'."""
-    from am_moe.experts.rows import _GroupedRows, _routing_plan, resolve_layout
+def test_auto_layout_is_per_expert_at_one_fp32_thread_else_padded():
+    """cpu_layout="auto" (the default) runs grouped rows expert by expert at one thread in
+    fp32/fp64, padded otherwise; the outputs equal the explicit layouts'."""
+    from am_moe.experts.blocks import _PerExpertRows
+    from am_moe.experts.rows import _routing_plan, resolve_layout
 
     assert GroupedExperts.cpu_layout == "auto"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert resolve_layout("auto", torch.float32) == "grouped"
-        assert resolve_layout("auto", torch.float64) == "grouped"
+        assert resolve_layout("auto", torch.float32) == "per_expert"
+        assert resolve_layout("auto", torch.float64) == "per_expert"
         assert resolve_layout("auto", torch.bfloat16) == "padded"
         torch.set_num_threads(2)
         assert resolve_layout("auto", torch.float32) == "padded"
@@ -337,7 +362,7 @@ def test_auto_layout_is_grouped_at_one_fp32_thread_else_padded():
         torch.set_num_threads(1)
         indices = torch.stack([torch.arange(24) % 4, (torch.arange(24) + 1) % 4], dim=1)
         mask = torch.ones(24, dtype=torch.bool)
-        assert isinstance(_routing_plan(indices, mask, 4, "auto").rows, _GroupedRows)
+        assert isinstance(_routing_plan(indices, mask, 4, "auto").rows, _PerExpertRows)
         module = _experts(_config("swiglu", e=4, bias=True), "torch_mm")
         x = torch.randn(24, module.gate_and_up_projs.shape[1])
         weights = torch.rand(24, 2)
@@ -347,3 +372,34 @@ def test_auto_layout_is_grouped_at_one_fp32_thread_else_padded():
         torch.testing.assert_close(auto, padded, rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("activation", ["geglu", "relu2", "swiglu"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_per_expert_layout_equals_grouped_in_float64(activation, reuse):
+    """The expert-by-expert loop ("per_expert") against the grouped-mm path ("grouped") in
+    float64: output and every gradient (input, routing weights, weights, biases), with uneven
+    loads and an expert that gets no rows (its gradients must be exact zeros)."""
+    config = _config(activation, e=5, k=2, d=16, f=8, bias=True)
+    x = torch.randn(23, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    weights, indices = _routing(23, 5, 2, skip_experts=(3,), seed=8)
+    weights = weights.double()
+    indices[:6, 0] = 0  # expert 0 takes extra rows: loads differ
+    results = {}
+    for layout in ("grouped", "per_expert"):
+        module = _experts(config, f"torch_mm/{layout}").double()
+        module.reuse_cpu_buffers = reuse
+        xl, wl = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        y = module(xl, torch.ones(23, dtype=torch.bool), wl, indices)
+        (y * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        grads = {name: p.grad for name, p in module.named_parameters()}
+        results[layout] = (y.detach(), xl.grad, wl.grad, grads)
+    (y_a, gx_a, gw_a, gp_a), (y_b, gx_b, gw_b, gp_b) = results["grouped"], results["per_expert"]
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_b, y_a, **tol)
+    torch.testing.assert_close(gx_b, gx_a, **tol)
+    torch.testing.assert_close(gw_b, gw_a, **tol)
+    for name, grad in gp_a.items():
+        torch.testing.assert_close(gp_b[name], grad, **tol, msg=name)
+        assert torch.all(gp_b[name][3] == 0), name
+        assert gp_b[name][[0, 1, 2, 4]].abs().sum() > 0, name

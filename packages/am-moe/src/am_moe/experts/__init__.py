@@ -26,7 +26,9 @@ name (`BackendConfig.experts`):
   blocks and each projection is one `torch.bmm` (`_PaddedRows`): one parallel
   region instead of one per expert, which keeps its speed when other
   processes share the cores; otherwise every expert's first min(load) rows
-  run as one `torch.bmm` and the rest as a grouped matmul (`_SplitRows`).
+  run as one `torch.bmm` and the rest as a grouped matmul (`_SplitRows`). At one
+  fp32/fp64 thread the rows stay grouped and each expert's block goes through its whole MLP
+  (and backward) before the next one (`blocks`), while it is in the CPU caches.
 - "gmm": grouped_gemm's GPU kernel (the `gmm` extra), imported only when used.
 - "te" and "torch_mm_mxfp8" (names the seed pages list) are rejected by `BackendConfig`:
   TE's grouped linear keeps one weight per expert, and there is no MXFP8 grouped GEMM here.
@@ -38,7 +40,8 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 Files, one job each: `activations` (activation functions and their gradients), `rows` (row
 layouts, routing plan, CPU workspace), `autograd` (the custom autograd functions),
-`kernels` (kernels by name, `run_experts`), `module` (`GroupedExperts`). Every public name
+`blocks` (the expert-by-expert CPU loop), `kernels` (kernels by name, `run_experts`),
+`module` (`GroupedExperts`). Every public name
 is re-exported here, so `am_moe.experts.GroupedExperts` and friends keep working.
 """
 

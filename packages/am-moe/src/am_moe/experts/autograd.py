@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from am_moe.experts.activations import _INTO_WORKSPACE, _activation_with_grad
-from am_moe.experts.rows import _GroupedRows, _Scratch
+from am_moe.experts.blocks import _blocks_backward, _blocks_forward
+from am_moe.experts.rows import _GroupedRows, _matmul_operand, _PerExpertRows, _Scratch
 
 
 def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None, ws=None):
@@ -29,7 +30,7 @@ def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None, ws=None)
     x_RD's, which is dead once h is computed): the caller must consume y_RD before the
     next call.
     """
-    h_RF2 = rows.mm(x_RD, w_up)
+    h_RF2 = rows.mm(x_RD, _matmul_operand(w_up))
     if b_up is not None:
         h_RF2 += rows.per_row(b_up)
     if ws is not None and ws.act_name in _INTO_WORKSPACE:
@@ -38,7 +39,7 @@ def _mlp_forward(x_RD, rows, w_up, w_down, b_up, b_down, act, w_R=None, ws=None)
         a_RF = act(h_RF2)
     if w_R is not None:
         a_RF.mul_(w_R.unsqueeze(-1))
-    y_RD = rows.mm(a_RF, w_down, out=None if ws is None else x_RD)
+    y_RD = rows.mm(a_RF, _matmul_operand(w_down), out=None if ws is None else x_RD)
     if b_down is not None:
         bias_RD = rows.per_row(b_down)
         y_RD += bias_RD if w_R is None else bias_RD * w_R.unsqueeze(-1)
@@ -135,7 +136,12 @@ class _LocalMoE(torch.autograd.Function):
             w_R = w_N.new_zeros(plan.src_R.numel()).index_copy_(0, plan.slot_N, w_N)
         ws = _Scratch(act_name) if reuse else None
         x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
-        y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R, ws)
+        if isinstance(plan.rows, _PerExpertRows):
+            y_RD, h_RF2 = _blocks_forward(
+                x_RD, plan.rows, w_up, w_down, b_up, b_down, act, act_name, w_R, ws
+            )
+        else:
+            y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R, ws)
         del x_RD
         out_TD = plan.sum_per_token(y_RD, x_TD.shape[0])
         ctx.save_for_backward(x_TD, h_RF2, w_R, w_up, w_down, b_down)
@@ -155,7 +161,8 @@ class _LocalMoE(torch.autograd.Function):
         ws = ctx.ws
         g_RD = _gather_rows(grad_out_TD.contiguous(), plan.src_R, ws, "g")
         x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
-        g = _mlp_backward(ctx, g_RD, x_RD, h_RF2, plan.rows, w_up, w_down, b_down, w_R, ws)
+        backward = _blocks_backward if isinstance(plan.rows, _PerExpertRows) else _mlp_backward
+        g = backward(ctx, g_RD, x_RD, h_RF2, plan.rows, w_up, w_down, b_down, w_R, ws)
         del g_RD, x_RD
         grad_x = None
         if g["x"] is not None:

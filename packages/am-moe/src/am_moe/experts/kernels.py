@@ -16,7 +16,7 @@ from torch import Tensor
 
 from am_moe.experts.activations import ACTIVATIONS
 from am_moe.experts.autograd import _GroupedMLP
-from am_moe.experts.rows import _GroupedRows
+from am_moe.experts.rows import _GroupedRows, _matmul_operand
 
 __all__ = ["EXPERT_IMPLS", "run_experts"]
 
@@ -24,7 +24,7 @@ __all__ = ["EXPERT_IMPLS", "run_experts"]
 def _run_loop(x_ND, counts_L, w_up, w_down, act, b_up, b_down):
     # unbind once: its backward stacks the per-expert grads in one go, where indexing w[g]
     # per expert would build (and sum) a full-size zero gradient for every expert.
-    ups, downs = w_up.unbind(0), w_down.unbind(0)
+    ups, downs = _matmul_operand(w_up).unbind(0), _matmul_operand(w_down).unbind(0)
     up_biases = b_up.unbind(0) if b_up is not None else None
     down_biases = b_down.unbind(0) if b_down is not None else None
     outs = []

@@ -2,7 +2,8 @@
 
 A layout knows how the N routed rows are grouped by expert and runs the per-expert matmuls
 on them: `_GroupedRows` (contiguous per expert, `torch._grouped_mm`), `_PaddedRows` (equal
-padded blocks, one `torch.bmm`) and `_SplitRows` (batched head + grouped tail).
+padded blocks, one `torch.bmm`), `_SplitRows` (batched head + grouped tail) and
+`blocks._PerExpertRows` (contiguous per expert, run expert by expert).
 `_routing_plan` sorts the (token, k) pairs by expert and picks a layout (`CPU_LAYOUTS`);
 `_Workspace` keeps the fused path's large transient buffers across calls.
 
@@ -27,28 +28,40 @@ __all__: list[str] = []  # private building blocks of the expert kernels
 
 # Row layouts of the fused path on CPU: "padded" (one batched matmul over blocks padded to
 # the largest load; "split" instead when that would add more than `max_padding` rows),
-# "split" (batched head + grouped tail, no padding), "grouped", and "auto" (`resolve_layout`).
-# Measured at the benchmark shape (32 experts, 2 threads): all three equal on an idle machine;
-# under load and in bf16 (where CPU `_grouped_mm` is slow) "padded" is about 2x faster than
-# the other two. At one thread in fp32 (no parallel regions to share) "grouped" is the
-# fastest: Nemotron-H MoE block fwd+bwd, 1024 tokens, CPU seconds, 5 interleaved repeats:
-# 16 experts top-4 188 ms vs 225 ms padded/split; 64 experts top-8 391 ms vs 448 ms.
-CPU_LAYOUTS = ("auto", "padded", "split", "grouped")
+# "split" (batched head + grouped tail, no padding), "grouped" (one grouped matmul per
+# projection), "per_expert" (grouped rows run expert by expert, each expert's whole MLP and
+# its backward done on its block while it is in cache: `blocks`), and "auto" (`resolve_layout`).
+# Measured at the benchmark shape (32 experts, 2 threads): the first three equal on an idle
+# machine; under load and in bf16 (where CPU `_grouped_mm` is slow) "padded" is about 2x
+# faster than the other two. At one thread in fp32 (no parallel regions to share) grouped
+# rows are the fastest: Nemotron-H MoE block fwd+bwd, 1024 tokens, CPU seconds, 5 interleaved
+# repeats: 16 experts top-4 188 ms vs 225 ms padded/split; 64 experts top-8 391 ms vs 448 ms.
+# Of the two grouped layouts "per_expert" is the faster at one thread (bench/moe.py shape,
+# 4096 tokens, dim 1024, hidden 512, 32 experts top-4, CPU-second medians of 11 interleaved
+# repeats, load ~7): fwd+bwd geglu 3.02 s vs 3.31 s, relu2 2.09 s vs 2.17 s; at 1024 tokens,
+# 16 experts top-4 the two are within noise.
+CPU_LAYOUTS = ("auto", "padded", "split", "grouped", "per_expert")
 
 
 def resolve_layout(layout: str, dtype: torch.dtype) -> str:
-    """The layout "auto" stands for: "grouped" for fp32/fp64 at one intra-op thread, else
+    """The layout "auto" stands for: "per_expert" for fp32/fp64 at one intra-op thread, else
     "padded" (see CPU_LAYOUTS); any other name is returned as it is."""
     if layout != "auto":
         return layout
     if torch.get_num_threads() == 1 and dtype in (torch.float32, torch.float64):
-        return "grouped"
+        return "per_expert"
     return "padded"
+
+
+# The dtypes torch._grouped_mm takes; others (float64) run the per-group loop.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(*tensors: Tensor) -> bool:
     # torch._grouped_mm needs 16-byte aligned strides and data pointers.
     for t in tensors:
+        if t.dtype not in _GROUPED_MM_DTYPES:
+            return False
         nbytes = t.element_size()
         if t.data_ptr() % 16 or any((s * nbytes) % 16 for s in t.stride() if s != 1):
             return False
@@ -111,6 +124,33 @@ class _GroupedRows:
         return v_NB.new_zeros(self.counts_L.numel(), v_NB.shape[1]).index_add_(
             0, self.group_N, v_NB
         )
+
+
+class _PerExpertRows:
+    """Layout of N rows grouped by expert, run expert by expert (`blocks._blocks_forward`)."""
+
+    def __init__(self, counts_L: Tensor) -> None:
+        self.num_groups = counts_L.numel()
+        ends = torch.cumsum(counts_L, 0).tolist()
+        bounds = list(enumerate(zip([0, *ends[:-1]], ends, strict=True)))
+        # (expert, first row, end row) of every expert that has rows.
+        self.blocks = [(g, s, e) for g, (s, e) in bounds if e > s]
+        self.empty = [g for g, (s, e) in bounds if e == s]
+
+
+def _matmul_operand(w_LAB: Tensor) -> Tensor:
+    """w_LAB as the right-hand operand of x @ w, in the memory layout the matmul is fast in.
+
+    On CPU, bf16/fp16 matmuls whose two operands are both row-major run about 10x slower
+    than with the right operand column-major (torch 2.15, AVX2, 512x1024 @ 1024x1024 bf16:
+    0.8 vs 8.6 GFLOP/s; transformers' experts run x @ W.T on [out, in] weights, the fast
+    form). The weights are stored [in, out] row-major, so in those dtypes the forward
+    matmuls take a column-major copy (one copy of the weights per call, against matmuls 10x
+    slower). The backward's matmuls already read a transposed operand and are fast as they are.
+    """
+    if w_LAB.device.type == "cpu" and w_LAB.dtype in (torch.bfloat16, torch.float16):
+        return w_LAB.transpose(-2, -1).contiguous().transpose(-2, -1)
+    return w_LAB
 
 
 class _PaddedRows:
@@ -235,7 +275,7 @@ class _Plan:
     src_R: Tensor
     pair_N: Tensor
     slot_N: Tensor | None
-    rows: _GroupedRows | _PaddedRows
+    rows: _GroupedRows | _PaddedRows | _SplitRows | _PerExpertRows
     token_rows: tuple[Tensor, Tensor] | None = None
 
     def sum_per_token(self, y_RD: Tensor, num_tokens: int) -> Tensor:
@@ -289,6 +329,8 @@ def _routing_plan(
     on_cpu = indices_TK.device.type == "cpu"
     if not on_cpu or n == 0 or layout == "grouped":
         plan = _Plan(row_N, pair_N, None, _GroupedRows(counts_L, indices_TK.device))
+    elif layout == "per_expert":
+        plan = _Plan(row_N, pair_N, None, _PerExpertRows(counts_L))
     else:
         group_N = sorted_key[:n]
         rank_N = torch.arange(n) - (torch.cumsum(counts_L, 0) - counts_L).index_select(0, group_N)

@@ -1,0 +1,124 @@
+"""The expert MLPs one expert at a time, every step of one expert's rows done back to back.
+
+The "per_expert" CPU layout of the fused path (`_LocalMoE`): rows grouped by expert, as in
+"grouped", but instead of one grouped matmul per projection over all N rows followed by
+whole-tensor activation passes, each expert's block of rows goes through its up-projection,
+activation, routing-weight scale and down-projection (forward), or the six steps of its
+backward, before the next expert starts. One expert's block (a few hundred rows) stays in
+the CPU caches between the steps, every matmul writes straight into its destination
+(`torch.mm(out=)`: the activation, the weight gradient slice, the input gradient in the
+dead input rows), and no N-row intermediate other than the saved pre-activation is made.
+At one fp32 thread this is the fastest layout (see `rows.CPU_LAYOUTS`).
+
+The arithmetic is that of `autograd._mlp_forward` / `_mlp_backward` on each block, in the
+same order, so results match the other layouts to rounding.
+
+Shape legend: T tokens, K top-k, E experts, L local experts (E without
+expert parallelism), N routed rows grouped by expert (sum of counts_L),
+R routed rows including padding (N when not padded), D expert input width,
+F expert hidden width, F2 = 2F for gated activations (F for relu2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from am_moe.experts.activations import _INTO_WORKSPACE, _activation_with_grad
+from am_moe.experts.rows import _matmul_operand, _PerExpertRows
+
+__all__: list[str] = []  # private building blocks of the expert kernels
+
+
+def _activation(h_BF2: Tensor, act, act_name: str, ws) -> Tensor:
+    if ws is not None and act_name in _INTO_WORKSPACE:
+        return _INTO_WORKSPACE[act_name][0](h_BF2, ws)
+    return act(h_BF2)
+
+
+def _blocks_forward(x_RD, rows: _PerExpertRows, w_up, w_down, b_up, b_down, act, act_name, w_R, ws):
+    """(y_RD, h_RF2) as `autograd._mlp_forward`, expert by expert. y_RD is written into
+    x_RD's rows (each expert's input rows are dead once its h is computed)."""
+    h_RF2 = x_RD.new_empty(x_RD.shape[0], w_up.shape[-1])
+    y_RD = x_RD
+    w_up, w_down = _matmul_operand(w_up), _matmul_operand(w_down)
+    for g, s, e in rows.blocks:
+        h_BF2 = h_RF2[s:e]
+        torch.mm(x_RD[s:e], w_up[g], out=h_BF2)
+        if b_up is not None:
+            h_BF2 += b_up[g]
+        a_BF = _activation(h_BF2, act, act_name, ws)
+        if w_R is not None:
+            a_BF.mul_(w_R[s:e].unsqueeze(-1))
+        y_BD = y_RD[s:e]
+        torch.mm(a_BF, w_down[g], out=y_BD)
+        if b_down is not None:
+            y_BD += b_down[g] if w_R is None else b_down[g] * w_R[s:e].unsqueeze(-1)
+    return y_RD, h_RF2
+
+
+def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws):
+    """Gradients of `_blocks_forward` by name, as `autograd._mlp_backward` returns them.
+
+    grads["x"] is written into x_RD's buffer (each expert's input rows are dead once its
+    weight gradient is computed): the caller must consume it before reusing that buffer.
+    """
+    want = ctx.want
+    grads = dict.fromkeys(("x", "w_up", "w_down", "b_up", "b_down", "w_R"))
+    in_workspace = ws is not None and ctx.act_name in _INTO_WORKSPACE
+    if want["w_up"]:
+        grads["w_up"] = _per_expert_grad(w_up, rows)
+    if want["w_down"]:
+        grads["w_down"] = _per_expert_grad(w_down, rows)
+    if want["b_up"]:
+        grads["b_up"] = h_RF2.new_zeros(rows.num_groups, h_RF2.shape[-1])
+    if want["b_down"]:
+        grads["b_down"] = g_RD.new_zeros(rows.num_groups, g_RD.shape[-1])
+    want_w_R = w_R is not None and want["w_R"]
+    if want_w_R:
+        grads["w_R"] = h_RF2.new_empty(h_RF2.shape[0])
+    for g, s, e in rows.blocks:
+        x_BD, g_BD, h_BF2 = x_RD[s:e], g_RD[s:e], h_RF2[s:e]
+        w_B1 = None if w_R is None else w_R[s:e].unsqueeze(-1)
+        if in_workspace:
+            a_BF, act_grad = _INTO_WORKSPACE[ctx.act_name][1](h_BF2, ws)
+        else:
+            a_BF, act_grad = _activation_with_grad(ctx.act, ctx.act_name)(h_BF2)
+        grad_a_out = None if ws is None else ws.get("grad_a", a_BF.shape, a_BF)
+        if want["w_down"]:
+            scaled_BF = a_BF if w_B1 is None else torch.mul(a_BF, w_B1, out=grad_a_out)
+            torch.mm(scaled_BF.t(), g_BD, out=grads["w_down"][g])
+            del scaled_BF
+        if want["b_down"]:
+            grads["b_down"][g] = (g_BD if w_B1 is None else g_BD * w_B1).sum(0)
+        grad_a_BF = torch.mm(g_BD, w_down[g].t(), out=grad_a_out)
+        if w_B1 is not None:
+            if want_w_R:
+                if in_workspace:
+                    # a_BF is a workspace buffer, dead after this: no fresh B x F product.
+                    torch.sum(a_BF.mul_(grad_a_BF), -1, out=grads["w_R"][s:e])
+                else:
+                    grads["w_R"][s:e] = torch.linalg.vecdot(grad_a_BF, a_BF)
+                if b_down is not None:
+                    grads["w_R"][s:e] += g_BD @ b_down[g]
+            grad_a_BF.mul_(w_B1)
+        del a_BF
+        grad_h_BF2 = act_grad(grad_a_BF)
+        del grad_a_BF
+        if want["w_up"]:
+            torch.mm(x_BD.t(), grad_h_BF2, out=grads["w_up"][g])
+        if want["b_up"]:
+            grads["b_up"][g] = grad_h_BF2.sum(0)
+        if want["x"]:
+            torch.mm(grad_h_BF2, w_up[g].t(), out=x_BD)
+    if want["x"]:
+        grads["x"] = x_RD
+    return grads
+
+
+def _per_expert_grad(w_LAB: Tensor, rows: _PerExpertRows) -> Tensor:
+    """An uninitialised gradient for w_LAB whose experts without rows are zero."""
+    grad = torch.empty_like(w_LAB, memory_format=torch.contiguous_format)
+    for g in rows.empty:
+        grad[g].zero_()
+    return grad
