@@ -22,6 +22,9 @@ axis at a time around the base point (hidden 512, seq 1024, chunk 128, 16 expert
 `--tokens` per step, default 1024):
 hidden 256-1024, sequence 512-4096, Mamba chunk 64-256, 8-64 experts top-2..8; it prints
 one ratio per point and the smallest (one measured run: 7m27s of CPU time at one thread).
+The chunk axis sets config.chunk_size on both sides; our pure-PyTorch scan runs chunks of at
+most `am_models_nemotron.mamba.TORCH_SCAN_CHUNK` (64) positions whatever the config says (the
+result does not depend on it), so at chunk 128 and 256 it is transformers' scan that changes.
 Goals: mixer fwd+bwd >= 1.5x transformers, whole model fwd+bwd >= 1.3x (at every sweep point).
 """
 
