@@ -35,6 +35,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.dtypes import config_dtype
+from am_models_gemma4.norm import FusedGemma4RMSNorm
 from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs, is_block_mask
 from am_utils.masks import causal_mask, to_additive_mask, to_bool_mask
 from am_utils.rope import apply_rotary_pos_emb
@@ -116,6 +117,12 @@ class Gemma4Attention(Gemma4TextAttention):
         super().__init__(config, layer_idx)
         dtype = config_dtype(config)
         use_backend_linears(self, ("q_proj", "k_proj", "v_proj", "o_proj"), backend, dtype)
+        # The per-head norms with the hand-written backward (transformers' numerics).
+        for name in ("q_norm", "k_norm", "v_norm"):
+            old = getattr(self, name, None)
+            if old is not None:
+                new = FusedGemma4RMSNorm(self.head_dim, eps=old.eps, with_scale=old.with_scale)
+                setattr(self, name, new.to(dtype))
         self.rope_fusion = backend.rope_fusion
         heads = config.num_attention_heads
         kv_heads = heads // self.num_key_value_groups

@@ -26,7 +26,6 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.gemma4.modeling_gemma4 import (
-    Gemma4RMSNorm,
     Gemma4TextMLP,
     Gemma4TextModelOutputWithPast,
     Gemma4TextRotaryEmbedding,
@@ -38,6 +37,7 @@ from am_dtype.dtypes import config_dtype
 from am_models_gemma4.attention import Gemma4Attention, use_backend_linears
 from am_models_gemma4.kv_sharing import _FSDPSafeSharedKVStates
 from am_models_gemma4.moe import Gemma4MoE, gemma4_moe_config
+from am_models_gemma4.norm import FusedGemma4RMSNorm
 from am_moe.config import MoEConfig
 
 __all__ = ["MLP_LINEARS", "Gemma4MoEDecoderLayer", "Gemma4MoETextModelBackend"]
@@ -68,8 +68,8 @@ class Gemma4MoEDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         eps = config.rms_norm_eps
 
-        def norm() -> Gemma4RMSNorm:
-            return Gemma4RMSNorm(self.hidden_size, eps=eps)
+        def norm() -> FusedGemma4RMSNorm:
+            return FusedGemma4RMSNorm(self.hidden_size, eps=eps)
 
         self.self_attn = Gemma4Attention(config, layer_idx, backend)
         self.mlp = Gemma4TextMLP(config, layer_idx)
@@ -153,7 +153,7 @@ class Gemma4MoETextModelBackend(nn.Module):
             Gemma4MoEDecoderLayer(config, i, self.moe_config, backend)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = Gemma4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = FusedGemma4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Gemma4TextRotaryEmbedding(config)
         self.unique_layer_types = sorted(set(config.layer_types))
 
