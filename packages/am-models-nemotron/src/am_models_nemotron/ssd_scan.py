@@ -133,7 +133,10 @@ class _ChunkScan(torch.autograd.Function):
         # Back to [Bt, S, H, P] with the skip term in the same pass.
         y_out = y5.view(Bt, nc, H, L, P).transpose(2, 3)
         if D is not None:
-            y_out = torch.addcmul(y_out, x5, D[:, None])
+            # Into a position-major buffer: left to itself addcmul would take y's head-major
+            # layout and the reshape below would copy it once more.
+            skip = x.new_empty(Bt, nc, L, H, P)
+            y_out = torch.addcmul(y_out, x5, D[:, None], out=skip)
         y_out = y_out.reshape(Bt, nc * L, H, P)[:, :S]
 
         ctx.save_for_backward(
@@ -172,15 +175,17 @@ class _ChunkScan(torch.autograd.Function):
         gy5 = _pad(grad_y, pad).view(Bt, nc, L, H, P)
         grad_D = None
         if D is not None:
-            grad_D = (gy5 * x5).sum((0, 1, 2, 4))
+            grad_D = (gy5 * x5).sum(-1).sum((0, 1, 2))  # the contiguous axis first
         gy = gy5.permute(0, 1, 3, 2, 4).contiguous().view(M, G, R, L, P)  # head-major
 
         # Entering-state term: out_s and starts.
         from_g = from_start.reshape(M, G, R, L, 1)
         g_out_s = x.new_empty(M * G, L, R * P)
         torch.mul(gy.transpose(2, 3), from_g.transpose(2, 3), out=g_out_s.view(M, G, L, R, P))
-        g_from = (gy * out_s.view(M, G, L, R, P).transpose(2, 3)).sum(-1, keepdim=True)
-        g_a_cs = (g_from * from_g).reshape(Bt, nc, H, L)
+        # d/d a_cs of from_start * (C . h): sum_p g_out_s * out_s (g_out_s already carries the
+        # from_start factor), both in the same group-major layout, so no strided read.
+        g_a_cs = (g_out_s.view(M, G, L, R, P) * out_s.view(M, G, L, R, P)).sum(-1)
+        g_a_cs = g_a_cs.transpose(2, 3).reshape(Bt, nc, H, L)
         g_C = torch.bmm(g_out_s, starts.view(M * G, N, R * P).transpose(1, 2))  # [M*G, L, N]
         g_starts = torch.bmm(C_c.transpose(1, 2), g_out_s).view(Bt, nc, G, N, R, P)
 
@@ -197,7 +202,9 @@ class _ChunkScan(torch.autograd.Function):
         if ctx.has_initial:
             g0 = torch.addcmul(g_starts[:, 0], gh[:, 0], decay_c[:, 0])  # [Bt, G, N, R, P]
             grad_initial = g0.permute(0, 1, 3, 4, 2).reshape(Bt, H, P, N)
-        g_decay_c = (gh * starts).sum((3, 5)).reshape(Bt, nc, H)
+        # Summing the contiguous P axis first, then N, is about twice as fast as one
+        # reduction over the two non-adjacent axes.
+        g_decay_c = (gh * starts).sum(-1).sum(3).reshape(Bt, nc, H)
         g_a_cs[..., -1] += g_decay_c * chunk_decay
 
         # Chunk states: states = B_c^T @ xs.
@@ -216,7 +223,11 @@ class _ChunkScan(torch.autograd.Function):
         gy_flat = gy.view(M * H, L, P)
         g_w = torch.bmm(gy_flat, v.view(M * H, L, P).transpose(1, 2)).view(M, G, R, L, L)
         g_v = torch.bmm(weights.view(M * H, L, L).transpose(1, 2), gy_flat)  # [M*H, L, P]
-        g_scores = (g_w * decay).sum(2)  # [M, G, L, L]; dropped pairs have decay 0
+        # [M, G, L, L], summed over the R heads of a group one head at a time (no [M, G, R, L, L]
+        # product buffer); dropped pairs have decay 0.
+        g_scores = torch.mul(g_w[:, :, 0], decay[:, :, 0])
+        for r in range(1, R):
+            g_scores.addcmul_(g_w[:, :, r], decay[:, :, r])
         g_seg = g_w.mul_(weights).view(Bt, nc, H, L, L)
         g_a_cs += g_seg.sum(-1) - g_seg.sum(-2)
         g_scores = g_scores.view(M * G, L, L)
