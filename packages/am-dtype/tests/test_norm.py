@@ -9,7 +9,7 @@ import torch
 
 import am_dtype.norm as norm_mod
 from am_dtype import Float32RMSNorm
-from am_dtype.norm import _LazyCompiled, _rms_norm_fp32, _RMSNormFP32
+from am_dtype.norm import _LazyCompiled, _rms_norm_fp32, _RMSNormFP32, rms_norm
 
 
 def _reference64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,6 +71,42 @@ def test_fused_backward_equals_autograd_of_the_plain_ops():
     plain = torch.autograd.grad(_rms_norm_fp32(x, w, 1e-5), (x, w), g)
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 4, 24)])
+def test_rms_norm_gradients_equal_autograd_in_float64(scaled, shape):
+    """The hand-written backward against autograd through the plain ops in float64, with
+    and without a scale, for 2-D and 4-D (per-head) inputs. The norm computes in fp32 (as
+    transformers' norms do), so the tolerance is fp32's."""
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(shape[-1], requires_grad=True) if scaled else None
+    g = torch.randn(*shape)
+    inputs = (x, w) if scaled else (x,)
+    y = rms_norm(x, w, 1e-6)
+    assert type(y.grad_fn).__name__ == "_RMSNormFP32Backward"
+    fused = torch.autograd.grad(y, inputs, g)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True) if scaled else None
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y64 = y64 * w64 if scaled else y64
+    ref = torch.autograd.grad(y64, (x64, w64) if scaled else (x64,), g.double())
+    for a, b in zip(fused, ref, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_gradient_to_one_side_only():
+    x = torch.randn(6, 8)
+    w = torch.randn(8, requires_grad=True)
+    (gw,) = torch.autograd.grad(rms_norm(x, w, 1e-6).sum(), (w,))
+    torch.testing.assert_close(gw, (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).sum(0))
+    x.requires_grad_(True)
+    w.requires_grad_(False)
+    (gx,) = torch.autograd.grad(rms_norm(x, w, 1e-6).pow(2).sum(), (x,))
+    xr = x.detach().requires_grad_(True)
+    (ref,) = torch.autograd.grad(_rms_norm_fp32(xr, w, 1e-6).pow(2).sum(), (xr,))
+    torch.testing.assert_close(gx, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_training_uses_the_fused_backward_and_inference_the_plain_ops():

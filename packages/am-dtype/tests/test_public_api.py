@@ -27,6 +27,7 @@ EXPECTED = {
     "RMS_NORM_CHOICES",
     "BackendConfig",
     "Float32RMSNorm",
+    "rms_norm",
     "TEFp8Config",
     "cast_frozen_modules_to_compute_dtype",
     "cast_mixed_dtype_params_to_bf16",

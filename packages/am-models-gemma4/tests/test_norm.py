@@ -1,4 +1,4 @@
-"""FusedGemma4RMSNorm / rms_norm (hand-written backward) against transformers' Gemma4RMSNorm."""
+"""FusedGemma4RMSNorm / am_dtype.rms_norm (hand-written backward) vs transformers' Gemma4RMSNorm."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from _gemma4_helpers import rel_err
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
+from am_dtype.norm import rms_norm
 from am_models_gemma4 import Gemma4ForConditionalGeneration
-from am_models_gemma4.norm import FusedGemma4RMSNorm, rms_norm
+from am_models_gemma4.norm import FusedGemma4RMSNorm
 
 
 @pytest.mark.parametrize("with_scale", [True, False])

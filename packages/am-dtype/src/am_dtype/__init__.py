@@ -42,7 +42,7 @@ from am_dtype.fp8 import (
     set_is_first_microbatch,
     set_is_optim_step,
 )
-from am_dtype.norm import Float32RMSNorm
+from am_dtype.norm import Float32RMSNorm, rms_norm
 
 _LIVE_FLAGS = ("IS_FIRST_MICROBATCH", "IS_OPTIM_STEP")
 
@@ -78,6 +78,7 @@ __all__ = [
     "full_tensor",
     "fp8_autocast",
     "fp8_autocast_forward",
+    "rms_norm",
     "get_is_first_microbatch",
     "get_is_optim_step",
     "initialize_linear_module",

@@ -33,51 +33,75 @@ _SWITCH = {
 }  # fmt: skip
 
 
-def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Eager reference: normalize `x` over its last dim in fp32, scale, return in x's dtype."""
     x32 = x.float()
-    inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (x32 * inv_rms * weight.float()).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        normed = normed * weight.float()
+    return normed.to(x.dtype)
 
 
 class _RMSNormFP32(torch.autograd.Function):
-    """`_rms_norm_fp32` with a hand-written backward: about half the passes over the
-    activations of autograd's generic chain (pow, mean, rsqrt, two products)."""
+    """`_rms_norm_fp32` as one autograd node.
+
+    It saves only the input and the per-row `rstd = rsqrt(mean(x^2) + eps)` (no fp32 copy of
+    the normalized activations) and computes the gradients in about six passes over the
+    activations, two of them matrix-vector products, where autograd's generic chain (pow,
+    mean, rsqrt, two products) runs about a dozen. With h = g * x and D the row length:
+
+        dw = h^T @ rstd                       (the sum over rows of g * x_hat)
+        dx = (g * w) * rstd - x * rstd^3 * (h @ w) / D
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True).add_(eps))
-        normed = x32 * inv_rms
-        ctx.save_for_backward(normed, inv_rms, weight)
-        ctx.x_dtype = x.dtype
-        return (normed * weight.float()).to(x.dtype)
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True).add_(eps))
+        y = x32 * rstd
+        if weight is not None:
+            y.mul_(weight.float())
+        ctx.save_for_backward(x, rstd, weight)
+        return y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        normed, inv_rms, weight = ctx.saved_tensors
-        g32 = grad.float()
+        x, rstd, weight = ctx.saved_tensors
+        dim = x.shape[-1]
+        x32 = x.float().reshape(-1, dim)
+        g = grad.float().reshape(-1, dim)
+        r = rstd.reshape(-1)
+        h = g * x32
         grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (g32 * normed).sum(dim=tuple(range(g32.dim() - 1))).to(weight.dtype)
+        if weight is not None:
+            w = weight.float()
+            if ctx.needs_input_grad[1]:
+                grad_w = (h.t() @ r).to(weight.dtype)
+            proj = h @ w
+        else:
+            proj = h.sum(-1)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # d/dx of x * r * w with r = rsqrt(mean(x^2) + eps): r * (g w - n mean(g w n)).
-            gw = g32 * weight.float()
-            dot = (gw * normed).mean(dim=-1, keepdim=True)
-            grad_x = gw.sub_(normed * dot).mul_(inv_rms).to(ctx.x_dtype)
+            scaled = (g * w).mul_(r.unsqueeze(-1)) if weight is not None else g * r.unsqueeze(-1)
+            c = (r * r * r * proj).div_(dim).unsqueeze(-1)
+            grad_x = scaled.addcmul_(x32, c, value=-1.0).reshape(x.shape).to(x.dtype)
         return grad_x, grad_w, None
 
 
-def _rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The eager path: the fused-backward Function when training, the plain ops otherwise.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of `x` over its last dim computed in fp32, optionally scaled by `weight`
+    (None: no scale), returned in x's dtype.
 
-    DTensor inputs (tensor-parallel norms) keep the plain ops, whose sharding rules
-    DTensor knows.
+    The one eager RMSNorm of the workspace (models whose norm module is their own, such as
+    Gemma 4's, call it too): when a gradient is needed it is one autograd node with a
+    hand-written backward (`_RMSNormFP32`), otherwise the plain ops. DTensor inputs
+    (tensor-parallel norms) keep the plain ops, whose sharding rules DTensor knows.
     """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad or _is_dtensor(x) or _is_dtensor(weight):
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+    )
+    if not needs_grad or _is_dtensor(x) or (weight is not None and _is_dtensor(weight)):
         return _rms_norm_fp32(x, weight, eps)
     return _RMSNormFP32.apply(x, weight, eps)
 
@@ -177,7 +201,7 @@ class Float32RMSNorm(nn.Module):
             )
         if self._use_compiled(x):
             return _float32_rms_norm_fwd(x, self.weight, self.eps)
-        return _rms_norm_eager(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def _use_compiled(self, x: torch.Tensor) -> bool:
         if x.is_meta or self.compile_forward is False:
