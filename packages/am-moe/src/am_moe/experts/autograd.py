@@ -143,7 +143,7 @@ class _LocalMoE(torch.autograd.Function):
         else:
             y_RD, h_RF2 = _mlp_forward(x_RD, plan.rows, w_up, w_down, b_up, b_down, act, w_R, ws)
         del x_RD
-        out_TD = plan.sum_per_token(y_RD, x_TD.shape[0])
+        out_TD = plan.sum_per_token(y_RD, x_TD.shape[0], ws)
         ctx.save_for_backward(x_TD, h_RF2, w_R, w_up, w_down, b_down)
         ctx.plan, ctx.act, ctx.act_name, ctx.ws = plan, act, act_name, ws
         ctx.weights_meta = (weights_TK.shape, weights_TK.dtype)
@@ -166,7 +166,7 @@ class _LocalMoE(torch.autograd.Function):
         del g_RD, x_RD
         grad_x = None
         if g["x"] is not None:
-            grad_x = plan.sum_per_token(g["x"], x_TD.shape[0])
+            grad_x = plan.sum_per_token(g["x"], x_TD.shape[0], ws)
         grad_weights = None
         if g["w_R"] is not None:
             shape, dtype = ctx.weights_meta

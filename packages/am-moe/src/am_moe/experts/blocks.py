@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from am_moe.experts.activations import _INTO_WORKSPACE, _activation_with_grad
-from am_moe.experts.rows import _matmul_operand, _PerExpertRows
+from am_moe.experts.rows import _lasting, _matmul_operand, _PerExpertRows
 
 __all__: list[str] = []  # private building blocks of the expert kernels
 
@@ -38,8 +38,9 @@ def _activation(h_BF2: Tensor, act, act_name: str, ws) -> Tensor:
 
 def _blocks_forward(x_RD, rows: _PerExpertRows, w_up, w_down, b_up, b_down, act, act_name, w_R, ws):
     """(y_RD, h_RF2) as `autograd._mlp_forward`, expert by expert. y_RD is written into
-    x_RD's rows (each expert's input rows are dead once its h is computed)."""
-    h_RF2 = x_RD.new_empty(x_RD.shape[0], w_up.shape[-1])
+    x_RD's rows (each expert's input rows are dead once its h is computed). With a
+    workspace `ws`, h_RF2 is on the pool's recycled storage (`pool`)."""
+    h_RF2 = _lasting(ws, (x_RD.shape[0], w_up.shape[-1]), x_RD)
     y_RD = x_RD
     w_up, w_down = _matmul_operand(w_up), _matmul_operand(w_down)
     for g, s, e in rows.blocks:
@@ -59,6 +60,7 @@ def _blocks_forward(x_RD, rows: _PerExpertRows, w_up, w_down, b_up, b_down, act,
 
 def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws):
     """Gradients of `_blocks_forward` by name, as `autograd._mlp_backward` returns them.
+    With a workspace `ws` the weight gradients are on the pool's recycled storage.
 
     grads["x"] is written into x_RD's buffer (each expert's input rows are dead once its
     weight gradient is computed): the caller must consume it before reusing that buffer.
@@ -67,9 +69,9 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
     grads = dict.fromkeys(("x", "w_up", "w_down", "b_up", "b_down", "w_R"))
     in_workspace = ws is not None and ctx.act_name in _INTO_WORKSPACE
     if want["w_up"]:
-        grads["w_up"] = _per_expert_grad(w_up, rows)
+        grads["w_up"] = _per_expert_grad(w_up, rows, ws)
     if want["w_down"]:
-        grads["w_down"] = _per_expert_grad(w_down, rows)
+        grads["w_down"] = _per_expert_grad(w_down, rows, ws)
     if want["b_up"]:
         grads["b_up"] = h_RF2.new_zeros(rows.num_groups, h_RF2.shape[-1])
     if want["b_down"]:
@@ -116,9 +118,9 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
     return grads
 
 
-def _per_expert_grad(w_LAB: Tensor, rows: _PerExpertRows) -> Tensor:
-    """An uninitialised gradient for w_LAB whose experts without rows are zero."""
-    grad = torch.empty_like(w_LAB, memory_format=torch.contiguous_format)
+def _per_expert_grad(w_LAB: Tensor, rows: _PerExpertRows, ws) -> Tensor:
+    """An uninitialised contiguous gradient for w_LAB whose experts without rows are zero."""
+    grad = _lasting(ws, tuple(w_LAB.shape), w_LAB)
     for g in rows.empty:
         grad[g].zero_()
     return grad

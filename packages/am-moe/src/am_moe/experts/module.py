@@ -58,7 +58,9 @@ class GroupedExperts(nn.Module):
     cpu_layout: str = "auto"
     max_padding: float = 0.125
     # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
-    # by all layers (see `_Workspace`) instead of allocating them on every call.
+    # by all layers (see `_Workspace`) instead of allocating them on every call, and put the
+    # large tensors that outlive a call (saved pre-activation, weight gradients, outputs) on
+    # storage recycled once they are dead (`pool._TensorPool`; in the per-expert layout).
     reuse_cpu_buffers: bool = True
 
     def __init__(self, config: MoEConfig, backend: BackendConfig) -> None:

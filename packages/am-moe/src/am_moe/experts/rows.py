@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from am_moe.experts.pool import _POOL
+
 __all__: list[str] = []  # private building blocks of the expert kernels
 
 
@@ -253,12 +255,24 @@ _WORKSPACE = _Workspace()
 
 @dataclass
 class _Scratch:
-    """The shared workspace as seen by one fused call (knows the activation's name)."""
+    """The shared workspace as seen by one fused call (knows the activation's name), and
+    the pool for the tensors that outlive the call (`pool._TensorPool`)."""
 
     act_name: str
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return _WORKSPACE.get(name, tuple(shape), like)
+
+    def lasting(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor that may outlive the call (saved, returned), on recycled storage."""
+        return _POOL.empty(tuple(shape), like)
+
+
+def _lasting(ws: _Scratch | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """`ws.lasting`, or a plain new tensor without a workspace."""
+    if ws is None:
+        return like.new_empty(shape)
+    return ws.lasting(shape, like)
 
 
 @dataclass
@@ -278,8 +292,9 @@ class _Plan:
     rows: _GroupedRows | _PaddedRows | _SplitRows | _PerExpertRows
     token_rows: tuple[Tensor, Tensor] | None = None
 
-    def sum_per_token(self, y_RD: Tensor, num_tokens: int) -> Tensor:
-        """out[t] = sum of the rows of y_RD that belong to token t."""
+    def sum_per_token(self, y_RD: Tensor, num_tokens: int, ws: _Scratch | None = None) -> Tensor:
+        """out[t] = sum of the rows of y_RD that belong to token t (on the pool's storage
+        with a workspace `ws`)."""
         if self.token_rows is None or y_RD.dtype not in (torch.float32, torch.float64):
             return y_RD.new_zeros(num_tokens, y_RD.shape[1]).index_add_(0, self.src_R, y_RD)
         crow, col = self.token_rows
@@ -291,7 +306,7 @@ class _Plan:
             )  # fmt: skip
         # beta=0 ignores the uninitialised input and out= is that input: no zero-fill of a
         # T x D tensor and no copy of it into a second one.
-        out_TD = y_RD.new_empty(num_tokens, y_RD.shape[1])
+        out_TD = _lasting(ws, (num_tokens, y_RD.shape[1]), y_RD)
         return torch.addmm(out_TD, csr, y_RD, beta=0, out=out_TD)
 
 
