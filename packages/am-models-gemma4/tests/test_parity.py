@@ -276,3 +276,35 @@ def test_sampled_generate_runs_with_a_cache(saved):
     with torch.no_grad():
         out = ours.generate(prompt, max_new_tokens=6, do_sample=True, top_k=5)
     assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
+
+
+def test_long_padded_batch_runs_chunked_attention_and_matches_transformers(saved, monkeypatch):
+    """Sequences over two attention chunks: the sliding layers (and the full layers, which
+    get a mask with padding) attend per query chunk; logits and every gradient still
+    equal transformers' one whole-mask call."""
+    import am_models_gemma4.windowed as windowed
+
+    hf, path = saved
+    ours = Gemma4ForConditionalGeneration.from_pretrained(path, backend=cpu_backend())
+    calls = []
+    ranges = windowed.key_ranges
+    monkeypatch.setattr(
+        windowed, "key_ranges", lambda m, c: calls.append(ranges(m, c)) or calls[-1]
+    )
+    ids, labels = _batch(seed=5, seq=2 * windowed.CHUNK + 40)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    # Padded positions differ from transformers by design (ours keep them out of the
+    # experts), so none may carry a target; position 8 would predict the first real label.
+    labels[1, :10] = -100
+    ref = hf(ids, attention_mask=mask, labels=labels)
+    out = ours(ids, attention_mask=mask, labels=labels)
+    assert calls and all(r is not None for r in calls)
+    assert rel_err(out.logits[0], ref.logits[0]) <= TOL
+    assert rel_err(out.logits[1, 9:], ref.logits[1, 9:]) <= TOL
+    hf.zero_grad()
+    ref.loss.backward()
+    out.loss.backward()
+    mapped = ours.state_dict_adapter.from_hf({n: p.grad for n, p in hf.named_parameters()})
+    for name, param in ours.named_parameters():
+        assert rel_err(param.grad, mapped[name]) <= 1e-4, name

@@ -16,7 +16,8 @@ plumbing:
   the layer's mask must be exactly causal (and windowed on sliding layers) over the real
   tokens of a padded batch, which is checked against the 2D padding mask (`_TEBoundaries`);
   any other pattern (image blocks, packed documents, a custom 4D mask) is an error naming
-  the kernels that take it, never attended wrongly;
+  the kernels that take it, never attended wrongly. On CPU, "sdpa" with a bool mask runs
+  per query chunk over the keys the chunk may see (`am_models_gemma4.windowed`);
 - K/V sharing (E2B/E4B): a "reuse" layer reads its source layer's K/V from the per-forward
   `shared_kv_states` store, a "store" layer writes it, as transformers does;
 - context parallelism: after `setup_cp_attention` (`_am_cp_group` set) the ring attention
@@ -36,6 +37,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.dtypes import config_dtype
 from am_models_gemma4.norm import FusedGemma4RMSNorm
+from am_models_gemma4.windowed import chunked_masked_attention
 from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs, is_block_mask
 from am_utils.masks import causal_mask, to_additive_mask, to_bool_mask
 from am_utils.rope import apply_rotary_pos_emb
@@ -217,4 +219,13 @@ class Gemma4Attention(Gemma4TextAttention):
             )
         if mask is not None and self.attn_backend == "eager" and mask.dtype == torch.bool:
             mask = to_additive_mask(mask, q.dtype)
+        if mask is not None and self.attn_backend == "sdpa" and not self._dropout_active():
+            # CPU: skip the key blocks a query chunk cannot see (sliding windows, padding).
+            out = chunked_masked_attention(self.kernel, q, k, v, mask)
+            if out is not None:
+                return out
         return self.kernel(q, k, v, mask=mask)
+
+    def _dropout_active(self) -> bool:
+        # Chunked calls would draw a different dropout pattern than one call.
+        return self.training and self.attention_dropout > 0
