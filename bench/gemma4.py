@@ -1,15 +1,20 @@
 """Gemma 4 MoE on CPU: our model and MoE block vs transformers', tokens/s and ratios.
 
-Usage: python bench/gemma4.py [--quick] [--repeats N] [--threads T] [--clock cpu|wall]
+Usage: python bench/gemma4.py [--quick] [--config small|a4b] [--repeats N] [--threads T]
+                              [--clock cpu|wall]
 
 Runs, in one process and on the same weights (fp32, train mode):
   (0) the machine's dense fp32 matmul rate (GFLOP/s): the ceiling;
   (a) the MoE block alone: am_models_gemma4.Gemma4MoE (am-moe grouped experts, "torch_mm")
       vs transformers' Gemma4TextRouter + Gemma4TextExperts, in the experts implementation
       transformers picks by default and in its "eager" per-expert loop;
-  (b) the whole MoE text model (hidden 512, 4 layers sliding/full, 16 experts top-4,
-      batch 2 x seq 512 = 1024 tokens): am_models_gemma4.Gemma4ForConditionalGeneration vs
+  (b) the whole MoE text model: am_models_gemma4.Gemma4ForConditionalGeneration vs
       transformers' Gemma4ForConditionalGeneration in both experts implementations.
+`--config small` (the default): hidden 512, 4 layers sliding/full, 16 experts top-4, batch
+2 x seq 512 = 1024 tokens, window 256. `--config a4b`: gemma-4-26B-A4B's proportions at
+hidden 512 (expert hidden 1/4 and dense MLP 3/4 of hidden, 128 experts top-8, 5 sliding
+layers per full one, k_eq_v full layers), batch 1 x seq 2048, window 512; the vocabulary
+stays 2048 (at the released 262144 the shared lm_head would be most of the step).
 Each measurement is the median of interleaved repeats in a rotating order (bench/_timing.py),
 so a busy machine slows every case alike. The thread count is fixed (`--threads`, default 1:
 on a shared CPU, OpenMP workers spin while a sibling thread is descheduled, which swings
@@ -31,7 +36,32 @@ from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_averag
 warnings.filterwarnings("ignore")
 
 
-def text_config(quick: bool) -> dict:
+def text_config(quick: bool, config: str = "small") -> dict:
+    if config == "a4b":
+        layers = ["sliding_attention"] * 5 + ["full_attention"]
+        if quick:
+            layers = ["sliding_attention"] * 2 + ["full_attention"]
+        return dict(
+            vocab_size=2048,
+            hidden_size=512,
+            intermediate_size=384,
+            num_hidden_layers=len(layers),
+            layer_types=layers,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            sliding_window=512,
+            enable_moe_block=True,
+            num_experts=128,
+            top_k_experts=8,
+            moe_intermediate_size=128,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0,
+            dtype="float32",
+        )
     layers = ["sliding_attention", "full_attention"] * (1 if quick else 2)
     return dict(
         vocab_size=2048,
@@ -56,11 +86,14 @@ def text_config(quick: bool) -> dict:
     )
 
 
-def gemma4_config(quick: bool):
+def gemma4_config(quick: bool, config: str = "small"):
     from transformers import Gemma4Config
 
     return Gemma4Config(
-        text_config=text_config(quick), vision_config=None, audio_config=None, dtype="float32"
+        text_config=text_config(quick, config),
+        vision_config=None,
+        audio_config=None,
+        dtype="float32",
     )
 
 
@@ -107,7 +140,7 @@ def bench_ceiling(quick: bool, repeats: int, clock: str) -> None:
     print(f"\nceiling: dense matmul fp32 {n}x{n}: {2 * n**3 / t['mm'] / 1e9:.1f} GFLOP/s")
 
 
-def paired_models(quick: bool):
+def paired_models(quick: bool, config: str = "small"):
     """transformers' model (default experts implementation) and ours on the same weights."""
     from transformers import Gemma4ForConditionalGeneration as Theirs
 
@@ -115,8 +148,10 @@ def paired_models(quick: bool):
     from am_models_gemma4 import Gemma4ForConditionalGeneration as Ours
 
     torch.manual_seed(0)
-    hf = Theirs(gemma4_config(quick)).float().train()
-    ours = Ours(gemma4_config(quick), backend=BackendConfig(attn="sdpa", experts="torch_mm"))
+    hf = Theirs(gemma4_config(quick, config)).float().train()
+    ours = Ours(
+        gemma4_config(quick, config), backend=BackendConfig(attn="sdpa", experts="torch_mm")
+    )
     ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=True)
     return hf, ours.train()
 
@@ -180,7 +215,10 @@ def bench_moe_block(args, hf) -> None:
 
 
 def bench_model(args, hf, ours) -> None:
-    batch, seq = (1, 256) if args.quick else (2, 512)
+    if args.config == "a4b":
+        batch, seq = (1, 1024) if args.quick else (1, 2048)
+    else:
+        batch, seq = (1, 256) if args.quick else (2, 512)
     cfg = hf.config.text_config
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -206,7 +244,8 @@ def bench_model(args, hf, ours) -> None:
     t = median_times(fns, args.repeats, args.clock)
     best = report(
         f"Whole MoE text model (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-        f"{cfg.num_experts} experts top-{cfg.top_k_experts}; batch {batch} x seq {seq}, fp32; "
+        f"{cfg.num_experts} experts top-{cfg.top_k_experts}, window {cfg.sliding_window}; "
+        f"batch {batch} x seq {seq}, fp32; "
         f"rel logit diff {err:.1e})",
         batch * seq,
         t,
@@ -218,6 +257,9 @@ def bench_model(args, hf, ours) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument(
+        "--config", choices=("small", "a4b"), default="small", help="model shape (see above)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (fixed)")
     parser.add_argument(
@@ -237,10 +279,10 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads (fixed), {args.repeats} interleaved repeats (median), "
-        f"ratios on {args.clock} seconds"
+        f"ratios on {args.clock} seconds, config {args.config}"
     )
     bench_ceiling(args.quick, args.repeats, args.clock)
-    hf, ours = paired_models(args.quick)
+    hf, ours = paired_models(args.quick, args.config)
     bench_moe_block(args, hf)
     bench_model(args, hf, ours)
 
