@@ -143,3 +143,38 @@ def test_equals_transformers_gemma4_rotary_per_tensor():
     q, k = _qk("bshd")
     ours = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     _close(ours, (gemma4_apply(q, cos, sin, 2), gemma4_apply(k, cos, sin, 2)))
+
+
+def test_hand_written_rotation_backward_is_used_and_matches_autograd(monkeypatch):
+    """Constant cos/sin go through `_Rotate` (two passes each way); its values and gradients
+    equal autograd's composition, mixed dtypes included; cos/sin that need gradients take
+    the autograd path and get them."""
+    calls = []
+    apply = rope._Rotate.apply
+    monkeypatch.setattr(rope._Rotate, "apply", lambda *a: calls.append(1) or apply(*a))
+    cos, sin = _cos_sin(OWN_POSITIONS, dtype=torch.float32, scaling=0.7)
+    for x_dtype in (torch.float32, torch.bfloat16):
+        q, k = _qk("bshd", dtype=x_dtype)
+        calls.clear()
+        ours = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        assert len(calls) == 2
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+        ref = [t * c + rotate_half(t) * s for t in (q, k)]
+        probe = torch.randn(ours[0].shape)
+        g_ours = torch.autograd.grad(((ours[0] + 2 * ours[1]) * probe).sum(), (q, k))
+        g_ref = torch.autograd.grad(((ref[0] + 2 * ref[1]) * probe).sum(), (q, k))
+        for a, b in zip(ours, ref, strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        # bf16 inputs: autograd rounds each branch's gradient to bf16 before adding them,
+        # ours adds in fp32 and rounds once.
+        tol = 1e-6 if x_dtype == torch.float32 else 2e-2
+        for a, b in zip(g_ours, g_ref, strict=True):
+            assert a.dtype == b.dtype == x_dtype
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    cos = cos.clone().requires_grad_(True)
+    q, k = _qk("bshd", dtype=torch.float32)
+    calls.clear()
+    rq, rk = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    (rq.sum() + rk.sum()).backward()
+    assert not calls and cos.grad is not None and cos.grad.abs().sum() > 0

@@ -73,9 +73,49 @@ def apply_rotary_pos_emb(
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return _rotate_all(x, cos, sin)
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
+    return torch.cat((_rotate_all(head, cos, sin), tail), dim=-1)
+
+
+def _rotate_all(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, through `_Rotate` when cos/sin are constants (what
+    rotary modules return) and broadcast to x's shape; else by autograd."""
+    if (
+        cos.requires_grad
+        or sin.requires_grad
+        or torch.broadcast_shapes(x.shape, cos.shape) != x.shape
+    ):
+        return x * cos + rotate_half(x) * sin
+    return _Rotate.apply(x, cos, sin)
+
+
+class _Rotate(torch.autograd.Function):
+    """The rotation in two full-size passes each way (autograd's composition of chunk, neg,
+    cat, two muls and an add runs five forward and as many backward). With halves 1, 2:
+
+        y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+        dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        dx = grad * cos
+        dx[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        dx[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return dx.to(ctx.x_dtype), None, None
 
 
 def _te_installed() -> bool:
