@@ -45,8 +45,10 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,50 +72,107 @@ def recipe_raw(args, run_dir: str) -> dict:
     }
 
 
-class Stamps:
-    """(wall, cpu) at the end of every step; `steps()` gives per-step seconds after warm-up."""
+class Baton:
+    """Runs the frameworks one step at a time, in turn, each in its own thread.
 
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+    A participant calls `turn(name)` once before its first step and `step_done(name)` at the
+    end of every step; it then waits while the others take their step. The coordinator
+    (`run`) gives the turns in a rotating order (a b c, b c a, c a b, ...) and times each
+    turn: wall seconds and this process's CPU seconds (only the running participant works, so
+    they are that step's). A burst of load from other processes thus hits neighbouring steps
+    of all three alike, and consecutive steps can be compared in pairs.
+    """
 
-    def mark(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time()))
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.go = {n: threading.Semaphore(0) for n in names}
+        self.done = threading.Semaphore(0)
+        self.steps: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        self.rounds: list[dict[str, tuple[float, float]]] = []
+        self.errors: dict[str, BaseException] = {}
+        self.finished: set[str] = set()
 
-    def steps(self) -> list[tuple[float, float]]:
-        deltas = [
-            (w1 - w0, c1 - c0)
-            for (w0, c0), (w1, c1) in zip(self.marks[:-1], self.marks[1:], strict=True)
-        ]
-        return deltas[WARMUP_STEPS - 1 :]  # marks[0] ends step 1: deltas start at step 2
+    def turn(self, name: str) -> None:
+        self.go[name].acquire()
+
+    def step_done(self, name: str) -> None:
+        self.done.release()
+        self.go[name].acquire()
+
+    def run(self, targets: dict[str, Callable[[], object]]) -> dict[str, object]:
+        results: dict[str, object] = {}
+
+        def body(name: str) -> None:
+            try:
+                self.turn(name)
+                results[name] = targets[name]()
+            except BaseException as err:  # noqa: BLE001 - re-raised in the coordinator
+                self.errors[name] = err
+            finally:
+                self.finished.add(name)
+                self.done.release()
+
+        threads = [threading.Thread(target=body, args=(n,), daemon=True) for n in self.names]
+        for t in threads:
+            t.start()
+        r = 0
+        while len(self.finished) < len(self.names):
+            active = [n for n in self.names if n not in self.finished]
+            k = r % len(active)
+            this_round = {}
+            for name in active[k:] + active[:k]:
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                self.go[name].release()
+                self.done.acquire()
+                if name not in self.finished:  # the turn ended with a step
+                    this_round[name] = (time.perf_counter() - wall0, time.process_time() - cpu0)
+                    self.steps[name].append(this_round[name])
+            self.rounds.append(this_round)
+            r += 1
+            if self.errors:
+                name, err = next(iter(self.errors.items()))
+                raise RuntimeError(f"{name} failed") from err
+        for t in threads:
+            t.join()
+        return results
+
+    def counted(self, name: str) -> list[tuple[float, float]]:
+        """`name`'s step times after the warm-up (turn 1 also holds its setup)."""
+        return self.steps[name][WARMUP_STEPS:]
+
+    def paired_ratios(self, a: str, b: str, clock: str) -> list[float]:
+        """time(b) / time(a) of the same round's steps, after the warm-up."""
+        i = 0 if clock == "wall" else 1
+        return [r[b][i] / r[a][i] for r in self.rounds[WARMUP_STEPS:] if a in r and b in r]
 
 
-def run_automodel(raw: dict) -> list[tuple[float, float]]:
+def run_automodel(raw: dict, baton: Baton) -> dict[int, float]:
     """`automodel train` as the CLI runs it; a step ends when its metrics line is written."""
     from am_automodel import metrics
     from am_automodel.recipe import build_recipe
     from am_automodel.train import run
 
-    stamps, log = Stamps(), metrics.MetricsLogger.log
+    log = metrics.MetricsLogger.log
 
     def stamped(self, record, echo=False):
         log(self, record, echo)
         if "loss" in record:
-            stamps.mark()
+            baton.step_done("automodel")
 
     metrics.MetricsLogger.log = stamped
     try:
-        run(build_recipe(raw))
+        return run(build_recipe(raw)).losses
     finally:
         metrics.MetricsLogger.log = log
-    return stamps.steps()
 
 
 def _setup(raw: dict):
-    """The config, the rows of every step (in automodel's order) and the tokens per step."""
+    """The config, the rows of every step (in automodel's order) and the starting weights."""
     from am_automodel.data import RowLoader, build_datasets
-    from am_automodel.models import build_model_config
+    from am_automodel.models import build_model_config, initial_state_dict
     from am_automodel.recipe import build_recipe
     from am_automodel.tokenizer import byte_tokenizer
+    from am_dtype import BackendConfig
 
     recipe = build_recipe(raw)
     tokenizer = byte_tokenizer()
@@ -121,25 +180,29 @@ def _setup(raw: dict):
     rows, _ = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     loader = RowLoader(rows, recipe.train.micro_batch_size, 0, 1, recipe.train.seed)
     batches = [loader.next_batch() for _ in range(recipe.train.steps)]
-    return config, batches
+    backend = BackendConfig(**recipe.model.backend)
+    weights = initial_state_dict(recipe.model, config, backend, recipe.train.seed)
+    return config, batches, weights
 
 
-def _adamw(model):
+def _adamw(model, fused: bool = True):
     from am_automodel.optim import _no_decay
 
     decay = [p for n, p in model.named_parameters() if not _no_decay(n, p)]
     plain = [p for n, p in model.named_parameters() if _no_decay(n, p)]
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def _our_model(config):
+def _our_model(config, weights=None):
     from am_dtype import BackendConfig
     from am_models_nemotron import NemotronHForCausalLM
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(config, backend=BackendConfig(attn="sdpa"))
     model.initialize_weights(dtype=torch.float32)
+    if weights is not None:
+        model.load_state_dict(weights)
     return model.train()
 
 
@@ -152,17 +215,24 @@ def _loss(model, batch):
     return loss / (targets != IGNORE_INDEX).sum()
 
 
-def run_bare(config, batches) -> tuple[list[tuple[float, float]], float]:
-    """A hand-written loop over our model class and the same batches; also returns the
+def run_bare(config, batches, weights, baton: Baton, name: str = "bare"):
+    """A hand-written loop over our model class, automodel's starting weights and the same
+    batches, with the same fused AdamW and cosine-after-warmup lr; returns its losses and the
     median share of a step spent in clip + optimizer step."""
-    model = _our_model(config)
+    from am_automodel.optim import lr_factor
+    from am_automodel.recipe import OptimizerSection
+
+    model = _our_model(config, weights)
     optimizer = _adamw(model)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, len(batches))
-    stamps, opt_share = Stamps(), []
-    stamps.mark()  # the loop's start: the first delta is step 1 (warm-up, dropped)
-    for batch in batches:
+    section = OptimizerSection(lr=1e-3, weight_decay=0.01, warmup_steps=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, len(batches), section)
+    )
+    losses, opt_share = {}, []
+    for step, batch in enumerate(batches, 1):
         t0 = time.process_time()
-        _loss(model, batch).backward()
+        loss = _loss(model, batch)
+        loss.backward()
         t1 = time.process_time()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -170,8 +240,9 @@ def run_bare(config, batches) -> tuple[list[tuple[float, float]], float]:
         scheduler.step()
         t2 = time.process_time()
         opt_share.append((t2 - t1) / max(t2 - t0, 1e-9))
-        stamps.mark()
-    return stamps.steps()[1:], statistics.median(opt_share[WARMUP_STEPS:] or opt_share)
+        losses[step] = loss.item()
+        baton.step_done(name)
+    return losses, statistics.median(opt_share[WARMUP_STEPS:] or opt_share)
 
 
 def _hf_model(config):
@@ -181,20 +252,17 @@ def _hf_model(config):
     return HFNemotronH(config).float().train()
 
 
-def run_trainer(config, batches, out_dir: str) -> list[tuple[float, float]]:
-    """transformers' Trainer on transformers' NemotronHForCausalLM, same rows in order."""
+def run_trainer(config, batches, out_dir: str, baton: Baton) -> None:
+    """transformers' Trainer on transformers' NemotronHForCausalLM, same rows in order, with
+    its default optimizer (torch's fused AdamW)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model = _hf_model(config)
     rows = [{"input_ids": ids, "labels": ids} for batch in batches for ids in batch["input_ids"]]
-    stamps = Stamps()
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            stamps.mark()
-
+    class Turns(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.mark()
+            baton.step_done("trainer")
 
     args = TrainingArguments(
         output_dir=out_dir,
@@ -207,7 +275,7 @@ def run_trainer(config, batches, out_dir: str) -> list[tuple[float, float]]:
         max_grad_norm=1.0,
         lr_scheduler_type="cosine",
         warmup_steps=1,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
         logging_steps=10_000,
         save_strategy="no",
         report_to=[],
@@ -218,12 +286,11 @@ def run_trainer(config, batches, out_dir: str) -> list[tuple[float, float]]:
         train_sampling_strategy="sequential",  # the same rows in automodel's order
     )
     threads = torch.get_num_threads()
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()]).train()
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Turns()]).train()
     if torch.get_num_threads() != threads:
         raise RuntimeError(
             f"Trainer changed the thread count {threads} -> {torch.get_num_threads()}"
         )
-    return stamps.steps()[1:]
 
 
 def model_only(config, batch, repeats: int, clock: str) -> tuple[float, float]:
@@ -243,6 +310,11 @@ def model_only(config, batch, repeats: int, clock: str) -> tuple[float, float]:
     return timing["ours"].median(clock), timing["theirs"].median(clock)
 
 
+def _quartiles(ratios: list[float]) -> str:
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"median {q2:.3f}, quartiles {q1:.3f}-{q3:.3f}"
+
+
 def _median(steps: list[tuple[float, float]], clock: str) -> float:
     return statistics.median(cpu if clock == "cpu" else wall for wall, cpu in steps)
 
@@ -250,15 +322,13 @@ def _median(steps: list[tuple[float, float]], clock: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="runs per framework (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per framework (default 20)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=CLOCKS, default=None)
     args = parser.parse_args()
     threads = fix_threads(args.threads)
     clock = args.clock or default_clock(threads)
-    args.steps = args.steps or (4 if args.quick else 8)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.steps = args.steps or (4 if args.quick else 20)
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps {args.steps}: needs more than the {WARMUP_STEPS} warm-up steps")
     args.preset = "tiny-nemotron-h" if args.quick else "small-nemotron-h"
@@ -269,44 +339,47 @@ def main() -> None:
     cpu0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         raw = recipe_raw(args, tmp + "/run")
-        config, batches = _setup(raw)
+        config, batches, weights = _setup(raw)
         tokens = batches[0]["input_ids"].numel()
         print(f"{args.preset}: Nemotron-H hidden {config.hidden_size}, blocks "
               f"{config.layers_block_type}, {args.batch} x {args.seq_len} packed tokens per step, "
-              f"{args.rounds} rounds x {args.steps} steps ({WARMUP_STEPS} warm-up) per framework, "
+              f"{args.steps} steps ({WARMUP_STEPS} warm-up) per framework, taken in turns, "
               f"{threads} thread(s), clock {clock}")  # fmt: skip
-        runs = {
-            "automodel": lambda r: run_automodel(recipe_raw(args, f"{tmp}/run{r}")),
-            "bare": lambda r: run_bare(config, batches),
-            "trainer": lambda r: run_trainer(config, batches, f"{tmp}/trainer{r}"),
-        }
-        steps: dict[str, list] = {name: [] for name in runs}
-        opt_shares = []
-        names = list(runs)
-        for r in range(args.rounds):
-            for name in names[r % 3 :] + names[: r % 3]:
-                out = runs[name](r)
-                if name == "bare":
-                    out, share = out
-                    opt_shares.append(share)
-                steps[name] += out
-        ours_fb, theirs_fb = model_only(config, batches[0], 3 if args.quick else 5, clock)
+        baton = Baton(["automodel", "bare", "trainer", "twin"])
+        out = baton.run({
+            "automodel": lambda: run_automodel(raw, baton),
+            "bare": lambda: run_bare(config, batches, weights, baton),
+            "twin": lambda: run_bare(config, batches, weights, baton, "twin"),
+            "trainer": lambda: run_trainer(config, batches, f"{tmp}/trainer", baton),
+        })  # fmt: skip
+        ours_fb, theirs_fb = model_only(config, batches[0], 3 if args.quick else 7, clock)
+    am_losses, (bare_losses, share) = out["automodel"], out["bare"]
+    loss_diff = max(abs(am_losses[s] - bare_losses[s]) / abs(bare_losses[s]) for s in bare_losses)
+    steps = {name: baton.counted(name) for name in ("automodel", "bare", "trainer")}
     tok_s = {name: tokens / _median(s, clock) for name, s in steps.items()}
     ours, bare, trainer = tok_s["automodel"], tok_s["bare"], tok_s["trainer"]
     spread = {n: (min(tokens / (c if clock == "cpu" else w) for w, c in s),
                   max(tokens / (c if clock == "cpu" else w) for w, c in s)) for n, s in steps.items()}  # fmt: skip
-    share = statistics.median(opt_shares)
     model_ratio = theirs_fb / ours_fb
     for label, name in (("automodel train", "automodel"), ("bare PyTorch loop", "bare"),
                         ("transformers Trainer", "trainer")):  # fmt: skip
         lo, hi = spread[name]
         print(f"{label:<27}: {tok_s[name]:10,.0f} tokens/s  (median of {len(steps[name])} steps; "
               f"range {lo:,.0f}-{hi:,.0f})")  # fmt: skip
-    print(f"automodel / bare loop      : {ours / bare:6.3f}  (goal >= 0.95: overhead <= 5%)")
-    print(f"automodel / HF Trainer     : {ours / trainer:6.3f}  (goal >= 1.3)")
+    paired = {(a, b): _quartiles(baton.paired_ratios(a, b, clock))
+              for a, b in (("automodel", "bare"), ("automodel", "trainer"), ("twin", "bare"))}  # fmt: skip
+    print(f"automodel / bare loop      : {ours / bare:6.3f}  (goal >= 0.95: overhead <= 5%; "
+          f"the same rounds' step ratios {paired['automodel', 'bare']})")  # fmt: skip
+    print(f"automodel / HF Trainer     : {ours / trainer:6.3f}  (goal >= 1.3; "
+          f"the same rounds' step ratios {paired['automodel', 'trainer']})")  # fmt: skip
+    twin = tokens / _median(baton.counted("twin"), clock)
+    print(f"bare loop twin / bare loop : {twin / bare:6.3f}  (the same loop twice: the noise of "
+          f"these ratios; step ratios {paired['twin', 'bare']})")  # fmt: skip
     print(
         f"bare loop / HF Trainer     : {bare / trainer:6.3f}  (same loop work, our model vs theirs)"
     )
+    print(f"losses automodel vs bare   : max rel diff {loss_diff:.1e} over {len(bare_losses)} "
+          "steps (same weights, rows and optimizer: the same work)")  # fmt: skip
     print(f"model fwd+bwd, ours / HF   : {model_ratio:6.3f}  (x faster; {ours_fb * 1e3:.0f} vs "
           f"{theirs_fb * 1e3:.0f} ms {clock})")  # fmt: skip
     ceiling = 1.0 / ((1 - share) / model_ratio + share)

@@ -51,29 +51,39 @@ class ExpertLoadMonitor:
             if not gate.training:
                 return
             indices = output[1].detach().reshape(-1)
-            counts = torch.bincount(indices, minlength=gate.n_experts).float()
             prev = self._counts[i]
-            self._counts[i] = counts if prev is None else prev + counts
+            if prev is None:
+                prev = self._counts[i] = indices.new_zeros(gate.n_experts, dtype=torch.float32)
+            # index_add_, not bincount: bincount sizes its output from the data (a host sync
+            # on CUDA at every MoE layer's forward).
+            prev.index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
 
         return hook
 
     def pop(self) -> dict[str, float]:
-        """Imbalance (max/mean load per layer, averaged) and aux loss since the last pop."""
+        """Imbalance (max/mean load per layer, averaged) and aux loss since the last pop
+        (one host sync for both)."""
         if not self.moe_blocks:
             return {}
         counts = [c for c in self._counts if c is not None]
         self._counts = [None] * len(self.moe_blocks)
-        out: dict[str, float] = {}
+        names, values = [], []
         if counts:
             stacked = torch.stack(counts)
             if self.reduce and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(stacked)
             per_layer = stacked.max(dim=1).values / stacked.mean(dim=1).clamp_min(1e-9)
-            out["moe_load_imbalance"] = float(per_layer.mean())
+            names.append("moe_load_imbalance")
+            values.append(per_layer.mean())
         aux = [b.last_aux_loss for b in self.moe_blocks if b.last_aux_loss is not None]
         if aux:
-            out["moe_aux_loss"] = float(torch.stack([a.float() for a in aux]).sum())
-        return out
+            names.append("moe_aux_loss")
+            values.append(torch.stack([a.detach().float() for a in aux]).sum())
+        if not values:
+            return {}
+        device = values[0].device
+        floats = torch.stack([v.to(device) for v in values]).tolist()
+        return dict(zip(names, floats, strict=True))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

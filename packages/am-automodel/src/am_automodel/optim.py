@@ -25,8 +25,13 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def build_optimizer(model: nn.Module, section: OptimizerSection, device: str) -> torch.optim.AdamW:
-    """torch's AdamW over two groups (decay / no decay); fused on CUDA unless told otherwise."""
+def build_optimizer(model: nn.Module, section: OptimizerSection) -> torch.optim.AdamW:
+    """torch's AdamW over two groups (decay / no decay).
+
+    `section.fused = None` picks torch's fused kernel wherever it has one for the parameters'
+    device (CPU and CUDA): one kernel over every tensor instead of ~10 ops per tensor (4x less
+    optimizer time on the CPU bench model); the update equals the per-tensor one within fp32
+    rounding."""
     decay, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -35,7 +40,7 @@ def build_optimizer(model: nn.Module, section: OptimizerSection, device: str) ->
         {"params": decay, "weight_decay": section.weight_decay},
         {"params": plain, "weight_decay": 0.0},
     ]
-    fused = section.fused if section.fused is not None else device == "cuda"
+    fused = section.fused if section.fused is not None else _fused_supported(decay + plain)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=section.lr,
@@ -43,6 +48,13 @@ def build_optimizer(model: nn.Module, section: OptimizerSection, device: str) ->
         eps=section.eps,
         fused=fused or None,
     )
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def lr_factor(step: int, total: int, section: OptimizerSection) -> float:
@@ -77,24 +89,30 @@ def clip_grad_norm(parameters, max_norm: float, group=None) -> torch.Tensor:
     """The global L2 norm of all gradients (over every shard); scale them to `max_norm` if above.
 
     `max_norm <= 0` only measures. `group`: ranks holding *different* parameters (pipeline
-    stages), whose squared norms are summed. Returns the norm before clipping (fp32 tensor).
+    stages), whose squared norms are summed. Returns the norm before clipping (fp32 tensor on
+    the gradients' device). No host sync: the clip factor stays a tensor, as in torch's
+    `clip_grad_norm_` (the gradients are multiplied by min(1, max_norm / norm)).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault(_group_key(g), []).append(g)
-    total_sq = torch.zeros((), dtype=torch.float32)
+    device = _local_device(grads[0]) if grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for grads_of_mesh in groups.values():
         norm = full_tensor(torch.nn.utils.get_total_norm(grads_of_mesh, norm_type=2.0))
-        total_sq = total_sq + norm.float().cpu() ** 2
+        total_sq = total_sq + norm.float().to(device) ** 2
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(total_sq, group=group)
     total = total_sq.sqrt()
     if max_norm > 0:
-        coef = max_norm / (float(total) + 1e-6)
-        if coef < 1.0:
-            for grads_of_mesh in groups.values():
-                torch._foreach_mul_(grads_of_mesh, coef)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grads_of_mesh in groups.values():
+            torch._foreach_mul_(grads_of_mesh, coef.to(_local_device(grads_of_mesh[0])))
     return total
+
+
+def _local_device(grad: torch.Tensor) -> torch.device:
+    return grad.to_local().device if isinstance(grad, DTensor) else grad.device

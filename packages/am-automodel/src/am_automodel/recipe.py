@@ -157,7 +157,9 @@ class OptimizerSection(_Section):
     weight_decay: float = Field(0.0, ge=0.0, description="not applied to norms and biases")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0)
-    fused: bool | None = Field(None, description="fused AdamW; none = on CUDA only")
+    fused: bool | None = Field(
+        None, description="fused AdamW; none = wherever torch has the kernel (CPU, CUDA)"
+    )
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup")
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / peak lr")

@@ -42,12 +42,14 @@ class BatchRunner:
             model.setup_cp_attention(self.cp_mesh)
 
     @staticmethod
-    def num_targets(batch: dict) -> int:
-        """The targets of `batch`'s whole rows (CP ranks each see a share of them)."""
-        return int((next_token_targets(batch["labels"], batch["seq_idx"]) != IGNORE_INDEX).sum())
+    def num_targets(batch: dict) -> torch.Tensor:
+        """The targets of `batch`'s whole rows (CP ranks each see a share of them), as a 0-d
+        tensor on the batch's (CPU) device: counted without a host sync."""
+        return (next_token_targets(batch["labels"], batch["seq_idx"]) != IGNORE_INDEX).sum()
 
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """(summed token loss, number of targets) of `batch` on this rank."""
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token loss, number of targets) of `batch` on this rank, both 0-d tensors on
+        the model's device (no host sync: the caller converts once per step)."""
         input_ids = batch["input_ids"].to(self.device)
         if self.cp_mesh is None:
             kwargs = self.spec.forward_inputs(batch, self.config, self.device, self.dtype)
@@ -63,7 +65,7 @@ class BatchRunner:
             shard = make_batch(self.cp_mesh, None, inputs)
             targets = shard.pop("shift_labels")
             logits = self.model(**shard).logits
-        return _summed_ce(logits, targets), int((targets != IGNORE_INDEX).sum())
+        return _summed_ce(logits, targets), (targets != IGNORE_INDEX).sum()
 
     def sync_cp_grads(self) -> None:
         """Sum the gradients over the CP ranks (no-op without CP)."""

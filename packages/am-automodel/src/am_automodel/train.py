@@ -94,50 +94,54 @@ def _check_pipeline_batch(recipe: Recipe) -> None:
         )
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over every rank (the tensor itself on one rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
 
 
 def _train_step(runner: BatchRunner, batches, plan, optimizer, max_grad_norm):
-    """One optimizer step over `batches` (this rank's microbatches); returns (loss, grad_norm)."""
-    model = runner.model
-    local_targets = sum(runner.num_targets(b) for b in batches)
+    """One optimizer step over `batches` (this rank's microbatches); returns (loss, grad_norm).
+
+    The per-microbatch losses, the target counts and the clipping stay tensors on the device:
+    one host sync per step, for the two floats returned (none per microbatch)."""
+    model, device = runner.model, runner.device
+    local_targets = torch.stack([runner.num_targets(b) for b in batches]).sum()
     # CP ranks read the same rows (each computes a share of their tokens): count them once.
-    (global_targets,) = _all_sum([local_targets])
-    global_targets /= plan.cp
-    scale = plan.data_size / max(global_targets, 1.0)
+    global_targets = (_all_sum(local_targets.to(device, torch.float64)) / plan.cp).clamp_min(1.0)
+    scale = (plan.data_size / global_targets).float()
     accumulate = (
         plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
     )
     if accumulate:
         model.prepare_for_grad_accumulation()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if accumulate and i == len(batches) - 1:
             model.prepare_for_final_backward()
         loss_sum, _ = runner.loss_sum(batch)
         (loss_sum * scale).backward()
-        total += float(loss_sum.detach())
+        total += loss_sum.detach()
     runner.sync_cp_grads()
     grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    (loss_total,) = _all_sum([total])
-    return loss_total / max(global_targets, 1.0), float(grad_norm)
+    loss = _all_sum(total) / global_targets
+    loss, grad_norm = torch.stack([loss, grad_norm.to(device, torch.float64)]).tolist()
+    return loss, grad_norm
 
 
 @torch.no_grad()
 def _evaluate(runner: BatchRunner, batches) -> float:
     runner.model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=runner.device)  # (loss, targets)
     for batch in batches:
         loss_sum, n = runner.loss_sum(batch)
-        total, count = total + float(loss_sum), count + n
+        sums += torch.stack([loss_sum.double(), n.double()])
     runner.model.train()
-    total, count = _all_sum([total, count])
+    total, count = _all_sum(sums).tolist()
     return total / max(count, 1.0)
 
 
@@ -178,7 +182,7 @@ def _run(prep: Prepared) -> TrainResult:
 
     engine = (PipelineEngine if plan.pp > 1 else LocalEngine)(prep, mesh, rank, device)
     model = engine.module
-    optimizer = build_optimizer(model, recipe.optimizer, plan.device)
+    optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, tr.steps)
     ckpt = Checkpointer(run_dir, recipe.checkpoint.keep_last, rank, optimizer_by_name=plan.pp > 1)
     ckpt.remove_partial()
