@@ -52,9 +52,13 @@ CASES = {
         "2*cp = 4"),
     "cp with packed rows": ({"model": G4, "parallelism": {"cp": 2}}, {"WORLD_SIZE": "2"},
                             "parallelism.cp = 2 needs data.pack = false"),
-    "cp with fsdp": ({"model": G4, "parallelism": {"cp": 2, "dp_shard": 2},
-                      "data": {"pack": False}}, {"WORLD_SIZE": "4"},
-                     "parallelism.cp = 2 with dp_shard=2: context parallelism is not combined"),
+    "cp with ep": ({"model": G4, "parallelism": {"cp": 2, "ep": 2, "dp_shard": 1},
+                    "data": {"pack": False}}, {"WORLD_SIZE": "4"},
+                   "parallelism.cp = 2 with ep=2: context parallelism combines with dp_shard "
+                   "and dp_replicate"),
+    "cp with mixed precision": (
+        {"model": G4, "parallelism": {"cp": 2, "mixed_precision": "bf16"}, "data": {"pack": False}},
+        {"WORLD_SIZE": "2"}, "parallelism.cp = 2 with mixed_precision=bf16: context parallelism"),
     "resume path": ({"checkpoint": {"resume": "/nonexistent/step_1"}}, {},
                     "checkpoint.resume = '/nonexistent/step_1'"),
     "tokenizer dir": ({"tokenizer": {"path": "/nonexistent/tok"}}, {}, "tokenizer.path"),

@@ -4,7 +4,9 @@ The model is constructed with its parameters on the meta device (no memory), par
 activation checkpointing through `am_moe.parallelize_model`), moved to the device with
 `to_empty` (each rank allocates only its shards), and filled from one full set of starting
 weights that rank 0 alone builds on CPU (the checkpoint's, or a seeded fresh init) and
-broadcasts. Every rank count thus starts from the very same weights as one process.
+broadcasts. Every rank count thus starts from the very same weights as one process. With
+context parallelism the FSDP2 root is the `ContextParallelRoot` around the model (see
+`am_automodel.cp`), sharded over the data axes and `cp`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from am_automodel.cp import ContextParallelRoot
 from am_automodel.mesh import MeshPlan
 from am_automodel.models import initial_state_dict
 from am_automodel.recipe import Recipe, RecipeError
@@ -31,14 +34,16 @@ def _activation_checkpointing(model: nn.Module) -> None:
 
 def build_model(
     recipe: Recipe, config, spec, backend, plan: MeshPlan, mesh, rank: int
-) -> nn.Module:
-    """The training model of this rank, with the starting weights loaded."""
+) -> tuple[nn.Module, ContextParallelRoot | None]:
+    """The training model of this rank, with the starting weights loaded, and with
+    `parallelism.cp > 1` the `ContextParallelRoot` that runs it (the FSDP2 root under FSDP)."""
     from am_utils import init_empty_weights
 
     # Parameters on the meta device; buffers (RoPE frequencies, embedding scales, often not
     # in the state dict) are computed for real, kept through to_empty below.
     with init_empty_weights():
         model = spec.build(config, backend)
+    cp_root = ContextParallelRoot(model, mesh["cp"]) if plan.cp > 1 else None
     par = recipe.parallelism
     if plan.use_fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -49,9 +54,9 @@ def build_model(
         if par.mixed_precision == "bf16":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         parallelize_model(
-            model,
+            model if cp_root is None else cp_root,
             mesh,
-            dp_axis_names=("dp_replicate", "dp_shard"),
+            dp_axis_names=plan.fsdp_axes,
             dp_replicate_axis_name="dp_replicate",  # HSDP: replicas, each sharded over dp_shard
             ep_axis_name="ep",
             mp_policy=mp,
@@ -78,4 +83,4 @@ def build_model(
         full,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=plan.world_size > 1),
     )
-    return model.train()
+    return model.train(), cp_root

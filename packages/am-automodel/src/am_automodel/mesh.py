@@ -4,8 +4,9 @@
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
 `2*cp` must divide the sequence length and the model must own CP hooks; combinations not
-wired yet (pp with cp / activation checkpointing / mixed precision, cp with anything) are
-refused naming what is accepted. `build_mesh` then makes one DeviceMesh with the axes
+wired yet (pp with cp / activation checkpointing / mixed precision, cp with ep / pp / mixed
+precision) are refused naming what is accepted. cp combines with dp_shard / dp_replicate:
+FSDP2 then shards over the data axes and `cp` together (`MeshPlan.fsdp_axes`). `build_mesh` then makes one DeviceMesh with the axes
 ("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
 """
 
@@ -46,6 +47,18 @@ class MeshPlan:
         """Ranks that see different rows: the data axes and `ep` (experts split, tokens not)."""
         return self.dp_replicate * self.dp_shard * self.ep
 
+    @property
+    def fsdp_axes(self) -> tuple[str, ...]:
+        """The mesh axes FSDP2 spreads the non-expert parameters over (besides `ep`): the data
+        axes, and `cp` with context parallelism (CP ranks hold shards too)."""
+        return ("dp_replicate", "dp_shard") + (("cp",) if self.cp > 1 else ())
+
+    @property
+    def grad_mean_ranks(self) -> int:
+        """Ranks whose gradients FSDP2 averages (the loss scale undoes the mean): the data
+        ranks, times the CP ranks when CP runs under FSDP2 (CP gradients must be summed)."""
+        return self.data_size * (self.cp if self.use_fsdp else 1)
+
 
 def _device(choice: str) -> str:
     if choice == "auto":
@@ -82,8 +95,7 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
         )
 
 
-def _check_cp(section: ParallelismSection, dp_shard: int, spec, config, seq_len: int,
-              pack: bool) -> None:  # fmt: skip
+def _check_cp(section: ParallelismSection, spec, config, seq_len: int, pack: bool) -> None:
     from am_automodel.models import CP_HOOKS
 
     cp = section.cp
@@ -104,14 +116,13 @@ def _check_cp(section: ParallelismSection, dp_shard: int, spec, config, seq_len:
             f"parallelism.cp = {cp} needs data.pack = false: the context-parallel attention "
             "sees one document per row"
         )
-    others = {"dp_shard": dp_shard, "dp_replicate": section.dp_replicate, "ep": section.ep,
-              "pp": section.pp}  # fmt: skip
-    combined = [f"{k}={v}" for k, v in others.items() if v > 1]
-    if combined or section.mixed_precision != "none":
-        combined += ["mixed_precision"] if section.mixed_precision != "none" else []
+    combined = [f"{k}={v}" for k, v in {"ep": section.ep, "pp": section.pp}.items() if v > 1]
+    if section.mixed_precision != "none":
+        combined.append(f"mixed_precision={section.mixed_precision}")
+    if combined:
         raise RecipeError(
-            f"parallelism.cp = {cp} with {', '.join(combined)}: context parallelism is not "
-            "combined with FSDP / EP / PP / mixed precision in automodel train yet; use cp alone"
+            f"parallelism.cp = {cp} with {', '.join(combined)}: context parallelism combines "
+            "with dp_shard and dp_replicate (FSDP2 over the data axes and cp) only"
         )
 
 
@@ -149,7 +160,7 @@ def plan_mesh(
     if section.pp > 1:
         _check_pipeline(section, dp_shard, pack)
     if section.cp > 1:
-        _check_cp(section, dp_shard, spec, config, seq_len, pack)
+        _check_cp(section, spec, config, seq_len, pack)
     device = _device(section.device)
     data = section.dp_replicate * dp_shard * section.ep
     use_fsdp = (data > 1 or section.mixed_precision != "none") and section.pp == 1

@@ -107,20 +107,20 @@ def _train_step(runner: BatchRunner, batches, plan, optimizer, max_grad_norm):
 
     The per-microbatch losses, the target counts and the clipping stay tensors on the device:
     one host sync per step, for the two floats returned (none per microbatch)."""
-    model, device = runner.model, runner.device
+    model, root, device = runner.model, runner.root, runner.device
     local_targets = torch.stack([runner.num_targets(b) for b in batches]).sum()
     # CP ranks read the same rows (each computes a share of their tokens): count them once.
     global_targets = (_all_sum(local_targets.to(device, torch.float64)) / plan.cp).clamp_min(1.0)
-    scale = (plan.data_size / global_targets).float()
+    scale = (plan.grad_mean_ranks / global_targets).float()
     accumulate = (
-        plan.use_fsdp and len(batches) > 1 and hasattr(model, "prepare_for_grad_accumulation")
+        plan.use_fsdp and len(batches) > 1 and hasattr(root, "prepare_for_grad_accumulation")
     )
     if accumulate:
-        model.prepare_for_grad_accumulation()
+        root.prepare_for_grad_accumulation()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if accumulate and i == len(batches) - 1:
-            model.prepare_for_final_backward()
+            root.prepare_for_final_backward()
         loss_sum, _ = runner.loss_sum(batch)
         (loss_sum * scale).backward()
         total += loss_sum.detach()
@@ -260,11 +260,11 @@ class LocalEngine:
         from am_dtype import resolve_dtype
 
         self.prep, self.rank, self.device = prep, rank, device
-        self.module = build_model(prep.recipe, prep.config, prep.spec, prep.backend, prep.plan,
-                                  mesh, rank)  # fmt: skip
+        self.module, cp_root = build_model(prep.recipe, prep.config, prep.spec, prep.backend,
+                                           prep.plan, mesh, rank)  # fmt: skip
         dtype = resolve_dtype(prep.recipe.model.dtype)
-        cp_mesh = mesh["cp"] if prep.plan.cp > 1 else None
-        self.runner = BatchRunner(self.module, prep.spec, prep.config, device, dtype, cp_mesh)
+        self.runner = BatchRunner(self.module, prep.spec, prep.config, device, dtype, cp_root,
+                                  cp_grads_reduced=prep.plan.use_fsdp)  # fmt: skip
 
     def train_step(self, batches, optimizer, max_grad_norm):
         return _train_step(self.runner, batches, self.prep.plan, optimizer, max_grad_norm)
