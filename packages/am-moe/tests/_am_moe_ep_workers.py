@@ -431,6 +431,35 @@ def _meta_init_case() -> dict:
     }
 
 
+def _no_moe_rank_case() -> dict:
+    """EP=2 over a mesh whose two data axes flatten, where rank 1's model has no MoE block (as
+    a pipeline stage without MoE layers): both ranks must create the same process groups, or
+    the next group made by both waits forever on the rank that is one group behind. Rank 0's
+    model is on the meta device, so EP splits its experts locally: no scatter over the EP
+    group, which in a real pipeline never spans stages with and without MoE."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from am_moe.parallelizer import parallelize_model
+
+    mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("rep", "shard", "ep"))
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            model = TinyMoEModel()
+    else:
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList([torch.nn.Linear(MODEL_DIM, MODEL_DIM)])
+    parallelize_model(model, mesh, dp_axis_names=("rep", "shard"), ep_axis_name="ep")
+    group = dist.new_group([0, 1])
+    total = torch.ones(1)
+    dist.all_reduce(total, group=group)
+    return {"sum": float(total)}
+
+
+def no_moe_rank_worker(rank: int, world: int) -> dict:
+    """The case alone (to show it hangs without the fix: run it with a short timeout)."""
+    return _run_checks({"no_moe_rank": _no_moe_rank_case})
+
+
 def _run_checks(checks: dict) -> dict:
     """Run each check; a failure is returned as its traceback, so the others still run."""
     import time
@@ -482,6 +511,7 @@ def ep2_worker(rank: int, world: int) -> dict:
         "vlm_custom_axes": _vlm_case,
         "model_ep2_sync": lambda: _model_case((1, 2), uneven=True),
         "model_ep2_async": lambda: _model_case((1, 2), uneven=True, async_dispatch=True),
+        "no_moe_rank": _no_moe_rank_case,
     })  # fmt: skip
 
 

@@ -49,6 +49,14 @@ def test_parallelize_errors_name_the_bad_values():
 
 
 @spawned
+def test_a_rank_without_moe_blocks_creates_the_same_process_groups():
+    # ep=2, rank 1's model has no MoE (a pipeline stage): a group made after parallelize_model
+    # by both ranks works (it hung when only MoE ranks flattened the experts' data mesh).
+    res = workers.check_ok(2, "no_moe_rank")
+    assert [r["sum"] for r in res] == [2.0, 2.0]
+
+
+@spawned
 def test_meta_device_model_parallelizes_and_materializes():
     for r in workers.check_ok(2, "meta_init"):
         assert r["global_shape"] == (8, 8, 12) and r["finite_grads"]

@@ -73,16 +73,10 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         dtype=resolve_dtype(recipe.model.dtype),
     )
     if plan.data_size > 1:
-        from am_moe.parallelizer import _fsdp_mesh, parallelize_model
+        from am_moe.parallelizer import parallelize_model
 
-        if plan.ep > 1:
-            # parallelize_model flattens the experts' data mesh only where the stage has MoE
-            # blocks; a new process group must be made by every rank, in the same order, or
-            # the next one hangs. Make it here on all ranks (later calls reuse it by name).
-            replicate = "dp_replicate" if plan.dp_replicate > 1 else None
-            _fsdp_mesh(
-                mesh, replicate, ("dp_shard",) if replicate else ("dp_replicate", "dp_shard")
-            )
+        # A stage without MoE layers still creates the experts' process groups when ep > 1
+        # (parallelize_model does so on every rank), so the stages' groups agree.
         # After pipeline_model: the stages hold the same full weights on every data rank, so
         # FSDP2 keeps each rank's shard of them (and EP scatters experts from ep rank 0).
         # torch's PipelineStage checks isinstance(submod, FSDPModule) at run time.

@@ -13,6 +13,12 @@ The model is ordinary single-device code; `parallelize_model` rewrites it in pla
    ranks are different data for every other parameter). Expert gradients are divided by that
    full data size as well, so one loss normalization is right for both kinds of parameter.
    With `dp_replicate_axis_name` (HSDP) that axis replicates instead: a 2-D FSDP mesh.
+
+Process groups: flattening mesh axes creates a process group, which every rank of the world
+must do, in the same order. So every rank calling `parallelize_model` with the same mesh and
+axis names creates the same groups, whatever part of the model it holds: the data mesh, and
+with ep > 1 the experts' data mesh too, also on a rank whose model has no MoE block (a
+pipeline stage without MoE layers), so groups made afterwards agree across ranks.
 """
 
 from __future__ import annotations
@@ -196,6 +202,10 @@ def parallelize_model(
     other data axes (and `ep`) and replicated over this one: FSDP2 on the 2-D mesh
     (replicate, shard), so each replica holds a whole sharded copy, gradients are
     reduce-scattered within a replica and all-reduced across replicas.
+
+    Every rank creates the same process groups (see the module docstring): with ep > 1 the
+    experts' data mesh is made even where `model` has no MoE block, so pipeline stages with
+    and without MoE layers can be parallelized over one world mesh, rank by rank.
     """
     dp_axis_names = tuple(dp_axis_names)
     if not dp_axis_names:
@@ -230,8 +240,9 @@ def parallelize_model(
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
         "reshard_after_forward": reshard_after_forward,
     }
+    # With ep > 1, on every rank: flattening is collective over the world (module docstring).
+    expert_dp_mesh = _fsdp_mesh(world_mesh, replicate, shard_axes) if use_ep else None
     if moe_blocks:
-        expert_dp_mesh = _fsdp_mesh(world_mesh, replicate, shard_axes)
         _shard_experts(moe_blocks, expert_dp_mesh, world_mesh[ep_axis_name].size(), fsdp_kwargs)
     for block in _blocks_of(containers):
         fully_shard(block, mesh=data_mesh, **fsdp_kwargs)
