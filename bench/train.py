@@ -1,6 +1,6 @@
 """Training throughput: `automodel train` vs a bare hand-written loop vs transformers' Trainer.
 
-Usage: python bench/train.py [--quick] [--steps N] [--rounds R] [--threads T] [--clock cpu|wall]
+Usage: python bench/train.py [--quick] [--steps N] [--threads T] [--clock cpu|wall]
 
 One model config for all three: am_automodel's `small-nemotron-h` preset (hidden 256, blocks
 Mamba2 / MoE 8 experts top-2 / Mamba2 / attention), built as `automodel train` builds it
@@ -15,27 +15,31 @@ rows in the same order, fp32, the same thread count, and the same AdamW (lr 1e-3
   (c) transformers' Trainer on transformers' NemotronHForCausalLM (what a user would pick),
       with the same rows (its model takes no packing boundaries; the work per token is the same).
 
-A step's time is from the end of one optimizer step to the end of the next (data loading,
-logging and every other per-step cost of the framework included). Each framework runs
-`--steps` steps per round; the first two steps of every run are warm-up and not counted;
-rounds rotate the order (a b c, b c a, c a b) so load from other processes hits all alike.
-Reported: the median step time as tokens/s, on CPU seconds of this process at one thread
-(`bench/_timing.py`: the work done, whatever share of a core the scheduler gave), with the
-load average. Also printed: the model alone, our fwd+bwd vs transformers' fwd+bwd on the same
-batch (interleaved repeats), the ceiling of the Trainer ratio (the optimizer step is the same
-work for both and dilutes it), and the bare loop's optimizer+clip share.
+The three run at once, each in its own thread, taking steps in turns (`Baton`): a step runs
+while the others wait, the order rotating every round (a b c, b c a, ...), and each step is
+timed alone (wall, and this process's CPU seconds, the work done whatever share of a core
+the scheduler gave; only the running thread works). So load from other processes hits
+neighbouring steps of all three alike, and the same round's steps compare in pairs. The
+first two steps of each (setup included) are warm-up. A fourth participant, a twin of the
+bare loop, measures the noise of these ratios in the same run. The bare loop starts from
+automodel's weights, so the two compute the same losses (printed: their largest difference).
+All use torch's fused AdamW (automodel's default; the Trainer's default `adamw_torch_fused`).
+Reported: median step time as tokens/s on CPU seconds at one thread (`bench/_timing.py`), the
+paired-step ratios, and the load average. Also printed: the model alone, our fwd+bwd vs
+transformers' on the same batch (interleaved repeats), the ceiling of the Trainer ratio (the
+optimizer step is the same work for both and dilutes it), and the bare loop's optimizer+clip
+share.
 
 Goals: automodel >= 95% of the bare loop (overhead <= 5%), >= 1.3x transformers' Trainer.
 
-Measured (2026-12-01, 1 thread, CPU seconds, 3 rounds x 8 steps, load 6.6 -> 3.1 on 2 cores,
-after the SSD-scan speedup): automodel 2,333 tokens/s, bare loop 2,656, Trainer 1,822;
-automodel / bare 0.88, automodel / Trainer 1.28, bare / Trainer 1.46, model fwd+bwd 1.36x,
-ceiling 1.35x. An earlier run at load 8.3 -> 4.4: 0.95, 1.31, 1.37, 1.28x. Single steps
-vary by +-20% in CPU time at these loads, so the automodel / bare ratio is not resolved to
-5%: the same step timed interleaved in one process (bare loop on a bare model, bare loop
-on automodel's model, automodel's `_train_step`) gave 806 / 770 / 838 ms medians with
-per-step spreads of 647-946 ms; cProfile puts automodel's own per-step work (batch, targets,
-clipping, scheduler, metrics line) at a few ms of a ~800 ms step.
+Measured (2026-12-01 18:07-18:14, 1 thread, CPU seconds, `--steps 40`, load 3.0 -> 4.2 on 2
+cores): automodel 2,705 tokens/s, bare loop 2,722, Trainer 1,946; automodel / bare 0.994
+(paired steps: median 0.990, quartiles 0.918-1.043), automodel / Trainer 1.390 (paired 1.376),
+bare twin / bare 1.029 (paired 0.996: the noise floor of a median ratio here is ~3%); losses
+automodel vs bare within 5.6e-8 relative over 40 steps; model fwd+bwd 1.32x; optimizer+clip
+0.9% of a step (fused AdamW: 3.3 vs 13.1 ms for the per-tensor loop). The in-process A/B of
+automodel's `_train_step` against the bare step on the same batches, before this layout (both
+on the per-tensor AdamW), gave 1.6% overhead (load ~3).
 `--quick` (smoke run in tests/test_bench.py): the tiny-nemotron-h preset, 128-token rows.
 """
 
