@@ -21,11 +21,11 @@ CASES = {
                     "parallelism.pp = 8 is larger than the model's 4 layers"),
     "pp with packed rows": ({"parallelism": {"pp": 2, "dp_shard": 1}}, {"WORLD_SIZE": "2"},
                             "parallelism.pp = 2 needs data.pack = false"),
-    "pp with activation checkpointing": (
-        {"parallelism": {"pp": 2, "dp_shard": 2, "activation_checkpointing": True},
+    "pp with mixed precision": (
+        {"parallelism": {"pp": 2, "dp_shard": 2, "mixed_precision": "bf16"},
          "data": {"pack": False}}, {"WORLD_SIZE": "4"},
-        "parallelism.pp = 2 with activation_checkpointing=True: not wired for pipeline stages "
-        "yet; pp combines with dp_shard, dp_replicate and ep only"),
+        "parallelism.pp = 2 with mixed_precision=bf16: not wired for pipeline stages "
+        "yet; pp combines with dp_shard, dp_replicate, ep and activation checkpointing only"),
     "pp with cp": ({"model": G4, "parallelism": {"pp": 2, "cp": 2, "dp_shard": 1},
                     "data": {"pack": False}}, {"WORLD_SIZE": "4"},
                    "parallelism.pp = 2 with cp=2: not wired"),

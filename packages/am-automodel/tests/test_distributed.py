@@ -1,6 +1,7 @@
 """Two gloo ranks (spawned) match one process: dp_shard=2 (FSDP2), ep=2 (experts split,
 with gradient accumulation through MoEFSDPSyncMixin), pp=2 (am-pp 1F1B, 2 microbatches,
-one document per row) and dp_replicate=2 (HSDP: whole replicas), over the first 10 steps.
+one document per row; and with activation checkpointing) and dp_replicate=2 (HSDP: whole
+replicas), over the first 10 steps.
 
 Tolerance: fp32, losses within 2e-5 absolute (about 1e-5 relative); the only difference is
 the order of floating-point sums in the reduce-scatter / all-to-all.
@@ -37,8 +38,12 @@ def _ranks(rank: int, world: int, recipes: list[dict]) -> list[dict]:
             weight = result.model.get_parameter("model.layers.0.norm.weight")  # [64]
             layout = {"placements": [type(p).__name__ for p in weight.placements],
                       "local": tuple(weight.to_local().shape), "full": tuple(weight.shape)}  # fmt: skip
+        from am_moe.activation_checkpointing import is_checkpointed
+
+        wrapped = sum(is_checkpointed(m) for m in result.engine.module.modules())
         out.append({"losses": result.losses, "eval": result.eval_losses,
-                    "export": str(result.export_dir), "layout": layout})  # fmt: skip
+                    "export": str(result.export_dir), "layout": layout,
+                    "checkpointed": wrapped})  # fmt: skip
     return out
 
 
@@ -58,9 +63,13 @@ def test_dp_shard_2_and_ep_2_match_one_process(tmp_path) -> None:
     pp = _raw(tmp_path / "pp", micro_batch_size=4)
     pp["data"]["pack"] = False
     pp["parallelism"] = {"dp_shard": 1, "pp": 2, "pp_microbatches": 2}
+    pp_ac = _raw(tmp_path / "pp_ac", micro_batch_size=4)
+    pp_ac["data"]["pack"] = False
+    pp_ac["parallelism"] = {"dp_shard": 1, "pp": 2, "pp_microbatches": 2,
+                            "activation_checkpointing": True}  # fmt: skip
     rep = _raw(tmp_path / "rep", micro_batch_size=2)
     rep["parallelism"] = {"dp_shard": 1, "dp_replicate": 2}
-    results = run_distributed(_ranks, 2, [dp, ep, pp, rep], timeout_s=600)
+    results = run_distributed(_ranks, 2, [dp, ep, pp, rep, pp_ac], timeout_s=600)
     assert results[0] == results[1] or all(
         r["losses"] == results[0][i]["losses"] for i, r in enumerate(results[1])
     )
@@ -71,8 +80,14 @@ def test_dp_shard_2_and_ep_2_match_one_process(tmp_path) -> None:
     assert dp_layout["local"][0] * 2 == dp_layout["full"][0], dp_layout
     assert rep_layout["placements"] == ["Replicate", "Shard"], rep_layout
     assert rep_layout["local"] == rep_layout["full"], rep_layout
-    refs = (single, single, single_unpacked, single)
-    names = ("dp_shard=2", "ep=2", "pp=2", "dp_replicate=2")
+    # pp with activation checkpointing: every stage's blocks wrapped, the recomputed forward
+    # the very same numbers (same ops, same order), so the very same losses as plain pp
+    pp_run, pp_ac_run = results[0][2], results[0][4]
+    assert pp_run["checkpointed"] == 0 and pp_ac_run["checkpointed"] >= 2, pp_ac_run
+    assert all(r[4]["checkpointed"] >= 2 for r in results)
+    assert pp_ac_run["losses"] == pp_run["losses"]
+    refs = (single, single, single_unpacked, single, single_unpacked)
+    names = ("dp_shard=2", "ep=2", "pp=2", "dp_replicate=2", "pp=2 + activation checkpointing")
     for name, got, ref_run in zip(names, results[0], refs, strict=True):
         assert sorted(got["losses"]) == list(range(1, STEPS + 1)), name
         for step, loss in ref_run.losses.items():

@@ -23,7 +23,8 @@ from am_automodel.recipe import Recipe, RecipeError
 __all__ = ["build_model"]
 
 
-def _activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """The model's own activation checkpointing (`gradient_checkpointing_enable()`)."""
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise RecipeError(
             f"parallelism.activation_checkpointing: {type(model).__name__} has no "
@@ -63,7 +64,7 @@ def build_model(
             activation_checkpointing=par.activation_checkpointing,
         )
     elif par.activation_checkpointing:
-        _activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     device = (
         torch.device(plan.device, torch.cuda.current_device())
         if plan.device == "cuda"

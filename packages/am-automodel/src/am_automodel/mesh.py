@@ -4,7 +4,7 @@
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
 `2*cp` must divide the sequence length and the model must own CP hooks; combinations not
-wired yet (pp with cp / activation checkpointing / mixed precision, cp with ep / pp / mixed
+wired yet (pp with cp / mixed precision, cp with ep / pp / mixed
 precision) are refused naming what is accepted. cp combines with dp_shard / dp_replicate:
 FSDP2 then shards over the data axes and `cp` together (`MeshPlan.fsdp_axes`). `build_mesh` then makes one DeviceMesh with the axes
 ("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
@@ -77,8 +77,6 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
             "which is not installed"
         )
     refused = []
-    if section.activation_checkpointing:
-        refused.append("activation_checkpointing=True")
     if section.mixed_precision != "none":
         refused.append(f"mixed_precision={section.mixed_precision}")
     if section.cp > 1:
@@ -86,7 +84,8 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
     if refused:
         raise RecipeError(
             f"parallelism.pp = {section.pp} with {', '.join(refused)}: not wired for pipeline "
-            "stages yet; pp combines with dp_shard, dp_replicate and ep only"
+            "stages yet; pp combines with dp_shard, dp_replicate, ep and activation "
+            "checkpointing only"
         )
     if pack:
         raise RecipeError(

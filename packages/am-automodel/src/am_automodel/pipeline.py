@@ -6,6 +6,9 @@ builds the same seeded one on CPU). With data ranks (`dp_shard`, `dp_replicate`,
 stage module is then parallelized like a whole model (`am_moe.parallelize_model` over the
 world mesh: EP for its MoE blocks, FSDP2 over the data axes of its own pipeline coordinate);
 torch's pipeline schedule defers the FSDP gradient reduction to the last microbatch.
+Activation checkpointing wraps each stage's blocks (am-moe's wrapper under FSDP2, the
+model's own `gradient_checkpointing_enable` otherwise): the schedule's backward of a stage
+recomputes its blocks' forward, microbatch by microbatch.
 
 A step feeds the rank's data rows (every microbatch of the accumulation window,
 concatenated) to the schedule, which splits it into `pp_microbatches`. The loss is the token
@@ -72,6 +75,12 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         seq_len=recipe.data.seq_len,
         dtype=resolve_dtype(recipe.model.dtype),
     )
+    ac = par.activation_checkpointing
+    if plan.data_size == 1 and ac:
+        from am_automodel.build import enable_activation_checkpointing
+
+        for stage in pp.stages:
+            enable_activation_checkpointing(stage)
     if plan.data_size > 1:
         from am_moe.parallelizer import parallelize_model
 
@@ -82,7 +91,8 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         # torch's PipelineStage checks isinstance(submod, FSDPModule) at run time.
         for stage, runner in zip(pp.stages, pp.pipeline_stages, strict=True):
             parallelize_model(stage, mesh, dp_axis_names=("dp_replicate", "dp_shard"),
-                              dp_replicate_axis_name="dp_replicate", ep_axis_name="ep")  # fmt: skip
+                              dp_replicate_axis_name="dp_replicate", ep_axis_name="ep",
+                              activation_checkpointing=ac)  # fmt: skip
             if runner.submod is not stage:
                 # am-pp wraps a model that keeps its own forward (MaskCarryingStage). Make the
                 # wrapper an FSDP root (no parameters of its own) so the schedule sees an
