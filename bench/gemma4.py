@@ -2,6 +2,7 @@
 
 Usage: python bench/gemma4.py [--quick] [--config small|a4b] [--repeats N] [--threads T]
                               [--clock cpu|wall]
+       python bench/gemma4.py --sweep [--quick] [--repeats N] [--points A,B]
 
 Runs, in one process and on the same weights (fp32, train mode):
   (0) the machine's dense fp32 matmul rate (GFLOP/s): the ceiling;
@@ -22,21 +23,34 @@ multi-threaded timings by several x); at one thread the ratios are taken on CPU 
 work done, which other processes barely change), else on wall seconds; the load average is
 printed beside every table. Forward runs under no_grad; forward+backward is one training step
 without the optimizer. Goal: whole model forward+backward >= 1.5x transformers' best.
+
+`--sweep` times the whole model's forward+backward against transformers' default experts
+implementation over MoE shapes from `small` to `a4b`, one axis at a time (experts, top-k,
+expert hidden, tokens), and prints beside each ratio the bound that matmuls set: one profiled
+step of ours gives the time spent inside matmul kernels, and transformers' step divided by it
+is the speedup ours would reach if everything but its matmuls took no time. Where that bound
+is under 1.5x, no implementation doing the same matmuls at this rate reaches the goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 from collections.abc import Callable
 
 import torch
-from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_average
+from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_1min, load_average
 
 warnings.filterwarnings("ignore")
 
 
-def text_config(quick: bool, config: str = "small") -> dict:
+def text_config(quick: bool, config: str = "small", **overrides) -> dict:
+    """The bench's Gemma 4 MoE text config; `overrides` replace single fields (the sweep)."""
+    return {**_base_text_config(quick, config), **overrides}
+
+
+def _base_text_config(quick: bool, config: str) -> dict:
     if config == "a4b":
         layers = ["sliding_attention"] * 5 + ["full_attention"]
         if quick:
@@ -86,11 +100,11 @@ def text_config(quick: bool, config: str = "small") -> dict:
     )
 
 
-def gemma4_config(quick: bool, config: str = "small"):
+def gemma4_config(quick: bool, config: str = "small", **overrides):
     from transformers import Gemma4Config
 
     return Gemma4Config(
-        text_config=text_config(quick, config),
+        text_config=text_config(quick, config, **overrides),
         vision_config=None,
         audio_config=None,
         dtype="float32",
@@ -140,7 +154,7 @@ def bench_ceiling(quick: bool, repeats: int, clock: str) -> None:
     print(f"\nceiling: dense matmul fp32 {n}x{n}: {2 * n**3 / t['mm'] / 1e9:.1f} GFLOP/s")
 
 
-def paired_models(quick: bool, config: str = "small"):
+def paired_models(quick: bool, config: str = "small", **overrides):
     """transformers' model (default experts implementation) and ours on the same weights."""
     from transformers import Gemma4ForConditionalGeneration as Theirs
 
@@ -148,9 +162,10 @@ def paired_models(quick: bool, config: str = "small"):
     from am_models_gemma4 import Gemma4ForConditionalGeneration as Ours
 
     torch.manual_seed(0)
-    hf = Theirs(gemma4_config(quick, config)).float().train()
+    hf = Theirs(gemma4_config(quick, config, **overrides)).float().train()
     ours = Ours(
-        gemma4_config(quick, config), backend=BackendConfig(attn="sdpa", experts="torch_mm")
+        gemma4_config(quick, config, **overrides),
+        backend=BackendConfig(attn="sdpa", experts="torch_mm"),
     )
     ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=True)
     return hf, ours.train()
@@ -254,12 +269,123 @@ def bench_model(args, hf, ours) -> None:
     print(f"  goal fwd+bwd >= 1.5x transformers' best: {best:.2f}x")
 
 
+# Kernels doing the model's matrix products (their self time is the matmul time of a step).
+MATMUL_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
+)
+
+
+def sweep_points(quick: bool) -> list[tuple[str, str, dict, int, int]]:
+    """(label, config, text-config overrides, batch, seq): one MoE axis varied at a time."""
+    if quick:
+        return [
+            ("small", "small", {}, 1, 256),
+            ("64 experts top-8 h64", "small", dict(num_experts=64, top_k_experts=8,
+                                                    moe_intermediate_size=64), 1, 256),
+        ]  # fmt: skip
+    return [
+        ("small", "small", {}, 2, 512),
+        ("tokens 2048", "small", {}, 4, 512),
+        ("top-8", "small", dict(top_k_experts=8), 2, 512),
+        ("expert hidden 128", "small", dict(moe_intermediate_size=128), 2, 512),
+        ("32 experts", "small", dict(num_experts=32), 2, 512),
+        ("64 experts", "small", dict(num_experts=64), 2, 512),
+        ("128 experts top-8 h128", "small", dict(num_experts=128, top_k_experts=8,
+                                                  moe_intermediate_size=128), 2, 512),
+        ("a4b", "a4b", {}, 1, 2048),
+    ]  # fmt: skip
+
+
+def matmul_share(step: Callable[[], None]) -> float:
+    """Fraction of one profiled call of `step` spent inside matmul kernels (their self time).
+
+    A fraction of the same profiled call, so the profiler's own per-op cost, which inflates
+    the whole call, only lowers it: the bound derived from it errs high, never low.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    return mm / total
+
+
+def bench_sweep(args) -> None:
+    points = sweep_points(args.quick)
+    if args.points:
+        wanted = [p.strip() for p in args.points.split(",")]
+        known = [label for label, *_ in points]
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"--points {unknown} not in the sweep; accepted: {known}")
+        points = [p for p in points if p[0] in wanted]
+    print(
+        "\nWhole MoE text model forward+backward sweep (fp32; small: hidden 512, 4 layers, "
+        "16 experts top-4, expert hidden 256, 2 x 512 tokens; a4b: see --config a4b)"
+    )
+    print(f"  [{load_average()}]")
+    clock = args.clock
+    print(
+        f"  speedup = transformers (its default experts implementation) / ours on median "
+        f"{clock} seconds; bound = transformers / ours' time inside matmul kernels"
+    )
+    print(
+        f"  {'point':24s}{'rows/expert':>12s}{'ours tok/s':>11s}{'transformers':>13s}"
+        f"{'speedup':>9s}{'matmul share':>13s}{'bound':>8s}   load (1 min)"
+    )
+    ratios, implementations = [], set()
+    for label, config, overrides, batch, seq in points:
+        hf, ours = paired_models(args.quick, config, **overrides)
+        cfg = hf.config.text_config
+        implementations.add(cfg._experts_implementation)
+        ids = torch.randint(
+            0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2)
+        )
+
+        def step(model, ids=ids) -> Callable[[], None]:
+            params = list(model.parameters())
+
+            def fwd_bwd() -> None:
+                for p in params:
+                    p.grad = None
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+            return fwd_bwd
+
+        t = median_times({"ours": step(ours), "hf": step(hf)}, args.repeats, clock)
+        share = matmul_share(step(ours))
+        tokens = batch * seq
+        ratio = t["hf"] / t["ours"]
+        ratios.append((ratio, label))
+        rows = tokens * cfg.top_k_experts // cfg.num_experts
+        print(
+            f"  {label:24s}{rows:12d}{tokens / t['ours']:11.0f}{tokens / t['hf']:13.0f}"
+            f"{ratio:8.2f}x{100 * share:12.0f}%{t['hf'] / (share * t['ours']):7.2f}x   {load_1min()}",
+            flush=True,
+        )
+        del hf, ours
+    worst = min(ratios)
+    held = [label for ratio, label in ratios if ratio >= 1.5]
+    print(
+        f"  smallest speedup: {worst[0]:.2f}x at {worst[1]}; >= 1.5x at: "
+        f"{', '.join(held) if held else 'no point'} (goal >= 1.5x transformers' best)"
+    )
+    print(f"  transformers' experts implementation: {', '.join(sorted(implementations))}")
+    print(f"  [{load_average()}]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument(
         "--config", choices=("small", "a4b"), default="small", help="model shape (see above)"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="whole-model fwd+bwd ratio over MoE shapes"
+    )
+    parser.add_argument("--points", default=None, help="--sweep: comma-separated point labels")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per function")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (fixed)")
     parser.add_argument(
@@ -270,7 +396,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
+        args.repeats = 3 if args.quick or args.sweep else 7
     fix_threads(args.threads)
     args.clock = args.clock or default_clock(args.threads)
     import transformers
@@ -281,6 +407,9 @@ def main() -> None:
         f"{torch.get_num_threads()} threads (fixed), {args.repeats} interleaved repeats (median), "
         f"ratios on {args.clock} seconds, config {args.config}"
     )
+    if args.sweep:
+        bench_sweep(args)
+        return
     bench_ceiling(args.quick, args.repeats, args.clock)
     hf, ours = paired_models(args.quick, args.config)
     bench_moe_block(args, hf)

@@ -67,6 +67,18 @@ def _run(script: str, *args: str) -> str:
             ],
         ),
         (
+            "gemma4.py",
+            ("--quick", "--sweep", "--repeats", "1"),
+            [
+                "forward+backward sweep",
+                "64 experts top-8",
+                "matmul share",
+                "smallest speedup",
+                "experts implementation: grouped_mm",
+                "load 1/5/15 min",
+            ],
+        ),
+        (
             "pp.py",
             ("--quick",),
             [
