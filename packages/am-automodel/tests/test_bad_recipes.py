@@ -21,11 +21,6 @@ CASES = {
                     "parallelism.pp = 8 is larger than the model's 4 layers"),
     "pp with packed rows": ({"parallelism": {"pp": 2, "dp_shard": 1}}, {"WORLD_SIZE": "2"},
                             "parallelism.pp = 2 needs data.pack = false"),
-    "pp with mixed precision": (
-        {"parallelism": {"pp": 2, "dp_shard": 2, "mixed_precision": "bf16"},
-         "data": {"pack": False}}, {"WORLD_SIZE": "4"},
-        "parallelism.pp = 2 with mixed_precision=bf16: not wired for pipeline stages "
-        "yet; pp combines with dp_shard, dp_replicate, ep and activation checkpointing only"),
     "pp with cp": ({"model": G4, "parallelism": {"pp": 2, "cp": 2, "dp_shard": 1},
                     "data": {"pack": False}}, {"WORLD_SIZE": "4"},
                    "parallelism.pp = 2 with cp=2: not wired"),
@@ -54,11 +49,8 @@ CASES = {
                             "parallelism.cp = 2 needs data.pack = false"),
     "cp with ep": ({"model": G4, "parallelism": {"cp": 2, "ep": 2, "dp_shard": 1},
                     "data": {"pack": False}}, {"WORLD_SIZE": "4"},
-                   "parallelism.cp = 2 with ep=2: context parallelism combines with dp_shard "
-                   "and dp_replicate"),
-    "cp with mixed precision": (
-        {"model": G4, "parallelism": {"cp": 2, "mixed_precision": "bf16"}, "data": {"pack": False}},
-        {"WORLD_SIZE": "2"}, "parallelism.cp = 2 with mixed_precision=bf16: context parallelism"),
+                   "parallelism.cp = 2 with ep=2: context parallelism combines with dp_shard, "
+                   "dp_replicate"),
     "resume path": ({"checkpoint": {"resume": "/nonexistent/step_1"}}, {},
                     "checkpoint.resume = '/nonexistent/step_1'"),
     "tokenizer dir": ({"tokenizer": {"path": "/nonexistent/tok"}}, {}, "tokenizer.path"),

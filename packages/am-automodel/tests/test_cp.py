@@ -1,6 +1,7 @@
 """Context parallelism: two spawned gloo ranks with `parallelism.cp = 2` on the tiny Gemma 4
 (the model's own CP hooks: load-balanced sequence chunks, ring attention) match one process
-over the first 10 steps, and the eval loss too; in the same spawn, Gemma 4 under dp_shard=2.
+over the first 10 steps, and the eval loss too; in the same spawn, Gemma 4 under dp_shard=2,
+and cp=2 with bf16 mixed precision (tolerances in `_check_cp_mixed_precision`).
 Four ranks with cp=2 x dp_shard=2 (FSDP2 over the data axis and cp, the root being
 `ContextParallelRoot`) match the same single-process run.
 
@@ -29,7 +30,7 @@ GRAD_NORM_RTOL_STEP1 = 1e-5
 GRAD_NORM_RTOL = 1e-3
 
 
-def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS) -> dict:
+def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS, grad_accum: int = 1) -> dict:
     raw = tiny_raw(
         run_dir,
         # 2 layers (sliding, full) with window 8 < seq_len 32: both attention kinds cross
@@ -48,6 +49,7 @@ def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS) -> dict:
     )
     raw["parallelism"] = {"cp": cp, "dp_shard": dp_shard}
     raw["train"]["micro_batch_size"] = 2 // dp_shard
+    raw["train"]["grad_accum"] = grad_accum
     return raw
 
 
@@ -64,7 +66,8 @@ def _rank(rank: int, world: int, raws: list[dict]) -> list[dict]:
         model = result.model
         out.append({"losses": result.losses, "eval": result.eval_losses,
                     "export": str(result.export_dir),
-                    "tied": model.lm_head.weight is model.model.language_model.embed_tokens.weight})  # fmt: skip
+                    "tied": model.lm_head.weight is model.model.language_model.embed_tokens.weight,
+                    "master": sorted({str(p.dtype) for p in model.parameters()})})  # fmt: skip
     return out
 
 
@@ -73,7 +76,9 @@ def test_cp_2_and_gemma4_dp_shard_2_match_one_process(tmp_path, single) -> None:
     """cp=2, and (same spawn) dp_shard=2: FSDP2 keeps the tied lm_head tied and the export, a
     collective save (it hung when only rank 0 called the mixin's save_pretrained), completes."""
     raws = [_raw(tmp_path / "cp", cp=2), _raw(tmp_path / "dp", dp_shard=2)]
+    raws.append(_bf16(_raw(tmp_path / "cp_bf16", cp=2, steps=BF16_STEPS)))
     results = run_distributed(_rank, 2, raws, timeout_s=300)
+    _check_cp_mixed_precision(tmp_path, [r.pop() for r in results])
     assert [r["losses"] for r in results[0]] == [r["losses"] for r in results[1]]
     got, dp = results[0]
     assert got["tied"] and dp["tied"]
@@ -95,6 +100,40 @@ def test_cp_2_and_gemma4_dp_shard_2_match_one_process(tmp_path, single) -> None:
             assert got_norms[step] == pytest.approx(norm, rel=rtol), (layout, step)
 
 
+BF16_STEPS = 5  # eval at step 5, the last
+
+
+def _bf16(raw: dict) -> dict:
+    raw["parallelism"]["mixed_precision"] = "bf16"
+    return raw
+
+
+def _check_cp_mixed_precision(tmp_path, results: list[dict]) -> None:
+    """cp=2 with bf16 mixed precision (FSDP2 over the cp axis, the `ContextParallelRoot` root:
+    bf16 compute, fp32 reduce, fp32 master weights) against one process with bf16 mixed
+    precision (it failed before: Gemma 4's fp32 `layer_scalar` buffer turned the residual
+    stream fp32 ahead of the bf16 lm_head).
+
+    bf16 tolerance: the ring attention (fp32 softmax over bf16 q/k/v) and SDPA round
+    differently. Step 1 (same weights): loss within 1e-3, grad norm within 1e-2 relative
+    (measured 1.6e-4 and 3e-3; the fp32 run differs by 5e-3 and 2.3%, so a rank computing
+    in fp32, or a CP gradient averaged instead of summed (1/2), fails). Later steps and the
+    eval: losses within 2e-2 (measured <= 7.7e-3: bf16 rounding of weights that Adam moves
+    apart; the grad norms then drift by up to 10%, so only step 1's is compared)."""
+    single = run(build_recipe(_bf16(_raw(tmp_path / "single_bf16", steps=BF16_STEPS))))
+    assert results[0]["losses"] == results[1]["losses"]
+    got = results[0]
+    assert got["master"] == ["torch.float32"], got["master"]
+    assert sorted(got["losses"]) == sorted(single.losses) == list(range(1, BF16_STEPS + 1))
+    assert abs(got["losses"][1] - single.losses[1]) <= 1e-3
+    for step, loss in single.losses.items():
+        assert abs(got["losses"][step] - loss) <= 2e-2, ("cp bf16", step, got["losses"][step])
+    assert sorted(got["eval"]) == sorted(single.eval_losses) == [5]
+    assert abs(got["eval"][5] - single.eval_losses[5]) <= 2e-2
+    ref = _grad_norms(tmp_path / "single_bf16" / "metrics.jsonl")[1]
+    assert _grad_norms(tmp_path / "cp_bf16" / "metrics.jsonl")[1] == pytest.approx(ref, rel=1e-2)
+
+
 CP_DP_STEPS = 5  # eval at step 5, the last
 
 
@@ -106,7 +145,8 @@ def test_cp_2_x_dp_shard_2_matches_one_process(tmp_path) -> None:
     shards."""
     single = run(build_recipe(_raw(tmp_path / "single", steps=CP_DP_STEPS)))
     raw = _raw(tmp_path / "cp_dp", cp=2, dp_shard=2, steps=CP_DP_STEPS)
-    results = run_distributed(_rank, 4, [raw], timeout_s=300)
+    accum = _raw(tmp_path / "cp_dp_accum", cp=2, dp_shard=2, steps=ACCUM_STEPS, grad_accum=2)
+    results = run_distributed(_rank, 4, [raw, accum], timeout_s=300)
     assert all(r[0]["losses"] == results[0][0]["losses"] for r in results)
     got = results[0][0]
     assert got["tied"]
@@ -125,6 +165,31 @@ def test_cp_2_x_dp_shard_2_matches_one_process(tmp_path) -> None:
     for step, norm in norms[0].items():
         rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
         assert norms[1][step] == pytest.approx(norm, rel=rtol), ("grad_norm", step)
+    _check_accumulation(tmp_path, results)
+
+
+ACCUM_STEPS = 3
+
+
+def _check_accumulation(tmp_path, results) -> None:
+    """Gradient accumulation (2 microbatches of 1 row per data rank, FSDP2's reduction deferred
+    to the last backward by `MoEFSDPSyncMixin` on the `ContextParallelRoot` root) against one
+    process accumulating 2 microbatches of 2 rows: the same 4 rows a step, so the same losses
+    and gradients within the cp tolerances above."""
+    single = run(build_recipe(_raw(tmp_path / "single_accum", steps=ACCUM_STEPS, grad_accum=2)))
+    assert all(r[1]["losses"] == results[0][1]["losses"] for r in results)
+    got = results[0][1]
+    assert sorted(got["losses"]) == sorted(single.losses) == list(range(1, ACCUM_STEPS + 1))
+    assert abs(got["losses"][1] - single.losses[1]) <= TOL_STEP1
+    for step, loss in single.losses.items():
+        assert abs(got["losses"][step] - loss) <= TOL, ("accum", step, got["losses"][step], loss)
+    for step, loss in single.eval_losses.items():
+        assert abs(got["eval"][step] - loss) <= TOL, ("accum eval", step)
+    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in ("single_accum", "cp_dp_accum")]
+    assert sorted(norms[1]) == sorted(norms[0]) == list(range(1, ACCUM_STEPS + 1))
+    for step, norm in norms[0].items():
+        rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
+        assert norms[1][step] == pytest.approx(norm, rel=rtol), ("accum grad_norm", step)
 
 
 def _grad_norms(path) -> dict[int, float]:

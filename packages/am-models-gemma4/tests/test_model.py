@@ -44,6 +44,28 @@ def test_bf16_config_keeps_rope_buffers_fp32():
     assert model.model.language_model.rotary_emb.sliding_attention_inv_freq.dtype == torch.float32
 
 
+def test_bf16_parameters_with_fp32_buffers_keep_a_bf16_residual_stream():
+    """FSDP2 mixed precision casts parameters, not buffers: with bf16 weights and the fp32
+    `layer_scalar` buffers the decoder layers' outputs stay bf16 (as transformers' in-place
+    `*=` keeps them), so the final norm and the bf16 lm_head agree. It failed before
+    ("expected m1 and m2 to have the same dtype": an fp32 hidden state into the lm_head)."""
+    model = Gemma4ForConditionalGeneration(gemma4_config(tiny_moe_text()), backend=cpu_backend())
+    for layer in model.model.language_model.layers:
+        layer.layer_scalar.fill_(0.7)  # a value bf16 cannot hold exactly
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    assert model.model.language_model.layers[0].layer_scalar.dtype == torch.float32
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out))
+             for layer in model.model.language_model.layers]  # fmt: skip
+    ids = torch.randint(0, TEXT_VOCAB, (1, 8))
+    logits = model(input_ids=ids).logits
+    for hook in hooks:
+        hook.remove()
+    assert logits.dtype == torch.bfloat16
+    assert outputs and all(o.dtype == torch.bfloat16 for o in outputs)
+
+
 @pytest.mark.parametrize("top_tie", [True, False])
 def test_top_level_tie_flag_decides_and_tie_is_one_parameter(top_tie):
     config = _moe_vlm_config(tie_word_embeddings=top_tie)

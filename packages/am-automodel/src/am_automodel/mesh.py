@@ -4,8 +4,7 @@
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
 `2*cp` must divide the sequence length and the model must own CP hooks; combinations not
-wired yet (pp with cp / mixed precision, cp with ep / pp / mixed
-precision) are refused naming what is accepted. cp combines with dp_shard / dp_replicate:
+wired yet (pp with cp, cp with ep) are refused naming what is accepted. cp combines with dp_shard / dp_replicate:
 FSDP2 then shards over the data axes and `cp` together (`MeshPlan.fsdp_axes`). `build_mesh` then makes one DeviceMesh with the axes
 ("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
 """
@@ -76,16 +75,11 @@ def _check_pipeline(section: ParallelismSection, dp_shard: int, pack: bool) -> N
             f"parallelism.pp = {section.pp}: pipeline parallelism needs the am-pp package, "
             "which is not installed"
         )
-    refused = []
-    if section.mixed_precision != "none":
-        refused.append(f"mixed_precision={section.mixed_precision}")
     if section.cp > 1:
-        refused.append(f"cp={section.cp}")
-    if refused:
         raise RecipeError(
-            f"parallelism.pp = {section.pp} with {', '.join(refused)}: not wired for pipeline "
-            "stages yet; pp combines with dp_shard, dp_replicate, ep and activation "
-            "checkpointing only"
+            f"parallelism.pp = {section.pp} with cp={section.cp}: not wired for pipeline "
+            "stages yet; pp combines with dp_shard, dp_replicate, ep, mixed precision and "
+            "activation checkpointing only"
         )
     if pack:
         raise RecipeError(
@@ -116,12 +110,11 @@ def _check_cp(section: ParallelismSection, spec, config, seq_len: int, pack: boo
             "sees one document per row"
         )
     combined = [f"{k}={v}" for k, v in {"ep": section.ep, "pp": section.pp}.items() if v > 1]
-    if section.mixed_precision != "none":
-        combined.append(f"mixed_precision={section.mixed_precision}")
     if combined:
         raise RecipeError(
             f"parallelism.cp = {cp} with {', '.join(combined)}: context parallelism combines "
-            "with dp_shard and dp_replicate (FSDP2 over the data axes and cp) only"
+            "with dp_shard, dp_replicate (FSDP2 over the data axes and cp) and mixed "
+            "precision only"
         )
 
 

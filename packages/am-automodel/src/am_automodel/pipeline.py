@@ -8,7 +8,9 @@ world mesh: EP for its MoE blocks, FSDP2 over the data axes of its own pipeline 
 torch's pipeline schedule defers the FSDP gradient reduction to the last microbatch.
 Activation checkpointing wraps each stage's blocks (am-moe's wrapper under FSDP2, the
 model's own `gradient_checkpointing_enable` otherwise): the schedule's backward of a stage
-recomputes its blocks' forward, microbatch by microbatch.
+recomputes its blocks' forward, microbatch by microbatch. Mixed precision (bf16) is FSDP2's
+MixedPrecisionPolicy on each stage, as for a whole model (with one data rank over a size-1
+mesh); the stage-boundary activations and their gradients are then bf16, the compute dtype.
 
 A step feeds the rank's data rows (every microbatch of the accumulation window,
 concatenated) to the schedule, which splits it into `pp_microbatches`. The loss is the token
@@ -63,6 +65,7 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
     tr, par = recipe.train, recipe.parallelism
     rows = tr.micro_batch_size * tr.grad_accum
     n_mb = par.pp_microbatches or par.pp
+    mixed = par.mixed_precision == "bf16"
     pp = pipeline_model(
         model,
         pp_group=mesh["pp"],
@@ -73,16 +76,29 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         state_dict=full,
         microbatch_size=rows // n_mb,
         seq_len=recipe.data.seq_len,
-        dtype=resolve_dtype(recipe.model.dtype),
+        # The activations crossing a stage boundary (and their gradients) are in the compute
+        # dtype: bf16 under mixed precision, as the blocks' outputs are in one process.
+        dtype=torch.bfloat16 if mixed else resolve_dtype(recipe.model.dtype),
     )
     ac = par.activation_checkpointing
-    if plan.data_size == 1 and ac:
+    if plan.data_size == 1 and ac and not mixed:
         from am_automodel.build import enable_activation_checkpointing
 
         for stage in pp.stages:
             enable_activation_checkpointing(stage)
-    if plan.data_size > 1:
+    if plan.data_size > 1 or mixed:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         from am_moe.parallelizer import parallelize_model
+
+        # Mixed precision is FSDP2's MixedPrecisionPolicy, as in one process: fp32 sharded
+        # master weights, bf16 copies gathered for the forward, gradients reduced in fp32
+        # (with one data rank the "shards" are whole: a size-1 mesh).
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if mixed
+            else None
+        )
 
         # A stage without MoE layers still creates the experts' process groups when ep > 1
         # (parallelize_model does so on every rank), so the stages' groups agree.
@@ -92,14 +108,16 @@ def build_pipeline(recipe, config, spec, backend, plan, mesh, device):
         for stage, runner in zip(pp.stages, pp.pipeline_stages, strict=True):
             parallelize_model(stage, mesh, dp_axis_names=("dp_replicate", "dp_shard"),
                               dp_replicate_axis_name="dp_replicate", ep_axis_name="ep",
-                              activation_checkpointing=ac)  # fmt: skip
+                              mp_policy=mp, activation_checkpointing=ac)  # fmt: skip
             if runner.submod is not stage:
                 # am-pp wraps a model that keeps its own forward (MaskCarryingStage). Make the
                 # wrapper an FSDP root (no parameters of its own) so the schedule sees an
                 # FSDPModule and reduces the gradients once, after the last microbatch.
                 from torch.distributed.fsdp import fully_shard
 
-                fully_shard(runner.submod, mesh=_data_mesh(stage))
+                fully_shard(
+                    runner.submod, mesh=_data_mesh(stage), mp_policy=mp or MixedPrecisionPolicy()
+                )
     return pp
 
 

@@ -118,7 +118,11 @@ class Gemma4MoEDecoderLayer(GradientCheckpointingLayer):
             self.pre_feedforward_layernorm_2(x), padding_mask=padding_mask, gate_input=x
         )
         h = self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(routed))
-        return (residual + h) * self.layer_scalar
+        x = residual + h
+        # In the hidden dtype, as transformers' in-place `*=`: the buffer stays fp32 under
+        # FSDP2 mixed precision (only parameters are cast), and a bf16 x fp32 product would
+        # turn the residual stream fp32 (the root's final norm and lm_head then mismatch).
+        return (x * self.layer_scalar).to(x.dtype)
 
 
 class Gemma4MoETextModelBackend(nn.Module):
