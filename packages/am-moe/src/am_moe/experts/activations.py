@@ -14,6 +14,7 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -158,11 +159,50 @@ def _relu2_into(h_RF: Tensor, ws: _Scratch) -> Tensor:
     return out_RF.mul_(out_RF)
 
 
+# gelu_tanh(g) = 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3), is exactly
+# g * sigmoid(2u) (tanh(u) = 2 sigmoid(2u) - 1). On CPU the sigmoid form is the faster one:
+# ATen's tanh-GeLU (and its backward) evaluate tanh, 4x slower than sigmoid at one fp32
+# thread (512 x 512 block: gelu 1.1 ms, gelu_backward 1.3 ms, sigmoid 0.27 ms, a mul 0.05 ms).
+# The workspace kernels below take one sigmoid per direction and cheap in-place passes: the
+# forward 5 passes, the recomputed backward 13, where ATen's ops took gelu + gelu_backward
+# (three tanh evaluations per step). Results differ from ATen's by rounding only (a few ulp).
+# bf16/fp16 keep ATen's kernels: they compute in fp32 internally, and a chain of
+# half-precision passes would round at every step.
+_GELU_C2 = 2.0 * math.sqrt(2.0 / math.pi)  # 2 sqrt(2/pi)
+_GELU_K = 0.044715
+
+
+def _sigmoid_form(h_RF2: Tensor) -> bool:
+    return h_RF2.dtype in (torch.float32, torch.float64)
+
+
+def _gelu_sigmoid_into(gate: Tensor, s: Tensor) -> Tensor:
+    """s = sigmoid(2u) = sigmoid(gate * (2c + 2ck gate^2)), so gelu_tanh(gate) = gate * s."""
+    torch.addcmul(gate.new_tensor(_GELU_C2), gate, gate, value=_GELU_C2 * _GELU_K, out=s)
+    return s.mul_(gate).sigmoid_()
+
+
 def _geglu_into(h_RF2: Tensor, ws: _Scratch) -> Tensor:
     gate, up = _halves(h_RF2)
     out_RF = ws.get("a", gate.shape, h_RF2)
+    if _sigmoid_form(h_RF2):
+        s_RF = _gelu_sigmoid_into(gate, ws.get("s", gate.shape, h_RF2))
+        return torch.mul(gate, s_RF, out=out_RF).mul_(up)
     torch.ops.aten.gelu.out(gate, approximate="tanh", out=out_RF)
     return out_RF.mul_(up)
+
+
+def _geglu_sigmoid_grad_into(grad_a, gate, up, s, gl, grad_h, t):
+    """grad_h from s = sigmoid(2u) and gl = gate * s: d gelu_tanh / d gate
+    = s + gl (1 - s) (2c + 6ck gate^2) (from 1 - tanh(u)^2 = 4 s (1 - s)). t is scratch."""
+    f = gate.shape[-1]
+    torch.mul(grad_a, gl, out=grad_h[:, f:])
+    grad_a.mul_(up)
+    torch.addcmul(gate.new_tensor(_GELU_C2), gate, gate, value=3 * _GELU_C2 * _GELU_K, out=t)
+    t.mul_(gl)
+    t.addcmul_(t, s, value=-1).add_(s)  # t (1 - s) + s
+    torch.mul(grad_a, t, out=grad_h[:, :f])
+    return grad_h
 
 
 def _relu2_with_grad_into(h_RF: Tensor, ws: _Scratch):
@@ -173,9 +213,17 @@ def _relu2_with_grad_into(h_RF: Tensor, ws: _Scratch):
 
 def _geglu_with_grad_into(h_RF2: Tensor, ws: _Scratch):
     gate, up = _halves(h_RF2)
+    grad_h = ws.get("grad_h", h_RF2.shape, h_RF2)
+    if _sigmoid_form(h_RF2):
+        s_RF = _gelu_sigmoid_into(gate, ws.get("s", gate.shape, h_RF2))
+        gl_RF = torch.mul(gate, s_RF, out=ws.get("r", gate.shape, h_RF2))
+        a_RF = torch.mul(gl_RF, up, out=ws.get("a", gate.shape, h_RF2))
+        t_RF = ws.get("t", gate.shape, h_RF2)
+        return a_RF, lambda grad_a: _geglu_sigmoid_grad_into(
+            grad_a, gate, up, s_RF, gl_RF, grad_h, t_RF
+        )
     gl_RF = torch.ops.aten.gelu.out(gate, approximate="tanh", out=ws.get("r", gate.shape, h_RF2))
     a_RF = torch.mul(gl_RF, up, out=ws.get("a", gate.shape, h_RF2))
-    grad_h = ws.get("grad_h", h_RF2.shape, h_RF2)
     return a_RF, lambda grad_a: _geglu_grad_into(grad_a, gate, up, gl_RF, grad_h)
 
 
