@@ -101,12 +101,24 @@ def _inputs(tokens=256, experts=5, k=2):
     return x, weights, indices
 
 
-def test_pooled_steps_equal_fresh_ones_and_grads_kept_across_steps_accumulate():
+class _FreshStorage:
+    """Stands in for the pool: every tensor a fresh allocation (the same kernels run)."""
+
+    def empty(self, shape, like):
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def test_pooled_steps_equal_fresh_ones_and_grads_kept_across_steps_accumulate(monkeypatch):
+    import am_moe.experts.rows as rows
+
     x, weights, indices = _inputs()
-    pooled, fresh = _big_experts(True), _big_experts(False)
+    pooled, fresh = _big_experts(True), _big_experts(True)
+    pool = rows._POOL
     for _ in range(2):  # the second step runs on recycled storage
         y_p, g_p = _step(pooled, x, weights, indices)
+        monkeypatch.setattr(rows, "_POOL", _FreshStorage())
         y_f, g_f = _step(fresh, x, weights, indices)
+        monkeypatch.setattr(rows, "_POOL", pool)
         assert torch.equal(y_p, y_f)
         for a, b in zip(g_p, g_f, strict=True):
             assert torch.equal(a, b)
