@@ -1,7 +1,8 @@
 """Nemotron-H on CPU: our model and Mamba2 mixer vs transformers, tokens/s and ratios.
 
-Usage: python bench/nemotron.py [--quick] [--repeats N] [--threads T] [--only mixer|model]
+Usage: python bench/nemotron.py [--quick] [--repeats N] [--threads T] [--only mixer|model|blocks]
        python bench/nemotron.py --sweep [--quick] [--repeats N] [--threads T] [--points A,B]
+       python bench/nemotron.py --only blocks [--points A,B]
 
 Runs, in one process and on the same weights:
   (a) the Mamba2 mixer alone: am_models_nemotron.Mamba2Mixer (pure-PyTorch chunked
@@ -9,6 +10,10 @@ Runs, in one process and on the same weights:
   (b) the whole model: am_models_nemotron.NemotronHForCausalLM vs transformers'
       NemotronHForCausalLM (hidden 512, 8 layers "MEM*EM-E", 16 experts top-4,
       batch 2 x seq 1024, fp32).
+  (c) per block (`--only blocks`, at the sweep points `--points` names, default base): the
+      forward+backward of the first Mamba, MoE, attention and MLP mixer of both models on the
+      same input, and our MoE block in parts (router, routed experts, shared experts), each
+      beside the same matmuls timed alone (its floor), to show where a point's margin goes.
 Each measurement is the median of interleaved repeats (ours, theirs, ours, ...; see
 bench/_timing.py), so a busy machine slows both sides alike. The thread count is fixed
 (`--threads`, default 1: on a shared CPU OpenMP workers spin while a sibling thread is
@@ -190,6 +195,117 @@ def bench_model(args) -> None:
     )
 
 
+# Block kinds timed by --only blocks: (our block_type, transformers' block_type).
+BLOCK_KINDS = (
+    ("mamba", "linear_attention"),
+    ("moe", "moe"),
+    ("attention", "full_attention"),
+    ("mlp", "mlp"),
+)
+
+
+def block_fns(hf, ours, x, grad) -> dict:
+    """fwd+bwd of the first block of each kind, ours and transformers' (mixer only: no norm or
+    residual, which are the same elementwise passes on both sides), on the same input."""
+    ours_layers = list(ours.model.layers.values())
+    fns = {}
+    for kind, hf_kind in BLOCK_KINDS:
+        ours_idx = [i for i, layer in enumerate(ours_layers) if layer.block_type == kind]
+        hf_idx = [i for i, layer in enumerate(hf.model.layers) if layer.block_type == hf_kind]
+        if not ours_idx or ours_idx[:1] != hf_idx[:1]:
+            continue
+        for name, mixer in (
+            ("ours", ours_layers[ours_idx[0]].mixer),
+            ("hf", hf.model.layers[hf_idx[0]].mixer),
+        ):
+
+            def fn(mixer=mixer):
+                out = mixer(x.clone().requires_grad_(True))
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(grad)
+                mixer.zero_grad(set_to_none=True)
+
+            fns[f"{name} {kind}"] = fn
+    return fns
+
+
+def moe_part_fns(moe, x_TD, grad_TD) -> dict:
+    """Our MoE block split into its parts (router, routed experts, shared experts), each with
+    the matmuls it runs timed alone on the same shapes (routed: equal loads), its floor."""
+    with torch.no_grad():
+        weights_TK, indices_TK, _ = moe.gate(x_TD, None)
+    mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool)
+    T, D = x_TD.shape
+    E, K = moe.n_routed_experts, moe.n_activated_experts
+    F = moe.experts.down_projs.shape[1]
+    rows, gen = T * K // E, torch.Generator().manual_seed(2)
+    a, h, g = (torch.randn(n, m, generator=gen) for n, m in ((rows, D), (rows, F), (rows, D)))
+    w_up, w_down = torch.randn(D, F, generator=gen), torch.randn(F, D, generator=gen)
+    Fs = moe.shared_experts.up_proj.weight.shape[0]
+    xs, hs = torch.randn(T, D, generator=gen), torch.randn(T, Fs, generator=gen)
+    ws = torch.randn(D, Fs, generator=gen)
+
+    def gate():
+        moe.zero_grad(set_to_none=True)
+        w, _, _ = moe.gate(x_TD.clone().requires_grad_(True), None)
+        w.backward(torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+
+    def routed():
+        moe.zero_grad(set_to_none=True)
+        x, w = x_TD.clone().requires_grad_(True), weights_TK.clone().requires_grad_(True)
+        moe.experts(x, mask_T, w, indices_TK).backward(grad_TD)
+
+    def shared():
+        moe.zero_grad(set_to_none=True)
+        moe.shared_experts(x_TD.clone().requires_grad_(True)).backward(grad_TD)
+
+    def routed_floor():  # per expert: 2 forward, 4 backward matmuls
+        for _ in range(E):
+            torch.mm(a, w_up), torch.mm(h, w_down), torch.mm(g, w_down.t())
+            torch.mm(h.t(), g), torch.mm(a.t(), h), torch.mm(h, w_up.t())
+
+    def shared_floor():
+        torch.mm(xs, ws), torch.mm(hs, ws.t()), torch.mm(xs, ws)
+        torch.mm(hs.t(), xs), torch.mm(xs.t(), hs), torch.mm(hs, ws.t())
+
+    return {
+        "router": gate,
+        "routed experts": routed,
+        "routed matmuls alone": routed_floor,
+        "shared experts": shared,
+        "shared matmuls alone": shared_floor,
+    }
+
+
+def bench_blocks(args) -> None:
+    points = sweep_points(args.quick, args.tokens)
+    wanted = [p.strip() for p in (args.points or points[0][0]).split(",")]
+    known = [label for label, *_ in points]
+    if any(w not in known for w in wanted):
+        raise SystemExit(f"--points {wanted} not all in the sweep; accepted: {known}")
+    for label, overrides, batch, seq in (p for p in points if p[0] in wanted):
+        cfg = model_config(args.quick, **overrides)
+        hf, ours = paired_models(cfg)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+        grad = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+        fns = block_fns(hf, ours, x, grad)
+        moe = next(m.mixer for m in ours.model.layers.values() if m.block_type == "moe")
+        parts = moe_part_fns(moe, x.view(-1, cfg.hidden_size), grad.view(-1, cfg.hidden_size))
+        t = interleaved({**fns, **parts}, args.repeats)
+        clock = args.clock
+        print(f"\nPer-block forward+backward at '{label}' ({batch} x {seq} tokens, fp32)")
+        print(f"  [{load_average()}]")
+        print(f"  {'block':12s}{'ours ms':>10s}{'transformers ms':>17s}{'speedup':>9s}")
+        for kind, _ in BLOCK_KINDS:
+            if f"ours {kind}" in t:
+                o, h = t[f"ours {kind}"].median(clock), t[f"hf {kind}"].median(clock)
+                print(f"  {kind:12s}{o * 1e3:10.1f}{h * 1e3:17.1f}{h / o:8.2f}x")
+        line = ", ".join(f"{name} {t[name].median(clock) * 1e3:.1f}" for name in parts)
+        print(f"  our MoE block's parts, ms: {line}")
+        print(f"  (median {clock} seconds; a part's 'matmuls alone' is its floor)")
+
+
 def sweep_points(quick: bool, tokens: int = 1024) -> list[tuple[str, dict, int, int]]:
     """(label, config overrides, batch, seq): one axis varied at a time around the base.
 
@@ -280,11 +396,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads (fixed for the run)"
     )
-    parser.add_argument("--only", choices=("mixer", "model"), default=None)
+    parser.add_argument("--only", choices=("mixer", "model", "blocks"), default=None)
     parser.add_argument(
         "--sweep", action="store_true", help="whole-model fwd+bwd ratio over a shape sweep"
     )
-    parser.add_argument("--points", default=None, help="--sweep: comma-separated point labels")
+    parser.add_argument(
+        "--points", default=None, help="--sweep, --only blocks: comma-separated point labels"
+    )
     parser.add_argument(
         "--tokens", type=int, default=1024, help="--sweep: tokens per step (batch x seq)"
     )
@@ -314,6 +432,8 @@ def main() -> None:
         bench_mixer(args)
     if args.only in (None, "model"):
         bench_model(args)
+    if args.only in (None, "blocks"):
+        bench_blocks(args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ def _run(script: str, *args: str) -> str:
         (
             "nemotron.py",
             ("--quick", "--repeats", "1"),
-            ["Mamba2 mixer", "Whole model", "speedup", "load 1/5/15 min", "1 threads (fixed)"],
+            [
+                "Mamba2 mixer",
+                "Whole model",
+                "speedup",
+                "load 1/5/15 min",
+                "1 threads (fixed)",
+                "Per-block forward+backward",
+                "routed matmuls alone",
+            ],
         ),
         (
             "nemotron.py",
