@@ -165,3 +165,13 @@ def report_rank(rank: int, world_size: int, tag: str) -> tuple:
 
 def unpicklable_result(rank: int, world_size: int) -> object:
     return lambda: rank
+
+
+def caller_state(rank: int, world_size: int, key: str) -> tuple:
+    """What a rank sees of its caller: an environment variable, the rank variables, and
+    whether the module given by the caller's sys.path imports."""
+    import os
+
+    import caller_only_module  # on sys.path only in the caller, added after the forkserver
+
+    return os.environ.get(key), os.environ["RANK"], caller_only_module.VALUE

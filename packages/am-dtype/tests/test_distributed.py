@@ -12,7 +12,7 @@ from am_dtype.testing import free_port, run_distributed
 sys.path.insert(0, str(Path(__file__).parent))
 import am_dtype_dist_workers as workers  # noqa: E402
 
-# Each spawn starts two fresh interpreters that import torch: ~10 s on an idle 2-core machine.
+# Ranks are forked from a forkserver with torch imported: ~1 s per run once it is up.
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
@@ -89,6 +89,17 @@ def test_failure_on_one_rank_is_raised_with_its_traceback():
         run_distributed(workers.fail_on_rank_one, 2, "rank one broke", timeout_s=60)
     msg = str(err.value)
     assert "rank 1:" in msg and "ValueError: rank one broke" in msg and "rank 0:" not in msg
+
+
+def test_ranks_see_the_callers_current_environment_and_sys_path(tmp_path, monkeypatch):
+    """The forkserver keeps the environment and sys.path of its start (an earlier test's):
+    each rank gets the caller's as of the call, as a spawned interpreter would."""
+    run_distributed(workers.report_rank, 1, "start the forkserver first")
+    (tmp_path / "caller_only_module.py").write_text("VALUE = 'imported'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AM_DTYPE_TEST_CALLER_ENV", "set after the forkserver started")
+    got = run_distributed(workers.caller_state, 2, "AM_DTYPE_TEST_CALLER_ENV")
+    assert got == [("set after the forkserver started", str(r), "imported") for r in range(2)]
 
 
 def test_harness_argument_checks():

@@ -4,6 +4,11 @@ Every `am` package depends on am-dtype, so the harness lives here and each
 package's distributed tests use the same real collectives (no mocks). A rank
 that raises makes `run_distributed` raise with that rank's traceback; every
 process group gets a timeout so a collective bug fails fast instead of hanging.
+
+Ranks are forked from a forkserver that has torch (and transformers, when installed)
+imported: a fresh interpreter per rank spent seconds of CPU on those imports, the largest
+part of a small spawned test. Each rank still starts from the caller's current environment
+and sys.path (applied before `fn` and its arguments are unpickled), as a spawned one did.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import pickle
 import queue as queue_mod
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -28,6 +34,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Imported once in the forkserver, inherited by every rank it forks: only third-party
+# modules (ours are measured by coverage, which starts in each rank) that start no thread at
+# import (a fork copies only the forking thread); missing ones are skipped.
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.tensor",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.checkpoint",
+    "transformers",
+    "transformers.modeling_utils",
+]
 
 
 def _worker(
@@ -64,6 +85,31 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _forked_worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    payload: bytes,
+    queue: Any,
+    timeout_s: float,
+    environ: dict[str, str],
+    path: list[str],
+) -> None:
+    """A forkserver child's entry: the caller's environment and sys.path (the forkserver has
+    those of its own start), then `_worker`. `fn` and its arguments come pickled so that they
+    are loaded with the caller's sys.path. (Coverage's multiprocessing support measures these
+    children as it did spawned ones.)"""
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.path[:] = path
+    try:
+        fn, args = pickle.loads(payload)
+    except BaseException:  # noqa: BLE001 - e.g. fn's module not importable here
+        queue.put((rank, False, traceback.format_exc()))
+        return
+    _worker(rank, world_size, port, fn, args, queue, timeout_s)
 
 
 def _failure(why: str, failures: dict[int, str]) -> RuntimeError:
@@ -111,7 +157,8 @@ def run_distributed(
     *args: Any,
     timeout_s: float = 120.0,
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks.
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks (processes forked
+    from a forkserver).
 
     `fn` must be importable (module level) and its return value picklable.
     Returns the per-rank results in rank order; raises RuntimeError carrying
@@ -119,11 +166,16 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
+    payload = pickle.dumps((fn, args))
+    extra = (dict(os.environ), list(sys.path))
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout_s))
+        ctx.Process(
+            target=_forked_worker, args=(r, world_size, port, payload, queue, timeout_s, *extra)
+        )
         for r in range(world_size)
     ]
     for p in procs:
