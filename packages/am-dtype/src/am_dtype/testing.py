@@ -40,6 +40,8 @@ def free_port() -> int:
 # modules (ours are measured by coverage, which starts in each rank) that start no thread at
 # import (a fork copies only the forking thread); missing ones are skipped.
 _PRELOAD = [
+    # the caller's main module (as spawn imports it): a script's own rank functions unpickle
+    "__main__",
     "torch",
     "torch.distributed",
     "torch.distributed.tensor",
