@@ -98,6 +98,10 @@ def _reference(ids, labels, attention_mask):
     padded, `GlobalMTPLoss` over the model's outputs (the model's own MTP loss also drops
     targets whose source is padding, which a loss given only logits and labels cannot)."""
     full = tiny_mtp_model()
+    return (full, *_reference_fwd_bwd(full, ids, labels, attention_mask))
+
+
+def _reference_fwd_bwd(full, ids, labels, attention_mask) -> tuple[float, dict]:
     if attention_mask is None:
         loss = full(ids, labels=labels).loss
     else:
@@ -106,7 +110,30 @@ def _reference(ids, labels, attention_mask):
         loss_fn.set_global_batch(labels)
         loss = loss_fn((out.logits, *[full.lm_head(h) for h in out.mtp_per_depth_h]), labels)
     loss.backward()
-    return full, float(loss), {n: p.grad for n, p in full.named_parameters()}
+    return float(loss), {n: p.grad for n, p in full.named_parameters()}
+
+
+def _shared_references(rank: int, world_size: int, ids, labels, mask) -> dict:
+    """Both references (unpadded, padded) for every rank: rank 0 computes the first while the
+    last rank computes the second, then each is broadcast (ranks share two cores: two
+    one-process runs instead of one per rank and reference). Every rank builds the same seeded
+    model, whose weights the pipelines load."""
+    import torch.distributed as dist
+
+    out = {}
+    for padded, src in ((False, 0), (True, world_size - 1)):
+        full = tiny_mtp_model()
+        box = (
+            [_reference_fwd_bwd(full, ids, labels, mask if padded else None)]
+            if rank == src
+            else [None]
+        )
+        out[padded] = (full, box)
+    for padded, src in ((False, 0), (True, world_size - 1)):
+        full, box = out[padded]
+        dist.broadcast_object_list(box, src=src)
+        out[padded] = (full, *box[0])
+    return out
 
 
 def run(
@@ -160,15 +187,13 @@ def run_plan(rank, world_size, ids, labels, mask, plan) -> dict:
     import torch.distributed as dist
 
     groups = [dist.new_group(ranks) for ranks, _, _ in plan]  # every rank creates every group
-    references = {}
+    references = _shared_references(rank, world_size, ids, labels, mask)
     out = []
     for (ranks, cases, padded), group in zip(plan, groups, strict=True):
         if rank not in ranks:
             out.append(None)
             continue
         m = mask if padded else None
-        if padded not in references:
-            references[padded] = _reference(ids, labels, m)
         out.append(run(rank, world_size, ids, labels, cases, m, group, references[padded]))
     unmasked = _reference(ids, labels, torch.ones_like(mask))[1] if rank == 0 else None
     return {"results": out, "padded_labels_unmasked_loss": unmasked}

@@ -58,12 +58,15 @@ def one_thread():
 def test_sigkill_in_training_and_in_a_save_then_resume_is_bit_identical(
     tmp_path, one_thread
 ) -> None:
-    reference = run(build_recipe(_raw(tmp_path / "reference")))
-    assert sorted(reference.losses) == list(range(1, STEPS + 1))
+    # Both interrupted runs start at once and the reference runs in this process meanwhile:
+    # each process has one thread, so the three share the two cores instead of taking turns
+    # on one (their numbers do not depend on the load).
+    killed, in_save = tmp_path / "killed_in_training", tmp_path / "killed_in_save"
+    proc = _start(killed, tmp_path)
+    # 2. killed by itself in the middle of the step-6 save (shards written, not committed)
+    proc_in_save = _start(in_save, tmp_path, fault="save:6")
 
     # 1. killed from outside while training (after the step-4 checkpoint, before the end)
-    killed = tmp_path / "killed_in_training"
-    proc = _start(killed, tmp_path)
     deadline = time.monotonic() + 600
     while max(_logged(killed), default=0) < 5:
         assert proc.poll() is None, proc.stdout.read()
@@ -73,12 +76,12 @@ def test_sigkill_in_training_and_in_a_save_then_resume_is_bit_identical(
     assert proc.wait() == -signal.SIGKILL
     before = _logged(killed)
     assert max(before) < STEPS, "the run finished before it was killed"
+
+    reference = run(build_recipe(_raw(tmp_path / "reference")))
+    assert sorted(reference.losses) == list(range(1, STEPS + 1))
     assert all(before[s] == reference.losses[s] for s in before)  # same numbers in another process
 
-    # 2. killed by itself in the middle of the step-6 save (shards written, not committed)
-    in_save = tmp_path / "killed_in_save"
-    proc = _start(in_save, tmp_path, fault="save:6")
-    assert proc.wait(timeout=600) == -signal.SIGKILL, proc.stdout.read()
+    assert proc_in_save.wait(timeout=600) == -signal.SIGKILL, proc_in_save.stdout.read()
     names = sorted(p.name for p in (in_save / "checkpoints").iterdir())
     assert names == ["step_00000002", "step_00000004", "step_00000006.tmp"], names
 

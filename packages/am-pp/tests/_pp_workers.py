@@ -1,8 +1,11 @@
 """Spawned-rank bodies for the am-pp distributed tests (module level so spawn imports them).
 
-Every rank builds the reference (the unsplit transformers model, one process, whole global
-batch, token-mean CE) itself, then runs the pipeline and compares its own stages' gradients
-with the reference's same-named parameters; the last stage's rank also compares the loss.
+The first rank of each pipeline computes the reference (the unsplit transformers model, one
+process, whole global batch, token-mean CE) and broadcasts its loss and gradients to the
+others (ranks share two cores: one reference per pipeline instead of one per rank); every
+rank builds the same seeded model for its weights, runs the pipeline and compares its own
+stages' gradients with the reference's same-named parameters; the last stage's rank also
+compares the loss.
 """
 
 from __future__ import annotations
@@ -37,16 +40,29 @@ def _inputs(batch_size: int, packed: bool, padded: bool) -> dict:
     return {}
 
 
-def reference_loss_and_grads(name: str, data: dict, inputs: dict):
-    """The one-process reference: loss and every parameter's gradient."""
+def reference_loss_and_grads(name: str, data: dict, inputs: dict, pp_group=None):
+    """The one-process reference: loss and every parameter's gradient, computed on the
+    first rank of `pp_group` and broadcast to its other ranks (the model, seeded, is built
+    on every rank: its weights go into the pipeline)."""
+    import torch.distributed as dist
+
     model = CASES[name]()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        leader = dist.get_global_rank(pp_group, 0)
+        box = [_reference_fwd_bwd(model, data, inputs) if dist.get_rank() == leader else None]
+        dist.broadcast_object_list(box, src=leader, group=pp_group)
+        return (model, *box[0])
+    return (model, *_reference_fwd_bwd(model, data, inputs))
+
+
+def _reference_fwd_bwd(model, data: dict, inputs: dict) -> tuple[float, dict]:
     extra = {**inputs, "use_cache": False} if inputs else {}
     logits = model(input_ids=data["input_ids"], **data["image_kwargs"], **extra).logits
     targets = F.pad(data["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return model, float(loss.detach()), grads
+    return float(loss.detach()), grads
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,7 +81,7 @@ def run_case(
     inputs = _inputs(batch_size, packed, padded)
     if padded:  # padding positions are no targets
         data["labels"] = data["labels"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data, inputs)
+    ref_model, ref_loss, ref_grads = reference_loss_and_grads(name, data, inputs, pp_group)
     if from_meta:
         with torch.device("meta"):
             source = CASES[name]()

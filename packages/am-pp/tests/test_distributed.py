@@ -7,9 +7,10 @@ built on the meta device and given the reference's weights; Llama also under the
 zero-bubble, V-shaped and looped schedules, Qwen3 under GPipe from a real (CPU) model.
 Packed rows, left padding differing per microbatch (an explicit attention_mask), and the
 E2B-like Gemma 4 (per-layer inputs, K/V shared across stage boundaries) run with 2 and 4
-stages. Every rank also computes the reference (the unsplit transformers model on the
-whole global batch, token-mean cross entropy with ignored targets) and compares its own
-stages' gradients with it; the eval loss and the mask builds per stage are checked too.
+stages. The first rank of each pipeline computes the reference (the unsplit transformers
+model on the whole global batch, token-mean cross entropy with ignored targets) and
+broadcasts it; every rank compares its own stages' gradients with it; the eval loss and the
+mask builds per stage are checked too.
 
 One spawn of 4 ranks runs it all (starting a rank, importing torch and transformers, costs
 more than its cases): ranks {0, 1} and {2, 3} each run half of the 2-rank cases as two
