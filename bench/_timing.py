@@ -122,3 +122,17 @@ def interleaved(
             if after is not None:
                 after(name)
     return out
+
+
+def select_points(points: list[tuple], spec: str | None) -> list[tuple]:
+    """The sweep points (tuples whose first item is the label) that the comma-separated
+    `spec` names, in sweep order; every point when `spec` is None. An unknown label exits
+    naming it and the accepted ones."""
+    if spec is None:
+        return list(points)
+    wanted = [p.strip() for p in spec.split(",")]
+    known = [point[0] for point in points]
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"--points {unknown} not in the sweep; accepted: {known}")
+    return [point for point in points if point[0] in wanted]

@@ -40,7 +40,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_1min, load_average
+from _timing import (
+    CLOCKS,
+    default_clock,
+    fix_threads,
+    interleaved,
+    load_1min,
+    load_average,
+    select_points,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -313,14 +321,7 @@ def matmul_share(step: Callable[[], None]) -> float:
 
 
 def bench_sweep(args) -> None:
-    points = sweep_points(args.quick)
-    if args.points:
-        wanted = [p.strip() for p in args.points.split(",")]
-        known = [label for label, *_ in points]
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SystemExit(f"--points {unknown} not in the sweep; accepted: {known}")
-        points = [p for p in points if p[0] in wanted]
+    points = select_points(sweep_points(args.quick), args.points)
     print(
         "\nWhole MoE text model forward+backward sweep (fp32; small: hidden 512, 4 layers, "
         "16 experts top-4, expert hidden 256, 2 x 512 tokens; a4b: see --config a4b)"

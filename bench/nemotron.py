@@ -40,7 +40,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_1min, load_average
+from _timing import (
+    CLOCKS,
+    default_clock,
+    fix_threads,
+    interleaved,
+    load_1min,
+    load_average,
+    select_points,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -279,11 +287,7 @@ def moe_part_fns(moe, x_TD, grad_TD) -> dict:
 
 def bench_blocks(args) -> None:
     points = sweep_points(args.quick, args.tokens)
-    wanted = [p.strip() for p in (args.points or points[0][0]).split(",")]
-    known = [label for label, *_ in points]
-    if any(w not in known for w in wanted):
-        raise SystemExit(f"--points {wanted} not all in the sweep; accepted: {known}")
-    for label, overrides, batch, seq in (p for p in points if p[0] in wanted):
+    for label, overrides, batch, seq in select_points(points, args.points or points[0][0]):
         cfg = model_config(args.quick, **overrides)
         hf, ours = paired_models(cfg)
         gen = torch.Generator().manual_seed(1)
@@ -334,14 +338,7 @@ def sweep_points(quick: bool, tokens: int = 1024) -> list[tuple[str, dict, int, 
 
 
 def bench_sweep(args) -> None:
-    points = sweep_points(args.quick, args.tokens)
-    if args.points:
-        wanted = [p.strip() for p in args.points.split(",")]
-        known = [label for label, *_ in points]
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SystemExit(f"--points {unknown} not in the sweep; accepted: {known}")
-        points = [p for p in points if p[0] in wanted]
+    points = select_points(sweep_points(args.quick, args.tokens), args.points)
     print(
         "\nWhole-model forward+backward sweep (fp32; base: hidden 512, MEM*EM-E, chunk 128, "
         f"16 experts top-4, seq 1024; {args.tokens} tokens per step, or one sequence if longer)"
