@@ -23,7 +23,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automodel",
-        description="Train Hugging Face LMs from one recipe (FSDP2, EP) on one process or many.",
+        description="Train Hugging Face LMs from one recipe on one process or many "
+        "(FSDP2, EP, PP, CP).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="recipe sections and keys (override any with --section.key=value):\n"
         + recipe_help(),
