@@ -47,10 +47,6 @@ CASES = {
         "2*cp = 4"),
     "cp with packed rows": ({"model": G4, "parallelism": {"cp": 2}}, {"WORLD_SIZE": "2"},
                             "parallelism.cp = 2 needs data.pack = false"),
-    "cp with ep": ({"model": G4, "parallelism": {"cp": 2, "ep": 2, "dp_shard": 1},
-                    "data": {"pack": False}}, {"WORLD_SIZE": "4"},
-                   "parallelism.cp = 2 with ep=2: context parallelism combines with dp_shard, "
-                   "dp_replicate"),
     "resume path": ({"checkpoint": {"resume": "/nonexistent/step_1"}}, {},
                     "checkpoint.resume = '/nonexistent/step_1'"),
     "tokenizer dir": ({"tokenizer": {"path": "/nonexistent/tok"}}, {}, "tokenizer.path"),

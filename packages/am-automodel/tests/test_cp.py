@@ -3,7 +3,8 @@
 over the first 10 steps, and the eval loss too; in the same spawn, Gemma 4 under dp_shard=2,
 and cp=2 with bf16 mixed precision (tolerances in `_check_cp_mixed_precision`).
 Four ranks with cp=2 x dp_shard=2 (FSDP2 over the data axis and cp, the root being
-`ContextParallelRoot`) match the same single-process run.
+`ContextParallelRoot`), and in the same spawn cp=2 x ep=2 (`_check_cp_x_ep`), match the same
+single-process run.
 
 Tolerance: fp32. The first step's loss (same weights) within 1e-6 (measured 2e-7: the ring
 attention's explicit fp32 softmax with a log-sum-exp merge of the key blocks vs SDPA); every
@@ -14,6 +15,7 @@ those ~1e-7 gradient differences into slightly different weights.
 from __future__ import annotations
 
 import pytest
+import torch
 from automodel_helpers import tiny_raw
 
 from am_automodel.recipe import build_recipe
@@ -30,7 +32,8 @@ GRAD_NORM_RTOL_STEP1 = 1e-5
 GRAD_NORM_RTOL = 1e-3
 
 
-def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS, grad_accum: int = 1) -> dict:
+def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS, grad_accum: int = 1,
+         ep: int = 1) -> dict:  # fmt: skip
     raw = tiny_raw(
         run_dir,
         # 2 layers (sliding, full) with window 8 < seq_len 32: both attention kinds cross
@@ -45,10 +48,10 @@ def _raw(run_dir, cp: int = 1, dp_shard: int = 1, steps: int = STEPS, grad_accum
         },
         data={"pack": False, "seq_len": 32},
         train={"steps": steps, "eval_every": 5},
-        checkpoint={"every": 0, "export_final": dp_shard > 1},
+        checkpoint={"every": 0, "export_final": dp_shard * ep > 1},
     )
-    raw["parallelism"] = {"cp": cp, "dp_shard": dp_shard}
-    raw["train"]["micro_batch_size"] = 2 // dp_shard
+    raw["parallelism"] = {"cp": cp, "dp_shard": dp_shard, "ep": ep}
+    raw["train"]["micro_batch_size"] = 2 // (dp_shard * ep)
     raw["train"]["grad_accum"] = grad_accum
     return raw
 
@@ -66,9 +69,19 @@ def _rank(rank: int, world: int, raws: list[dict]) -> list[dict]:
         model = result.model
         out.append({"losses": result.losses, "eval": result.eval_losses,
                     "export": str(result.export_dir),
+                    "experts": _experts(model),
                     "tied": model.lm_head.weight is model.model.language_model.embed_tokens.weight,
                     "master": sorted({str(p.dtype) for p in model.parameters()})})  # fmt: skip
     return out
+
+
+def _experts(model) -> dict:
+    """The first MoE block's experts: those this rank computes (its dispatcher's) and all."""
+    from am_moe.layers import MoE
+
+    block = next(m for m in model.modules() if isinstance(m, MoE))
+    weight = next(block.experts.parameters())
+    return {"local": block.experts.dispatcher.num_local_experts, "full": weight.shape[0]}
 
 
 @pytest.mark.distributed
@@ -149,7 +162,8 @@ def test_cp_2_x_dp_shard_2_matches_one_process(tmp_path) -> None:
     # MoEFSDPSyncMixin defers FSDP2's reduction to the last microbatch only with this on
     # (BackendConfig's default is off: a reduction per microbatch)
     accum["model"]["backend"]["enable_fsdp_optimizations"] = True
-    results = run_distributed(_rank, 4, [raw, accum], timeout_s=300)
+    cp_ep = _raw(tmp_path / "cp_ep", cp=2, ep=2, steps=CP_DP_STEPS)
+    results = run_distributed(_rank, 4, [raw, accum, cp_ep], timeout_s=300)
     assert all(r[0]["losses"] == results[0][0]["losses"] for r in results)
     got = results[0][0]
     assert got["tied"]
@@ -169,6 +183,40 @@ def test_cp_2_x_dp_shard_2_matches_one_process(tmp_path) -> None:
         rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
         assert norms[1][step] == pytest.approx(norm, rel=rtol), ("grad_norm", step)
     _check_accumulation(tmp_path, results)
+    _check_cp_x_ep(tmp_path, single, [r[2] for r in results])
+
+
+def _check_cp_x_ep(tmp_path, single, results) -> None:
+    """cp=2 x ep=2 (no dp_shard): each ep rank reads one row, each CP rank half of its tokens
+    (the model's ring attention over the CP pair), each rank keeps half of the experts and
+    routes its tokens to them through the EP all-to-all with the other row's rank of the same
+    CP coordinate; FSDP2 shards the rest over (cp, ep) and the experts over cp. Against the same
+    single-process run, with the cp tolerances (measured: step-1 loss 3e-7 and grad norm 7e-7
+    relative; all steps' losses <= 3e-5, grad norms <= 4.2e-4, eval 1e-5)."""
+    from am_utils.checkpointing import read_hf_state_dict
+
+    for r in results:
+        assert r["experts"] == {"local": 4, "full": 8}, r["experts"]  # 8 experts split over ep
+        assert r["losses"] == results[0]["losses"]
+    got = results[0]
+    assert sorted(got["losses"]) == list(range(1, CP_DP_STEPS + 1))
+    assert abs(got["losses"][1] - single.losses[1]) <= TOL_STEP1
+    for step, loss in single.losses.items():
+        assert abs(got["losses"][step] - loss) <= TOL, ("cp x ep", step, got["losses"][step], loss)
+    for step, loss in single.eval_losses.items():
+        assert abs(got["eval"][step] - loss) <= TOL, ("cp x ep eval", step)
+    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in ("single", "cp_ep")]
+    assert sorted(norms[1]) == sorted(norms[0])
+    for step, norm in norms[0].items():
+        rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
+        assert norms[1][step] == pytest.approx(norm, rel=rtol), ("cp x ep grad_norm", step)
+    # the export gathers the expert shards: all 8 experts, as the cp x dp_shard run's within
+    # the Adam drift of 5 steps
+    ours = read_hf_state_dict(got["export"])
+    ref = read_hf_state_dict(tmp_path / "cp_dp" / "hf" / "final")
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-3, msg=key)
 
 
 ACCUM_STEPS = 3
@@ -211,6 +259,7 @@ def _grad_norms(path) -> dict[int, float]:
         ({"cp": 2, "dp_shard": 1, "dp_replicate": 2}, 4, True,
          ("dp_replicate", "dp_shard", "cp"), 4),
         ({"dp_shard": 2}, 2, True, ("dp_replicate", "dp_shard"), 2),
+        ({"cp": 2, "dp_shard": 1, "ep": 2}, 4, True, ("dp_replicate", "dp_shard", "cp"), 4),
     ],
 )  # fmt: skip
 def test_the_mesh_plan_of_cp_with_data_axes(sizes, world, fsdp, axes, mean_ranks) -> None:

@@ -3,10 +3,13 @@
 `plan_mesh` runs before any process group exists (it reads `WORLD_SIZE` as torchrun sets it)
 and raises a one-line `RecipeError` naming the key when the sizes cannot work: their product
 must be the world size, `ep` must divide the routed experts, `pp` cannot exceed the layers,
-`2*cp` must divide the sequence length and the model must own CP hooks; combinations not
-wired yet (pp with cp, cp with ep) are refused naming what is accepted. cp combines with dp_shard / dp_replicate:
-FSDP2 then shards over the data axes and `cp` together (`MeshPlan.fsdp_axes`). `build_mesh` then makes one DeviceMesh with the axes
-("pp", "dp_replicate", "dp_shard", "ep", "cp"); size-1 axes are kept so code can name them.
+`2*cp` must divide the sequence length and the model must own CP hooks; pp with cp is not
+wired yet and is refused naming what is accepted. cp combines with dp_shard / dp_replicate and
+ep: FSDP2 then shards over the data axes and `cp` together (`MeshPlan.fsdp_axes`), and the
+experts' all-to-all runs between the ep ranks of one CP coordinate (the same share of different
+rows). `build_mesh` then makes one DeviceMesh with the axes ("pp", "dp_replicate", "dp_shard",
+"cp", "ep"); size-1 axes are kept so code can name them. `ep` is last because am-moe flattens
+the non-expert FSDP mesh as the data axes followed by `ep`, which must be in mesh order.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from am_automodel.recipe import ParallelismSection, RecipeError
 
 __all__ = ["MESH_AXES", "MeshPlan", "build_mesh", "plan_mesh"]
 
-MESH_AXES = ("pp", "dp_replicate", "dp_shard", "ep", "cp")
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "ep")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class MeshPlan:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.pp, self.dp_replicate, self.dp_shard, self.ep, self.cp)
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.ep)
 
     @property
     def data_size(self) -> int:
@@ -108,13 +111,6 @@ def _check_cp(section: ParallelismSection, spec, config, seq_len: int, pack: boo
         raise RecipeError(
             f"parallelism.cp = {cp} needs data.pack = false: the context-parallel attention "
             "sees one document per row"
-        )
-    combined = [f"{k}={v}" for k, v in {"ep": section.ep, "pp": section.pp}.items() if v > 1]
-    if combined:
-        raise RecipeError(
-            f"parallelism.cp = {cp} with {', '.join(combined)}: context parallelism combines "
-            "with dp_shard, dp_replicate (FSDP2 over the data axes and cp) and mixed "
-            "precision only"
         )
 
 

@@ -24,7 +24,7 @@ from am_automodel.build import build_model
 from am_automodel.checkpoint import Checkpointer
 from am_automodel.data import RowLoader, build_datasets, check_data_files, eval_batches
 from am_automodel.export import export_hf
-from am_automodel.mesh import MeshPlan, ProcessGroup, build_mesh, plan_mesh
+from am_automodel.mesh import MESH_AXES, MeshPlan, ProcessGroup, build_mesh, plan_mesh
 from am_automodel.metrics import ExpertLoadMonitor, MetricsLogger, peak_memory_mb
 from am_automodel.models import build_model_config, model_spec
 from am_automodel.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -196,7 +196,7 @@ def _run(prep: Prepared) -> TrainResult:
     log = MetricsLogger(run_dir, tr.steps, start, rank, recipe.logging.progress and rank == 0,
                         recipe.logging.tensorboard)  # fmt: skip
     if rank == 0:
-        print(f"automodel: {type(model).__name__} on {plan.world_size} rank(s) {dict(zip(('pp', 'dp_replicate', 'dp_shard', 'ep', 'cp'), plan.shape, strict=True))}; "
+        print(f"automodel: {type(model).__name__} on {plan.world_size} rank(s) {dict(zip(MESH_AXES, plan.shape, strict=True))}; "
               f"{len(train_rows)} train rows x {recipe.data.seq_len} tokens; "
               f"{'resuming after step ' + str(start) if start else 'fresh start'}", flush=True)  # fmt: skip
     monitor = ExpertLoadMonitor(model, reduce=plan.pp == 1)
