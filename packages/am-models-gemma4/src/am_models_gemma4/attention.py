@@ -37,6 +37,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.dtypes import config_dtype
 from am_models_gemma4.norm import FusedGemma4RMSNorm
+from am_models_gemma4.onednn import OneDNNLinear
 from am_models_gemma4.windowed import chunked_masked_attention
 from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs, is_block_mask
 from am_utils.masks import causal_mask, to_additive_mask, to_bool_mask
@@ -54,12 +55,14 @@ def use_backend_linears(
     module: torch.nn.Module, names: tuple[str, ...], backend: BackendConfig, dtype: torch.dtype
 ) -> None:
     """Rebuild `module`'s `nn.Linear` children `names` with `backend.linear` (same shapes,
-    bias and names; "torch" keeps transformers' own modules)."""
-    if backend.linear == "torch":
-        return
+    bias and names). "torch" keeps transformers' parameters in an `OneDNNLinear` (an
+    `nn.Linear` whose fp32 CPU GEMMs run on oneDNN, `am_models_gemma4.onednn`)."""
     for name in names:
         old = getattr(module, name, None)
         if old is None:
+            continue
+        if backend.linear == "torch":
+            setattr(module, name, OneDNNLinear.from_linear(old))
             continue
         new = initialize_linear_module(
             backend.linear,

@@ -26,6 +26,7 @@ from am_dtype.backend import BackendConfig
 from am_dtype.dtensor import to_local
 from am_dtype.dtypes import config_dtype
 from am_models_gemma4.norm import FusedGemma4RMSNorm
+from am_models_gemma4.onednn import OneDNNLinear
 from am_moe.config import MoEConfig
 from am_moe.layers import MoE
 
@@ -90,7 +91,7 @@ class Gemma4Gate(nn.Module):
         self.topk = config.top_k_experts
         self.scalar_root_size = self.hidden_size**-0.5
         self.norm = FusedGemma4RMSNorm(self.hidden_size, eps=config.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(self.hidden_size, self.num_experts, bias=False, dtype=dtype)
+        self.proj = OneDNNLinear(self.hidden_size, self.num_experts, bias=False, dtype=dtype)
         self.scale = nn.Parameter(torch.ones(self.hidden_size, dtype=dtype))
         self.per_expert_scale = nn.Parameter(torch.ones(self.num_experts, dtype=dtype))
 
