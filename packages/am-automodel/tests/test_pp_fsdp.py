@@ -133,13 +133,17 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     """pp=2 x dp_shard=2 with bf16 mixed precision against one bf16 process that accumulates
     the same 4 one-row microbatches a step (the pipeline's 2 microbatches on each data rank).
 
-    Every step runs the same bf16 ops on the same rows, only fp32 sums (the gradient
-    reduce-scatter, the loss reduction) in another order: losses within 1e-6 (measured
-    <= 8e-8), grad norms within 1e-5 relative (measured <= 2e-7; a stage computing in fp32
-    is ~1e-3 off). The export holds the fp32 master weights, within 2e-5 of the single bf16
-    process's after 4 Adam steps (measured 1.8e-7), and almost none of them bf16-representable
-    (1 of 41 measured; a bf16 copy saved as fp32 would be all of them). Resume from step 2 of
-    the same layout: steps 3-4 bit-identical."""
+    Step 1 (same weights) runs the same bf16 ops on the same rows, only fp32 sums (the
+    gradient reduce-scatter, the loss reduction) in another order: loss within 1e-6, grad
+    norm within 1e-5 relative (measured 6e-8 and 0; a stage computing in fp32 is ~1e-3 off,
+    a bf16 gradient reduction 1.1e-4). Later steps: losses within 1e-4, grad norms 2e-4
+    relative (measured <= 1.4e-5 and 2.3e-5, at step 4): the stages attend plain causal over
+    a whole row (they get no seq_idx; rows hold one document each), the single process per
+    document through am-utils' sdpa, and those bf16 kernels round differently. The export
+    holds the fp32 master weights, within 1e-4 of the single bf16 process's after 4 Adam
+    steps (measured 1.5e-5), and almost none of them bf16-representable (1 of 41 measured; a
+    bf16 copy saved as fp32 would be all of them). Resume from step 2 of the same layout:
+    steps 3-4 bit-identical."""
     from am_utils.checkpointing import read_hf_state_dict
 
     ref_raw = _bf16(_raw(tmp_path / "single_bf16"))
@@ -150,9 +154,11 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     assert all(r["bf16"] == got["bf16"] for r in results)
     assert sorted(got["bf16"]) == sorted(single.losses) == list(range(1, STEPS + 1))
     norms, ref_norms = _grad_norms(tmp_path / "pp_dp_bf16"), _grad_norms(single.run_dir)
+    assert abs(got["bf16"][1] - single.losses[1]) <= 1e-6, (got["bf16"][1], single.losses[1])
+    assert norms[1] == pytest.approx(ref_norms[1], rel=1e-5), (norms[1], ref_norms[1])
     for step, loss in single.losses.items():
-        assert abs(got["bf16"][step] - loss) <= 1e-6, ("bf16", step, got["bf16"][step], loss)
-        assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5), ("grad norm", step)
+        assert abs(got["bf16"][step] - loss) <= 1e-4, ("bf16", step, got["bf16"][step], loss)
+        assert norms[step] == pytest.approx(ref_norms[step], rel=2e-4), ("grad norm", step)
 
     assert got["start"] == 2 and sorted(got["resumed"]) == [3, 4]
     assert all(got["resumed"][s] == got["bf16"][s] for s in (3, 4)), (got["resumed"], got["bf16"])
@@ -162,6 +168,6 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     rounded = 0
     for key in ref:
         assert ours[key].dtype == torch.float32, (key, ours[key].dtype)
-        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=2e-5, msg=f"bf16 {key}")
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-4, msg=f"bf16 {key}")
         rounded += int(torch.equal(ours[key], ours[key].bfloat16().float()))
     assert rounded <= len(ref) // 8, f"{rounded} of {len(ref)} exported tensors are bf16 values"

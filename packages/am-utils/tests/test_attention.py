@@ -282,3 +282,75 @@ def test_varlen_padded_decode_is_bottom_right():
     assert got.attn_mask_type == "padding_causal_bottom_right"
     assert got.cu_seqlens_q.tolist() == [0, 1, 2] and got.cu_seqlens_kv.tolist() == [0, 3, 7]
     assert build_varlen_seqs(4, 4, 2, None, None) is None
+
+
+def _packed(docs: list[list[int]]) -> torch.Tensor:
+    """build_attention_mask of packed rows given as document lengths per row."""
+    seq_idx = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in docs])
+    return build_attention_mask(seq_idx.shape[1], seq_idx.shape[1], None, seq_idx)
+
+
+@pytest.mark.parametrize(
+    "docs", [[[3, 1, 5, 3], [6, 6]], [[12]], [[1, 11]]], ids=["two-rows", "one-doc", "broadcast"]
+)
+def test_sdpa_runs_packed_documents_one_by_one_exactly(docs, monkeypatch):
+    """A packed-documents mask takes one causal SDPA call per document (in fp64 equal to the
+    dense reference, forward and gradients); the segments are read from the mask exactly."""
+    import am_utils.attention as attention
+
+    mask = _packed(docs)
+    batch = 3 if len(docs) == 1 else len(docs)  # one mask row broadcast over 3 batch rows
+    q, k, v = (t.requires_grad_() for t in _qkv(batch=batch, q_len=12, kv_len=12))
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append((args[0].shape[:3], kwargs.get("attn_mask"), kwargs["is_causal"]))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+    out = _kernel("sdpa")(q, k, v, mask)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * weights).sum().backward()
+    got = [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = _reference(q, k, v, mask, D**-0.5)
+    (want * weights).sum().backward()
+    for a, b in zip(got, [want.detach()] + [t.grad for t in (q, k, v)], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    bounds = [[0, *torch.tensor(row).cumsum(0).tolist()] for row in docs]
+    assert attention._causal_segments(mask, 12, 12) == bounds
+    sizes = [e - s for row in bounds for s, e in zip(row, row[1:], strict=False)]
+    assert [c[0][2] for c in calls] == sizes  # one call per document, its length of queries
+    assert all(m is None and causal for _, m, causal in calls)
+
+
+@pytest.mark.parametrize(
+    "case", ["padded", "reappearing", "not causal", "additive", "decode", "window"]
+)
+def test_other_masks_keep_the_dense_sdpa_call(case):
+    """Only an exact packed-documents mask is split: every other pattern is one dense call,
+    equal to the reference."""
+    import am_utils.attention as attention
+
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 0]])  # document 0 comes back: one mask over both
+    masks = {
+        "padded": build_attention_mask(6, 6, torch.tensor([[0, 1, 1, 1, 1, 1]]).bool(), None),
+        "reappearing": build_attention_mask(6, 6, None, seq_idx),
+        "not causal": torch.ones(1, 1, 6, 6, dtype=torch.bool),
+        "additive": to_additive_mask(_packed([[2, 4]]), torch.float64),
+        "decode": torch.ones(1, 1, 1, 6, dtype=torch.bool),
+        "window": _packed([[2, 4]]),
+    }
+    mask = masks[case]
+    q_len = mask.shape[2]
+    assert attention._causal_segments(mask, q_len, 6) is None or case == "window"
+    window = 2 if case == "window" else None
+    q, k, v = _qkv(batch=1, q_len=q_len, kv_len=6)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    if window is not None:
+        allowed = allowed & causal_mask(q_len, 6, sliding_window=window)
+    with torch.no_grad():
+        got = _kernel("sdpa", sliding_window=window)(q, k, v, mask)
+    torch.testing.assert_close(got, _reference(q, k, v, allowed, D**-0.5), rtol=1e-10, atol=1e-10)

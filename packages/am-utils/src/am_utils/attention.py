@@ -7,7 +7,9 @@ A model projects q/k/v itself and hands them, [B, H, S, Dh] with grouped-query k
 - "sdpa", "eager", "flex" run on CPU and read a dense mask: None (plain causal, the
   queries being the last Q of the K key positions) or [B or 1, 1, Q, K], bool (True = may
   attend) or additive float (0 = attend, a large negative value = blocked), as built by
-  `am_utils.masks`;
+  `am_utils.masks`. "sdpa" recognises a packed-documents mask (causal within contiguous
+  documents, nothing across them) and on CPU runs one causal SDPA call per document: the same
+  softmax over the same keys, without the [Q, K] scores between documents;
 - "te" (Transformer Engine's DotProductAttention; CUDA and the `te` extra) reads sequence
   boundaries instead: `VarlenSeqs` for packed / padded batches (`build_varlen_seqs`),
   None for plain causal.
@@ -20,6 +22,7 @@ softmax scale (head_dim**-0.5 by default; Gemma-style pre-normed queries pass 1.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,8 +89,78 @@ def _windowed(mask: torch.Tensor | None, q_len: int, k_len: int, window: int | N
     return mask.masked_fill(~inside, torch.finfo(mask.dtype).min)
 
 
+# At most this many segments per call are run one by one (a Python loop of SDPA calls);
+# beyond it the dense masked call is taken.
+_MAX_SEGMENTS = 1024
+_segments_cache: tuple = (None, -1, None)  # (weakref to the mask, its _version, segments)
+
+
+def _causal_segments(mask: torch.Tensor, q_len: int, k_len: int) -> list[list[int]] | None:
+    """Per mask row, the boundaries [0, s1, ..., S] of contiguous segments when the bool mask
+    [B or 1, 1, S, S] is exactly causal within each segment and blocked across them (packed
+    documents, `build_attention_mask(seq_idx=...)` without padding); otherwise None.
+
+    The check is exact (the mask is rebuilt from the segments and compared), so any other
+    pattern keeps the dense call. The result is cached for the last mask seen (a model
+    shares one mask across its attention layers)."""
+    global _segments_cache
+    if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or q_len != k_len
+            or q_len < 2 or tuple(mask.shape[-2:]) != (q_len, k_len)):  # fmt: skip
+        return None
+    ref, version, segments = _segments_cache
+    if ref is not None and ref() is mask and version == mask._version:
+        return segments
+    allowed = mask[:, 0]
+    first = allowed.to(torch.uint8).argmax(-1)  # [b, S]: the first key each query sees
+    pos = torch.arange(q_len, device=mask.device)
+    is_start = first == pos
+    rebuilt = (pos >= first[:, :, None]) & (pos <= pos[:, None])
+    segments = None
+    # a row's queries share their segment's start: each `first` is the previous one or itself
+    runs = (first[:, 1:] == first[:, :-1]) | is_start[:, 1:]
+    if bool(is_start[:, 0].all() & runs.all()) and torch.equal(rebuilt, allowed):
+        starts = is_start.nonzero().tolist()
+        if len(starts) <= _MAX_SEGMENTS:
+            segments = [[] for _ in range(allowed.shape[0])]
+            for row, start in starts:
+                segments[row].append(start)
+            for bounds in segments:
+                bounds.append(q_len)
+    _segments_cache = (weakref.ref(mask), mask._version, segments)
+    return segments
+
+
+def _sdpa_segments(q, k, v, segments, scale, dropout_p):
+    """SDPA causal within each segment: the work of the documents alone, not of [S, S]."""
+    rows = []
+    for row, bounds in enumerate(segments):
+        b = slice(row, row + 1) if len(segments) > 1 else slice(None)
+        parts = [
+            F.scaled_dot_product_attention(
+                q[b, :, s:e],
+                k[b, :, s:e],
+                v[b, :, s:e],
+                scale=scale,
+                is_causal=True,
+                enable_gqa=q.shape[1] != k.shape[1],
+                dropout_p=dropout_p,
+            )  # fmt: skip
+            for s, e in zip(bounds, bounds[1:], strict=False)
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 def _sdpa(q, k, v, *, mask, scale, dropout_p, sliding_window=None, varlen=None, te_module=None):
     q_len, k_len = q.shape[2], k.shape[2]
+    if mask is not None and sliding_window is None and q.device.type == "cpu":
+        # A packed-documents mask: SDPA per document, causal (CPU SDPA with a dense mask
+        # computes all S*S scores; per document it is the sum of the documents' squares,
+        # halved by the causal skip). Same softmax over the same keys. CPU only: reading the
+        # segments is a host sync, and on CUDA packed rows take attn="te" (THD boundaries).
+        segments = _causal_segments(mask, q_len, k_len)
+        if segments is not None:
+            return _sdpa_segments(q, k, v, segments, scale, dropout_p)
     mask = _windowed(mask, q_len, k_len, sliding_window, q.device)
     if mask is None and q_len != k_len and q_len != 1:
         mask = causal_mask(q_len, k_len, device=q.device)
