@@ -43,16 +43,18 @@ automodel vs bare within 5.6e-8 relative over 40 steps; model fwd+bwd 1.32x; opt
 0.9% of a step (fused AdamW: 3.3 vs 13.1 ms for the per-tensor loop). The in-process A/B of
 automodel's `_train_step` against the bare step on the same batches, before this layout (both
 on the per-tensor AdamW), gave 1.6% overhead (load ~3).
-Measured 2026-12-02 01:13-01:20 (1 thread, CPU seconds, `--steps 20`), before and after sdpa
-ran packed-document masks one document at a time (the old dense path forced by replacing
-`am_utils.attention._causal_segments` with `lambda *a: None`):
+Measured 2026-12-02 (1 thread, CPU seconds, `--steps 20`), before and after sdpa ran
+packed-document masks one document at a time (the old dense path forced by replacing
+`am_utils.attention._causal_segments` with `lambda *a: None`), two pairs:
 
-  | run | load start -> end | automodel tok/s | Trainer tok/s | / Trainer (paired) | model fwd+bwd |
-  |---|---|---|---|---|---|
-  | dense mask | 3.8 -> 3.9 | 4,875 | 3,799 | 1.283 (1.267) | 1.347 |
-  | per document | 6.4 -> 5.1 | 6,449 | 3,930 | 1.641 (1.682) | 1.746 |
+  | run (UTC) | load start -> end | automodel tok/s | Trainer tok/s | / Trainer (paired) | model fwd+bwd | / bare |
+  |---|---|---|---|---|---|---|
+  | dense mask, 01:17 | 3.8 -> 3.9 | 4,875 | 3,799 | 1.283 (1.267) | 1.347 | 0.974 |
+  | per document, 01:13 | 6.4 -> 5.1 | 6,449 | 3,930 | 1.641 (1.682) | 1.746 | 0.969 |
+  | per document, 01:35 | 2.7 -> 2.6 | 7,673 | 4,288 | 1.789 (1.793) | 1.792 | 0.975 |
+  | dense mask, 01:37 | 2.6 -> 2.8 | 5,493 | 4,349 | 1.263 (1.261) | 1.455 | 0.949 |
 
-automodel / bare 0.974 and 0.969 (twin / bare 1.037 and 1.016).
+The twin / bare noise ratio was 0.98-1.04 in these runs.
 `--quick` (smoke run in tests/test_bench.py): the tiny-nemotron-h preset, 128-token rows.
 """
 
