@@ -2,14 +2,17 @@
 
 One run prints:
 
-1. the machine's dense matmul rate (one large fp32 and bf16 matmul, GFLOP/s): the ceiling;
-   and beside it the rate of the experts' six forward+backward matmuls alone at the bench's
-   per-expert shape (smaller matmuls run below the dense rate; this says how far);
+1. the machine's dense matmul rate (one large fp32 and bf16 matmul, GFLOP/s): the ceiling,
+   in fp32 the faster of torch.mm and oneDNN's GEMM (on AMD AVX-512 CPUs oneDNN runs about
+   2x MKL's rate; `am_moe.experts.cpu_matmul`); and beside it the rate of the experts' six
+   forward+backward matmuls alone at the bench's per-expert shape, on the kernel our
+   experts run (smaller matmuls run below the dense rate; this says how far);
 2. forward and forward+backward of the routed experts at one shape (default: 4096 tokens,
    dim 1024, expert hidden 512, 32 experts, top-4, relu2; `--activation geglu` for Gemma 4's
    gelu_pytorch_tanh(gate) * up) for our "torch" and "torch_mm" backends and for
    transformers' experts module of that activation (`NemotronHExperts`, `Gemma4TextExperts`)
-   with the same weights and routing, in its "grouped_mm" and "eager" implementations:
+   with the same weights and routing, in its "grouped_mm" and "eager" implementations
+   (and "ours torch.mm": torch_mm with its matmuls on torch.mm, where they default to oneDNN):
    milliseconds, tokens/s, GFLOP/s on the
    active FLOPs, fraction of the ceiling, ratios to transformers, and the bytes each keeps
    alive for backward;
@@ -38,6 +41,7 @@ from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_averag
 from am_dtype.backend import BackendConfig
 from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
+from am_moe.experts.cpu_matmul import onednn_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Expert activations benchmarked, each against the transformers experts module that uses it:
@@ -148,15 +152,30 @@ def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExpe
 
 
 def _build(shape: Shape, dtype: torch.dtype):
+    """The four implementations, plus "ours torch.mm" (torch_mm with its matmuls on torch.mm)
+    where the experts' fp32 matmuls default to oneDNN (`am_moe.experts.cpu_matmul`)."""
     torch.manual_seed(0)
     base, base_fwd = _ours(shape, dtype, "torch_mm", None)
     impls = {"ours torch_mm": (base, base_fwd)}
     impls["ours torch"] = _ours(shape, dtype, "torch", base)
     impls["hf grouped_mm"] = _transformers(shape, dtype, "grouped_mm", base)
     impls["hf eager"] = _transformers(shape, dtype, "eager", base)
-    return {
-        name: impls[name] for name in ("ours torch", "ours torch_mm", "hf eager", "hf grouped_mm")
-    }
+    names = ["ours torch", "ours torch_mm", "hf eager", "hf grouped_mm"]
+    if _expert_matmul_kind(dtype) != "torch":
+        module, fwd = _ours(shape, dtype, "torch_mm", base)
+        module.cpu_matmul = "torch"
+        impls["ours torch.mm"] = (module, fwd)
+        names.insert(2, "ours torch.mm")
+    return {name: impls[name] for name in names}
+
+
+def _expert_matmul_kind(dtype: torch.dtype) -> str:
+    """The matmul kernel our experts' one-thread loop runs in `dtype` ("torch" or "onednn")."""
+    from am_moe.experts import cpu_matmul
+
+    if torch.get_num_threads() != 1:
+        return "torch"  # the "padded" layout (torch.bmm) runs above one thread
+    return cpu_matmul.resolve(GroupedExperts.cpu_matmul, dtype)
 
 
 def _inputs(shape: Shape, dtype: torch.dtype):
@@ -206,17 +225,22 @@ def _saved_bytes(forward, inputs) -> int:
     return sum(storages.values())
 
 
-def _matmul(n: int, dtype: torch.dtype) -> Callable[[], None]:
+def _matmul(n: int, dtype: torch.dtype, kind: str = "torch") -> Callable[[], None]:
+    from am_moe.experts.cpu_matmul import mm
+
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    return lambda: torch.mm(a, b)
+    return lambda: mm(a, b, kind)
 
 
 def _expert_matmuls(shape: Shape, dtype: torch.dtype) -> Callable[[], None]:
     """The six matmuls of the experts' forward+backward at the bench's per-expert shape
     (tokens * top_k / experts rows per expert), expert by expert, into preallocated outputs:
     the matmul work of the experts with nothing else (no activation, routing, allocation).
-    The forward's weights are in the layout am-moe's kernels give them (`_matmul_operand`)."""
+    The forward's weights are in the layout am-moe's kernels give them (`_matmul_operand`),
+    and the matmuls run on the kernel the experts' loop runs (`_expert_matmul_kind`; oneDNN's
+    products have no out= form and are returned, not copied)."""
+    from am_moe.experts.cpu_matmul import mm
     from am_moe.experts.rows import _matmul_operand
 
     e, d, f = shape.experts, shape.dim, shape.inter
@@ -233,8 +257,14 @@ def _expert_matmuls(shape: Shape, dtype: torch.dtype) -> Callable[[], None]:
     out_h, out_y, out_ga, out_dx = rand(rows, f2), rand(rows, d), rand(rows, f), rand(rows, d)
     grad_up, grad_down = rand(e, d, f2), rand(e, f, d)
 
+    kind = _expert_matmul_kind(dtype)
+
     def run() -> None:
         for i in range(e):
+            if kind != "torch":
+                mm(x, up_fwd[i], kind), mm(a, down_fwd[i], kind), mm(a.t(), dy, kind)
+                mm(dy, w_down[i].t(), kind), mm(x.t(), h, kind), mm(h, w_up[i].t(), kind)
+                continue
             torch.mm(x, up_fwd[i], out=out_h)
             torch.mm(a, down_fwd[i], out=out_y)
             torch.mm(a.t(), dy, out=grad_down[i])
@@ -285,11 +315,14 @@ def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int, clock: str
     for dname in dtypes:
         dtype = DTYPES[dname]
         cases[f"matmul {dname}"] = (_matmul(matmul_n, dtype), None)
+        if dtype == torch.float32 and onednn_available():
+            cases[f"matmul onednn {dname}"] = (_matmul(matmul_n, dtype, "onednn"), None)
         cases[f"expert matmuls {dname}"] = (_expert_matmuls(shape, dtype), None)
         impls = _build(shape, dtype)
         inputs = _inputs(shape, dtype)
         diff = _check_agreement(impls, inputs, dtype)
-        print(f"[{dname}] all four implementations agree: max |diff| {diff:.2e}")
+        extra = " (and ours torch.mm)" if "ours torch.mm" in impls else ""
+        print(f"[{dname}] all four implementations agree{extra}: max |diff| {diff:.2e}")
         for name, (module, fwd) in impls.items():
             for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                 key = f"{name} {dname} {mode}"
@@ -299,8 +332,15 @@ def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int, clock: str
     medians = _time_interleaved(cases, repeats, clock)
     results["load_after"] = load_average()
     results["expert_rate"] = {}
+    results["ceilings"] = {}
     for dname in dtypes:
-        results["ceiling"][dname] = 2.0 * matmul_n**3 / medians[f"matmul {dname}"] / 1e9
+        # The machine's ceiling is the faster of the dense kernels torch has here.
+        kernels = {"torch.mm": medians[f"matmul {dname}"]}
+        if f"matmul onednn {dname}" in medians:
+            kernels["oneDNN"] = medians[f"matmul onednn {dname}"]
+        rates = {k: 2.0 * matmul_n**3 / t / 1e9 for k, t in kernels.items()}
+        results["ceilings"][dname] = rates
+        results["ceiling"][dname] = max(rates.values())
         seconds = medians[f"expert matmuls {dname}"]
         results["expert_rate"][dname] = 3 * shape.active_flops / seconds / 1e9
     for key, (name, dname, mode, saved) in meta.items():
@@ -332,11 +372,13 @@ def report(results: dict, shape: Shape, threads: int, repeats: int, clock: str =
         note = ""
         if dname == "bf16":
             note = "  (both operands row-major: on CPUs without native bf16 ~10x below x @ W.T)"
-        print(f"ceiling: dense matmul {dname}: {rate:8.1f} GFLOP/s{note}")
+        kernels = ", ".join(f"{k} {r:.1f}" for k, r in results["ceilings"][dname].items())
+        print(f"ceiling: dense matmul {dname}: {rate:8.1f} GFLOP/s (faster of: {kernels}){note}")
         expert_rate = results["expert_rate"][dname]
+        kind = "oneDNN" if _expert_matmul_kind(DTYPES[dname]) == "onednn" else "torch.mm"
         print(
             f"         the experts' 6 fwd+bwd matmuls alone, {dname}, {rows_per_expert} rows per "
-            f"expert, outputs preallocated: {expert_rate:8.1f} GFLOP/s "
+            f"expert, on {kind}, outputs preallocated: {expert_rate:8.1f} GFLOP/s "
             f"({100 * expert_rate / rate:.1f}% of the dense ceiling)"
         )
     header = (

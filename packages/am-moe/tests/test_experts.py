@@ -12,8 +12,11 @@ from am_dtype.backend import BackendConfig
 from am_moe.config import EXPERT_ACTIVATIONS, MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
 from am_moe.experts import GroupedExperts, apply_activation, run_experts
+from am_moe.experts.cpu_matmul import onednn_available
 
 # "torch_mm/<layout>": the fused single-device path with each CPU row layout;
+# "torch_mm/per_expert/<matmul>": the expert-by-expert layout with each fp32 matmul kernel
+# (`cpu_matmul`; "onednn" only where this torch has it);
 # "torch_mm/dispatch": the grouped-mm kernel behind the dispatch -> run_experts -> combine
 # contract (the expert-parallel path).
 CPU_IMPLS = (
@@ -21,7 +24,11 @@ CPU_IMPLS = (
     "torch_mm/split",
     "torch_mm/padded",
     "torch_mm/grouped",
-    "torch_mm/per_expert",
+    "torch_mm/per_expert/torch",
+    pytest.param(
+        "torch_mm/per_expert/onednn",
+        marks=pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN"),
+    ),
     "torch_mm/dispatch",
 )
 
@@ -51,9 +58,12 @@ def _experts(config, impl) -> GroupedExperts:
     module = GroupedExperts(config, BackendConfig(experts=impl.split("/")[0]))
     if impl.endswith("/dispatch"):
         module.dispatcher = _ContractDispatcher(config.n_routed_experts)
-    if impl.split("/")[-1] in ("split", "padded", "grouped", "per_expert"):
-        module.cpu_layout = impl.split("/")[-1]
+    parts = impl.split("/")
+    if len(parts) > 1 and parts[1] in ("split", "padded", "grouped", "per_expert"):
+        module.cpu_layout = parts[1]
         module.max_padding = 1e9  # "padded" even when loads are uneven
+    if len(parts) > 2:
+        module.cpu_matmul = parts[2]
     module.init_weights(torch.device("cpu"), init_std=0.3)
     if config.expert_bias:
         with torch.no_grad():
@@ -439,3 +449,60 @@ def test_per_expert_layout_equals_grouped_in_float64(activation, reuse):
         torch.testing.assert_close(gp_b[name], grad, **tol, msg=name)
         assert torch.all(gp_b[name][3] == 0), name
         assert gp_b[name][[0, 1, 2, 4]].abs().sum() > 0, name
+
+
+def test_cpu_matmul_choice_follows_the_cpu_and_rejects_unknown_names(monkeypatch):
+    """cpu_matmul="auto" takes oneDNN only in fp32 on a non-Intel AVX-512 CPU (where MKL runs AVX2
+    kernels), torch.mm otherwise; other dtypes always torch.mm; unknown names are refused."""
+    from am_moe.experts import cpu_matmul
+
+    cases = [
+        ("AuthenticAMD", "AVX512", "onednn"),
+        ("GenuineIntel", "AVX512", "torch"),
+        ("AuthenticAMD", "AVX2", "torch"),
+        ("", "AVX512", "torch"),
+    ]
+    for vendor, isa, expected in cases:
+        cpu_matmul._auto.cache_clear()
+        monkeypatch.setattr(cpu_matmul, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda i=isa: i)
+        monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: True)
+        assert cpu_matmul.resolve("auto", torch.float32) == expected, (vendor, isa)
+        assert cpu_matmul.resolve("auto", torch.float64) == "torch"
+        assert cpu_matmul.resolve("onednn", torch.bfloat16) == "torch"
+    cpu_matmul._auto.cache_clear()
+    monkeypatch.undo()
+    assert cpu_matmul.resolve("torch", torch.float32) == "torch"
+    with pytest.raises(ValueError, match=r"cpu_matmul='mkl'.*accepted"):
+        cpu_matmul.resolve("mkl", torch.float32)
+    module = _experts(_config("relu2", e=4), "torch_mm/per_expert")
+    module.cpu_matmul = "blas"
+    weights, indices = _routing(6, 4, 2)
+    with pytest.raises(ValueError, match="cpu_matmul='blas'"):
+        module(torch.randn(6, 16), torch.ones(6, dtype=torch.bool), weights, indices)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("activation", ["geglu", "relu2"])
+def test_per_expert_onednn_matmuls_at_blocked_shapes(activation):
+    """The oneDNN matmuls at sizes where it runs its blocked (brgemm) kernels, not the
+    tiny-shape path of the other tests: fp32 output and every gradient against float64, to
+    1e-5 relative plus 2e-6 of the largest entry (sums of 64-128 terms), the same bound
+    the torch.mm run meets."""
+    config = _config(activation, e=4, k=2, d=128, f=64, bias=True)
+    x = torch.randn(96, 128, generator=torch.Generator().manual_seed(11))
+    weights, indices = _routing(96, 4, 2, seed=12)
+    mask = torch.ones(96, dtype=torch.bool)
+    upstream = torch.linspace(-1, 1, 128)
+    for kind in ("torch", "onednn"):
+        module = _experts(config, f"torch_mm/per_expert/{kind}")
+        xl, wl = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        y = module(xl, mask, wl, indices)
+        (y * upstream).sum().backward()
+        ref, rx, rw, rparams = _dense_reference(module, xl, wl, indices, mask)
+        (ref * upstream.double()).sum().backward()
+        pairs = [(y, ref), (xl.grad, rx.grad), (wl.grad, rw.grad)]
+        pairs += [(p.grad, rparams[n].grad) for n, p in module.named_parameters()]
+        for got, want in pairs:
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * scale)

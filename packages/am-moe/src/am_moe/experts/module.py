@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from am_dtype.dtensor import to_local as _local
 from am_moe.config import MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
+from am_moe.experts import cpu_matmul
 from am_moe.experts.activations import ACTIVATIONS
 from am_moe.experts.autograd import _LocalMoE
 from am_moe.experts.kernels import run_experts
@@ -57,6 +58,9 @@ class GroupedExperts(nn.Module):
     # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
     cpu_layout: str = "auto"
     max_padding: float = 0.125
+    # The fp32 matmul of the "per_expert" layout: "torch" (torch.mm), "onednn", or "auto"
+    # (oneDNN where MKL lacks this CPU's AVX-512 kernels; see `cpu_matmul`).
+    cpu_matmul: str = "auto"
     # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
     # by all layers (see `_Workspace`) instead of allocating them on every call, and put the
     # large tensors that outlive a call (saved pre-activation, weight gradients, outputs) on
@@ -143,8 +147,11 @@ class GroupedExperts(nn.Module):
         if token_mask_T is None:
             token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
         layout = resolve_layout(self.cpu_layout, weights[0].dtype)
+        matmul = "torch"
+        if x_TD.device.type == "cpu":
+            matmul = cpu_matmul.resolve(self.cpu_matmul, weights[0].dtype)
         plan = _routing_plan(
-            indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding
+            indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding, matmul
         )
         act = partial(
             ACTIVATIONS[self.expert_activation],

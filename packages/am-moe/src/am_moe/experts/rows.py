@@ -131,8 +131,9 @@ class _GroupedRows:
 class _PerExpertRows:
     """Layout of N rows grouped by expert, run expert by expert (`blocks._blocks_forward`)."""
 
-    def __init__(self, counts_L: Tensor) -> None:
+    def __init__(self, counts_L: Tensor, matmul: str = "torch") -> None:
         self.num_groups = counts_L.numel()
+        self.matmul = matmul  # the fp32 matmul kernel, "torch" or "onednn" (`cpu_matmul`)
         ends = torch.cumsum(counts_L, 0).tolist()
         bounds = list(enumerate(zip([0, *ends[:-1]], ends, strict=True)))
         # (expert, first row, end row) of every expert that has rows.
@@ -321,10 +322,16 @@ def _token_rows(keep: Tensor, pair_N: Tensor, slot_N: Tensor | None, k: int):
 
 
 def _routing_plan(
-    indices_TK, token_mask_T, num_experts: int, layout: str, max_padding: float = 0.125
+    indices_TK,
+    token_mask_T,
+    num_experts: int,
+    layout: str,
+    max_padding: float = 0.125,
+    matmul: str = "torch",
 ) -> _Plan:
     """Sort the (token, k) pairs by expert and lay the rows out as `layout` (on CPU; "auto"
-    is resolved by `resolve_layout` for float32)."""
+    is resolved by `resolve_layout` for float32); "per_expert" runs its matmuls by the
+    resolved kernel `matmul` ("torch" or "onednn", `cpu_matmul.resolve`)."""
     if layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout={layout!r} is not supported; accepted: {list(CPU_LAYOUTS)}")
     layout = resolve_layout(layout, torch.float32)
@@ -345,7 +352,7 @@ def _routing_plan(
     if not on_cpu or n == 0 or layout == "grouped":
         plan = _Plan(row_N, pair_N, None, _GroupedRows(counts_L, indices_TK.device))
     elif layout == "per_expert":
-        plan = _Plan(row_N, pair_N, None, _PerExpertRows(counts_L))
+        plan = _Plan(row_N, pair_N, None, _PerExpertRows(counts_L, matmul))
     else:
         group_N = sorted_key[:n]
         rank_N = torch.arange(n) - (torch.cumsum(counts_L, 0) - counts_L).index_select(0, group_N)
