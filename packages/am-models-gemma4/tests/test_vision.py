@@ -187,8 +187,11 @@ def test_packed_block_masks_through_flex_equal_dense_masks_through_sdpa(saved):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         model.zero_grad()
     assert grads[0].keys() == grads[1].keys()
+    # 1e-4 as the other gradient checks here: the vision tower's attention gradients carry
+    # ~4e-5 of fp32 rounding against an fp64 run with either kernel (measured: sdpa's chunked
+    # GEMMs 4.3e-5, flex 4.1e-5), so two fp32 kernels can differ by that much.
     for name, grad in grads[0].items():
-        assert rel_err(grads[1][name], grad) <= 1e-5, name
+        assert rel_err(grads[1][name], grad) <= 1e-4, name
     with pytest.raises(ValueError, match="BlockMask needs attn='flex'"):
         ours(ids, attention_mask=blocks, **extra)
 

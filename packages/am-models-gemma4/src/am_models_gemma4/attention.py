@@ -16,8 +16,10 @@ plumbing:
   the layer's mask must be exactly causal (and windowed on sliding layers) over the real
   tokens of a padded batch, which is checked against the 2D padding mask (`_TEBoundaries`);
   any other pattern (image blocks, packed documents, a custom 4D mask) is an error naming
-  the kernels that take it, never attended wrongly. On CPU, "sdpa" with a bool mask runs
-  per query chunk over the keys the chunk may see (`am_models_gemma4.windowed`);
+  the kernels that take it, never attended wrongly. On CPU, "sdpa" runs per query chunk
+  over the keys the chunk may see: in fp32 on oneDNN GEMMs (causal or a bool mask,
+  `am_models_gemma4.gemm_attention`), else through sdpa with a bool mask
+  (`am_models_gemma4.windowed`);
 - K/V sharing (E2B/E4B): a "reuse" layer reads its source layer's K/V from the per-forward
   `shared_kv_states` store, a "store" layer writes it, as transformers does;
 - context parallelism: after `setup_cp_attention` (`_am_cp_group` set) the ring attention
@@ -36,6 +38,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
 from am_dtype.dtypes import config_dtype
+from am_models_gemma4.gemm_attention import gemm_attention
 from am_models_gemma4.norm import FusedGemma4RMSNorm
 from am_models_gemma4.onednn import OneDNNLinear
 from am_models_gemma4.windowed import chunked_masked_attention
@@ -222,6 +225,11 @@ class Gemma4Attention(Gemma4TextAttention):
             )
         if mask is not None and self.attn_backend == "eager" and mask.dtype == torch.bool:
             mask = to_additive_mask(mask, q.dtype)
+        if self.attn_backend == "sdpa":
+            # CPU fp32: the attention's GEMMs on oneDNN, per query chunk over its key range.
+            out = gemm_attention(q, k, v, mask, self.scaling, self._dropout_active())
+            if out is not None:
+                return out
         if mask is not None and self.attn_backend == "sdpa" and not self._dropout_active():
             # CPU: skip the key blocks a query chunk cannot see (sliding windows, padding).
             out = chunked_masked_attention(self.kernel, q, k, v, mask)
