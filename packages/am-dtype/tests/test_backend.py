@@ -296,7 +296,9 @@ def test_to_dict_round_trips_through_the_constructor():
 
 def test_torch_linear_module():
     lin = initialize_linear_module("torch", 4, 3, bias=True, dtype=torch.float32)
-    assert type(lin) is nn.Linear and lin.weight.shape == (3, 4) and lin.bias is not None
+    # A CpuGemmLinear is an nn.Linear with nn.Linear's parameters and state dict.
+    assert isinstance(lin, nn.Linear) and lin.weight.shape == (3, 4) and lin.bias is not None
+    assert list(lin.state_dict()) == list(nn.Linear(4, 3).state_dict()) and lin.cpu_gemm == "auto"
     assert lin.weight.dtype == torch.float32
     meta = initialize_linear_module("torch", 4, 3, device="meta")
     assert meta.weight.is_meta and meta.weight.dtype == torch.bfloat16 and meta.bias is None

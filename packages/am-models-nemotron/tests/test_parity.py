@@ -7,6 +7,7 @@ import torch
 from _nemotron_helpers import cpu_backend, randomize_hf, rel_err, tiny_config
 from transformers import NemotronHForCausalLM as HFNemotronH
 
+from am_dtype.cpu_gemm import CpuGemmLinear, onednn_available
 from am_models_nemotron import NemotronHForCausalLM
 
 TOL = 1e-4
@@ -30,9 +31,16 @@ def _batch(seed=1, batch=2, seq=19):
     return ids, labels
 
 
-def test_logits_loss_and_every_gradient_match(saved):
+@pytest.mark.parametrize("cpu_gemm", ["torch", "onednn"])
+def test_logits_loss_and_every_gradient_match(saved, cpu_gemm):
+    if cpu_gemm == "onednn" and not onednn_available():
+        pytest.skip("torch built without oneDNN")
     hf, path = saved
-    ours = NemotronHForCausalLM.from_pretrained(path, backend=cpu_backend())
+    ours = NemotronHForCausalLM.from_pretrained(path, backend=cpu_backend(cpu_gemm=cpu_gemm))
+    # BackendConfig.cpu_gemm reaches every projection (lm_head, Mamba, attention, MLP, experts').
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) > 5 and all(isinstance(m, CpuGemmLinear) for m in linears)
+    assert {m.cpu_gemm for m in linears} == {cpu_gemm}
     ids, labels = _batch()
     ref = hf(ids, labels=labels)
     out = ours(ids, labels=labels)

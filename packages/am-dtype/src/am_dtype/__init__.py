@@ -30,6 +30,7 @@ from am_dtype.cast import (
     enforce_strict_fp32,
     yield_fp32_model,
 )
+from am_dtype.cpu_gemm import CPU_GEMM_CHOICES, CpuGemmLinear, cpu_linear, cpu_mm
 from am_dtype.dtensor import full_tensor, to_local
 from am_dtype.dtypes import DTYPE_ALIASES, config_dtype, resolve_dtype
 from am_dtype.fp8 import (
@@ -67,6 +68,8 @@ __all__ = [
     "LINEAR_CHOICES",
     "RMS_NORM_CHOICES",
     "BackendConfig",
+    "CPU_GEMM_CHOICES",
+    "CpuGemmLinear",
     "DTYPE_ALIASES",
     "Float32RMSNorm",
     "TEFp8Config",
@@ -74,6 +77,8 @@ __all__ = [
     "cast_mixed_dtype_params_to_bf16",
     "cast_model_to_dtype",
     "config_dtype",
+    "cpu_linear",
+    "cpu_mm",
     "enforce_strict_fp32",
     "full_tensor",
     "fp8_autocast",

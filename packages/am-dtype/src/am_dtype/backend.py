@@ -21,6 +21,7 @@ from am_dtype import fp8 as _fp8
 
 # Re-exported here; `_REQUIREMENTS` reads them by name when a config is built.
 from am_dtype.availability import HAVE_DEEP_EP, HAVE_GMM, HAVE_TE, HAVE_UCCL_EP  # noqa: F401
+from am_dtype.cpu_gemm import CPU_GEMM_CHOICES, CpuGemmLinear, check_cpu_gemm
 from am_dtype.dtypes import resolve_dtype
 from am_dtype.fp8 import TEFp8Config
 from am_dtype.validation import check_bool, check_float, check_int
@@ -91,6 +92,7 @@ _CHOICE_FIELDS = {
     "rms_norm": RMS_NORM_CHOICES,
     "experts": EXPERTS_CHOICES,
     "dispatcher": DISPATCHER_CHOICES,
+    "cpu_gemm": CPU_GEMM_CHOICES,
 }
 
 
@@ -128,6 +130,9 @@ class BackendConfig:
       (`am_dtype.fp8.fp8_autocast`); needs TE and `linear="te"`.
     - `gate_precision`: router math dtype (a dtype or a string such as "float32").
     - `compile_attn`: `torch.compile` the attention kernel.
+    - `cpu_gemm`: the fp32 CPU GEMM of `linear="torch"` layers and of the routed experts'
+      CPU path: "torch" (MKL), "onednn", or "auto" (oneDNN where MKL lacks this CPU's
+      AVX-512 kernels; see `am_dtype.cpu_gemm`). No effect on CUDA or in bf16.
     """
 
     attn: Literal["te", "sdpa", "flex", "eager", "tilelang"] = "te" if HAVE_TE and _CUDA else "sdpa"
@@ -149,6 +154,7 @@ class BackendConfig:
     te_fp8: TEFp8Config | None = None
     gate_precision: str | torch.dtype | None = None
     compile_attn: bool = False
+    cpu_gemm: Literal["auto", "torch", "onednn"] = "auto"
 
     def __post_init__(self) -> None:
         if self.enable_deepep is not None:
@@ -164,6 +170,8 @@ class BackendConfig:
         self._check_rope_fusion()
         self._check_async_dispatch()
         self._check_te_fp8()
+        if self.cpu_gemm == "onednn":
+            check_cpu_gemm(self.cpu_gemm)
         if self.compile_attn and self.attn == "te":
             raise ValueError(
                 "BackendConfig.compile_attn=True cannot be combined with attn='te': Transformer "
@@ -255,14 +263,19 @@ def initialize_linear_module(
     bias: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    cpu_gemm: str = "auto",
 ) -> torch.nn.Module:
     """Build a linear layer with the named backend ("torch" or "te").
 
-    A TE module created on the meta device is materialized by its
-    `reset_parameters()`.
+    "torch" builds an `nn.Linear` (a `CpuGemmLinear`: same parameters and state dict) whose
+    fp32 CPU GEMMs run on the kernel `cpu_gemm` names (`BackendConfig.cpu_gemm`); a TE module
+    created on the meta device is materialized by its `reset_parameters()`.
     """
     if linear_impl == "torch":
-        return torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        return CpuGemmLinear(
+            in_features, out_features, bias=bias, device=device, dtype=dtype, cpu_gemm=cpu_gemm
+        )
     if linear_impl == "te":
         if not HAVE_TE:
             raise ImportError(f"linear_impl='te' needs transformer_engine; {_TE_INSTALL}")

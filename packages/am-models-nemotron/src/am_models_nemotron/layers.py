@@ -89,6 +89,7 @@ class NemotronMLP(MLP):
             config_dtype(config),
             activation="relu2",
             bias=config.mlp_bias,
+            cpu_gemm=backend.cpu_gemm,
         )
 
 
@@ -117,11 +118,19 @@ class NemotronAttention(nn.Module):
         )
         dtype, bias, hidden = config_dtype(config), config.attention_bias, config.hidden_size
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        lin = backend.linear
-        self.q_proj = initialize_linear_module(lin, hidden, q_dim, bias=bias, dtype=dtype)
-        self.k_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
-        self.v_proj = initialize_linear_module(lin, hidden, kv_dim, bias=bias, dtype=dtype)
-        self.o_proj = initialize_linear_module(lin, q_dim, hidden, bias=bias, dtype=dtype)
+        lin, gemm = backend.linear, backend.cpu_gemm
+        self.q_proj = initialize_linear_module(
+            lin, hidden, q_dim, bias=bias, dtype=dtype, cpu_gemm=gemm
+        )
+        self.k_proj = initialize_linear_module(
+            lin, hidden, kv_dim, bias=bias, dtype=dtype, cpu_gemm=gemm
+        )
+        self.v_proj = initialize_linear_module(
+            lin, hidden, kv_dim, bias=bias, dtype=dtype, cpu_gemm=gemm
+        )
+        self.o_proj = initialize_linear_module(
+            lin, q_dim, hidden, bias=bias, dtype=dtype, cpu_gemm=gemm
+        )
 
     def forward(
         self,

@@ -123,7 +123,12 @@ class Mamba2Mixer(nn.Module):
         dtype = config_dtype(config)
         proj_size = self.intermediate_size + self.conv_dim + self.num_heads
         self.in_proj = initialize_linear_module(
-            backend.linear, self.hidden_size, proj_size, bias=config.use_bias, dtype=dtype
+            backend.linear,
+            self.hidden_size,
+            proj_size,
+            bias=config.use_bias,
+            dtype=dtype,
+            cpu_gemm=backend.cpu_gemm,
         )
         # nn.Conv1d only for the checkpoint layout ([conv_dim, 1, K]); its forward is never used.
         self.conv1d = nn.Conv1d(
@@ -150,6 +155,7 @@ class Mamba2Mixer(nn.Module):
             self.hidden_size,
             bias=config.use_bias,
             dtype=dtype,
+            cpu_gemm=backend.cpu_gemm,
         )
         if self.A_log.device.type != "meta":
             self.init_weights()

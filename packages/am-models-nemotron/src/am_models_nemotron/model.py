@@ -122,7 +122,12 @@ class NemotronHForCausalLM(
         self.model = NemotronV3Model(config, self.backend, moe_config=moe_config)
         dtype = config_dtype(config)
         self.lm_head = initialize_linear_module(
-            self.backend.linear, config.hidden_size, config.vocab_size, bias=False, dtype=dtype
+            self.backend.linear,
+            config.hidden_size,
+            config.vocab_size,
+            bias=False,
+            dtype=dtype,
+            cpu_gemm=self.backend.cpu_gemm,
         )
         self.mtp = (
             NemotronMTP(config, self.mtp_config, self.backend, self.model.moe_config)

@@ -105,7 +105,12 @@ class NemotronMTPSublayer(NemotronBlock):
             self.enorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
             self.hnorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)
             self.eh_proj = initialize_linear_module(
-                backend.linear, 2 * hidden, hidden, bias=False, dtype=dtype
+                backend.linear,
+                2 * hidden,
+                hidden,
+                bias=False,
+                dtype=dtype,
+                cpu_gemm=backend.cpu_gemm,
             )
         if has_final_norm:
             self.final_layernorm = _rms_norm(backend.rms_norm, hidden, eps=eps, dtype=dtype)

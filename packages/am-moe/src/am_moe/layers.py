@@ -83,6 +83,7 @@ class MLP(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         activation: str = "swiglu",
         bias: bool = False,
+        cpu_gemm: str = "auto",
     ) -> None:
         super().__init__()
         if activation not in _MLP_ACTIVATIONS:
@@ -93,7 +94,9 @@ class MLP(nn.Module):
         self.activation = activation
 
         def linear(n_in: int, n_out: int) -> nn.Module:
-            return initialize_linear_module(backend, n_in, n_out, bias=bias, dtype=dtype)
+            return initialize_linear_module(
+                backend, n_in, n_out, bias=bias, dtype=dtype, cpu_gemm=cpu_gemm
+            )
 
         self.gate_proj = linear(dim, inter_dim) if gated else None
         self.up_proj = linear(dim, inter_dim)
@@ -157,6 +160,7 @@ class MoE(nn.Module):
                 backend.linear,
                 config.dtype,
                 activation=config.shared_expert_activation,
+                cpu_gemm=backend.cpu_gemm,
             )
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.dim, 1, bias=False, dtype=config.dtype)
@@ -164,10 +168,10 @@ class MoE(nn.Module):
         if config.moe_latent_size is not None:
             latent = config.moe_latent_size
             self.fc1_latent_proj = initialize_linear_module(
-                backend.linear, config.dim, latent, dtype=config.dtype
+                backend.linear, config.dim, latent, dtype=config.dtype, cpu_gemm=backend.cpu_gemm
             )
             self.fc2_latent_proj = initialize_linear_module(
-                backend.linear, latent, config.dim, dtype=config.dtype
+                backend.linear, latent, config.dim, dtype=config.dtype, cpu_gemm=backend.cpu_gemm
             )
         self.last_aux_loss: Tensor | None = None
 
