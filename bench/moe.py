@@ -4,7 +4,7 @@ One run prints:
 
 1. the machine's dense matmul rate (one large fp32 and bf16 matmul, GFLOP/s): the ceiling,
    in fp32 the faster of torch.mm and oneDNN's GEMM (on AMD AVX-512 CPUs oneDNN runs about
-   2x MKL's rate; `am_moe.experts.cpu_matmul`); and beside it the rate of the experts' six
+   2x MKL's rate; `am_dtype.cpu_gemm`); and beside it the rate of the experts' six
    forward+backward matmuls alone at the bench's per-expert shape, on the kernel our
    experts run (smaller matmuls run below the dense rate; this says how far);
 2. forward and forward+backward of the routed experts at one shape (default: 4096 tokens,
@@ -39,9 +39,9 @@ import torch
 from _timing import CLOCKS, default_clock, fix_threads, interleaved, load_average
 
 from am_dtype.backend import BackendConfig
+from am_dtype.cpu_gemm import onednn_available
 from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
-from am_moe.experts.cpu_matmul import onednn_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Expert activations benchmarked, each against the transformers experts module that uses it:
@@ -153,7 +153,7 @@ def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExpe
 
 def _build(shape: Shape, dtype: torch.dtype):
     """The four implementations, plus "ours torch.mm" (torch_mm with its matmuls on torch.mm)
-    where the experts' fp32 matmuls default to oneDNN (`am_moe.experts.cpu_matmul`)."""
+    where the experts' fp32 matmuls default to oneDNN (`am_dtype.cpu_gemm`)."""
     torch.manual_seed(0)
     base, base_fwd = _ours(shape, dtype, "torch_mm", None)
     impls = {"ours torch_mm": (base, base_fwd)}
@@ -163,7 +163,7 @@ def _build(shape: Shape, dtype: torch.dtype):
     names = ["ours torch", "ours torch_mm", "hf eager", "hf grouped_mm"]
     if _expert_matmul_kind(dtype) != "torch":
         module, fwd = _ours(shape, dtype, "torch_mm", base)
-        module.cpu_matmul = "torch"
+        module.cpu_gemm = "torch"
         impls["ours torch.mm"] = (module, fwd)
         names.insert(2, "ours torch.mm")
     return {name: impls[name] for name in names}
@@ -171,11 +171,12 @@ def _build(shape: Shape, dtype: torch.dtype):
 
 def _expert_matmul_kind(dtype: torch.dtype) -> str:
     """The matmul kernel our experts' one-thread loop runs in `dtype` ("torch" or "onednn")."""
-    from am_moe.experts import cpu_matmul
+    from am_dtype import BackendConfig
+    from am_dtype.cpu_gemm import resolve_cpu_gemm
 
     if torch.get_num_threads() != 1:
         return "torch"  # the "padded" layout (torch.bmm) runs above one thread
-    return cpu_matmul.resolve(GroupedExperts.cpu_matmul, dtype)
+    return resolve_cpu_gemm(BackendConfig().cpu_gemm, dtype)
 
 
 def _inputs(shape: Shape, dtype: torch.dtype):
@@ -226,7 +227,7 @@ def _saved_bytes(forward, inputs) -> int:
 
 
 def _matmul(n: int, dtype: torch.dtype, kind: str = "torch") -> Callable[[], None]:
-    from am_moe.experts.cpu_matmul import mm
+    from am_dtype.cpu_gemm import cpu_mm as mm
 
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
@@ -240,7 +241,7 @@ def _expert_matmuls(shape: Shape, dtype: torch.dtype) -> Callable[[], None]:
     The forward's weights are in the layout am-moe's kernels give them (`_matmul_operand`),
     and the matmuls run on the kernel the experts' loop runs (`_expert_matmul_kind`; oneDNN's
     products have no out= form and are returned, not copied)."""
-    from am_moe.experts.cpu_matmul import mm
+    from am_dtype.cpu_gemm import cpu_mm as mm
     from am_moe.experts.rows import _matmul_operand
 
     e, d, f = shape.experts, shape.dim, shape.inter

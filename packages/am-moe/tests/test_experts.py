@@ -9,14 +9,14 @@ import torch
 from _am_moe_test_config import small_moe_config
 
 from am_dtype.backend import BackendConfig
+from am_dtype.cpu_gemm import onednn_available
 from am_moe.config import EXPERT_ACTIVATIONS, MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
 from am_moe.experts import GroupedExperts, apply_activation, run_experts
-from am_moe.experts.cpu_matmul import onednn_available
 
 # "torch_mm/<layout>": the fused single-device path with each CPU row layout;
 # "torch_mm/per_expert/<matmul>": the expert-by-expert layout with each fp32 matmul kernel
-# (`cpu_matmul`; "onednn" only where this torch has it);
+# (`am_dtype.cpu_gemm`; "onednn" only where this torch has it);
 # "torch_mm/dispatch": the grouped-mm kernel behind the dispatch -> run_experts -> combine
 # contract (the expert-parallel path).
 CPU_IMPLS = (
@@ -63,7 +63,7 @@ def _experts(config, impl) -> GroupedExperts:
         module.cpu_layout = parts[1]
         module.max_padding = 1e9  # "padded" even when loads are uneven
     if len(parts) > 2:
-        module.cpu_matmul = parts[2]
+        module.cpu_gemm = parts[2]
     module.init_weights(torch.device("cpu"), init_std=0.3)
     if config.expert_bias:
         with torch.no_grad():
@@ -451,34 +451,17 @@ def test_per_expert_layout_equals_grouped_in_float64(activation, reuse):
         assert gp_b[name][[0, 1, 2, 4]].abs().sum() > 0, name
 
 
-def test_cpu_matmul_choice_follows_the_cpu_and_rejects_unknown_names(monkeypatch):
-    """cpu_matmul="auto" takes oneDNN only in fp32 on a non-Intel AVX-512 CPU (where MKL runs AVX2
-    kernels), torch.mm otherwise; other dtypes always torch.mm; unknown names are refused."""
-    from am_moe.experts import cpu_matmul
-
-    cases = [
-        ("AuthenticAMD", "AVX512", "onednn"),
-        ("GenuineIntel", "AVX512", "torch"),
-        ("AuthenticAMD", "AVX2", "torch"),
-        ("", "AVX512", "torch"),
-    ]
-    for vendor, isa, expected in cases:
-        cpu_matmul._auto.cache_clear()
-        monkeypatch.setattr(cpu_matmul, "_cpu_vendor", lambda v=vendor: v)
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda i=isa: i)
-        monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: True)
-        assert cpu_matmul.resolve("auto", torch.float32) == expected, (vendor, isa)
-        assert cpu_matmul.resolve("auto", torch.float64) == "torch"
-        assert cpu_matmul.resolve("onednn", torch.bfloat16) == "torch"
-    cpu_matmul._auto.cache_clear()
-    monkeypatch.undo()
-    assert cpu_matmul.resolve("torch", torch.float32) == "torch"
-    with pytest.raises(ValueError, match=r"cpu_matmul='mkl'.*accepted"):
-        cpu_matmul.resolve("mkl", torch.float32)
+def test_backend_cpu_gemm_reaches_the_experts_and_unknown_names_are_refused():
+    """BackendConfig.cpu_gemm picks the per-expert loop's kernel (the "auto" rule itself is
+    tested in am-dtype's test_cpu_gemm); a bad name set on the module is refused on use."""
+    module = GroupedExperts(
+        _config("relu2", e=4), BackendConfig(experts="torch_mm", cpu_gemm="torch")
+    )
+    assert module.cpu_gemm == "torch"
     module = _experts(_config("relu2", e=4), "torch_mm/per_expert")
-    module.cpu_matmul = "blas"
+    module.cpu_gemm = "blas"
     weights, indices = _routing(6, 4, 2)
-    with pytest.raises(ValueError, match="cpu_matmul='blas'"):
+    with pytest.raises(ValueError, match="cpu_gemm='blas'"):
         module(torch.randn(6, 16), torch.ones(6, dtype=torch.bool), weights, indices)
 
 

@@ -139,7 +139,7 @@ def test_a_warm_fwd_bwd_maps_no_fresh_memory():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the per-expert layout's setting; no OpenMP pool growth
     try:
-        # Two warm steps: oneDNN's matmul products (`cpu_matmul`) are plain allocations of a
+        # Two warm steps: oneDNN's matmul products (`am_dtype.cpu_gemm`) are plain allocations of a
         # few MB, and glibc moves them from mmap to its heap (adapting its mmap threshold)
         # over the first two steps (measured 1.5-2k faults in step 2, none in step 3).
         for _ in range(2):

@@ -40,8 +40,8 @@ F expert hidden width, F2 = 2F for gated activations (F for relu2).
 
 Files, one job each: `activations` (activation functions and their gradients), `rows` (row
 layouts, routing plan, CPU workspace), `autograd` (the custom autograd functions),
-`blocks` (the expert-by-expert CPU loop), `cpu_matmul` (its fp32 matmul: torch.mm or
-oneDNN's, `GroupedExperts.cpu_matmul`), `kernels` (kernels by name, `run_experts`),
+`blocks` (the expert-by-expert CPU loop), its fp32 matmul is `am_dtype.cpu_gemm`'s (torch.mm or
+oneDNN's, `BackendConfig.cpu_gemm`), `kernels` (kernels by name, `run_experts`),
 `module` (`GroupedExperts`). Every public name
 is re-exported here, so `am_moe.experts.GroupedExperts` and friends keep working.
 """

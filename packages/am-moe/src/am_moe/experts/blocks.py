@@ -10,7 +10,7 @@ the CPU caches between the steps, every matmul writes straight into its destinat
 dead input rows; oneDNN's products, which have no out= form, are copied there), and no
 N-row intermediate other than the saved pre-activation is made. At one fp32 thread this
 is the fastest layout (see `rows.CPU_LAYOUTS`). The matmuls run on `rows.matmul`
-("torch" or "onednn", `cpu_matmul`): on CPUs where MKL lacks AVX-512 kernels oneDNN's
+("torch" or "onednn", `am_dtype.cpu_gemm`): on CPUs where MKL lacks AVX-512 kernels oneDNN's
 are about 2x faster.
 
 The arithmetic is that of `autograd._mlp_forward` / `_mlp_backward` on each block, in the
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from am_dtype.cpu_gemm import cpu_mm as mm
 from am_moe.experts.activations import _INTO_WORKSPACE, _activation_with_grad
-from am_moe.experts.cpu_matmul import mm
 from am_moe.experts.rows import _lasting, _matmul_operand, _PerExpertRows
 
 __all__: list[str] = []  # private building blocks of the expert kernels

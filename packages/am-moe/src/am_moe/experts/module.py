@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from am_dtype.cpu_gemm import resolve_cpu_gemm
 from am_dtype.dtensor import to_local as _local
 from am_moe.config import MoEConfig, is_gated
 from am_moe.dispatch import LocalDispatcher
-from am_moe.experts import cpu_matmul
 from am_moe.experts.activations import ACTIVATIONS
 from am_moe.experts.autograd import _LocalMoE
 from am_moe.experts.kernels import run_experts
@@ -58,9 +58,6 @@ class GroupedExperts(nn.Module):
     # How the fused single-device path lays out routed rows on CPU (see CPU_LAYOUTS).
     cpu_layout: str = "auto"
     max_padding: float = 0.125
-    # The fp32 matmul of the "per_expert" layout: "torch" (torch.mm), "onednn", or "auto"
-    # (oneDNN where MKL lacks this CPU's AVX-512 kernels; see `cpu_matmul`).
-    cpu_matmul: str = "auto"
     # Fused CPU path: keep its large transient row buffers in a per-thread workspace shared
     # by all layers (see `_Workspace`) instead of allocating them on every call, and put the
     # large tensors that outlive a call (saved pre-activation, weight gradients, outputs) on
@@ -74,6 +71,9 @@ class GroupedExperts(nn.Module):
         self.activation_alpha = config.activation_alpha
         self.activation_limit = config.activation_limit
         self.impl = backend.experts
+        # The fp32 CPU matmul of the "per_expert" layout (`BackendConfig.cpu_gemm`: "torch",
+        # "onednn", or "auto", oneDNN where MKL lacks this CPU's AVX-512 kernels).
+        self.cpu_gemm = backend.cpu_gemm
         self.expert_bias = config.expert_bias
         e, d, f = config.n_routed_experts, config.expert_dim, config.moe_inter_dim
         h = 2 * f if is_gated(config.expert_activation) else f
@@ -149,7 +149,7 @@ class GroupedExperts(nn.Module):
         layout = resolve_layout(self.cpu_layout, weights[0].dtype)
         matmul = "torch"
         if x_TD.device.type == "cpu":
-            matmul = cpu_matmul.resolve(self.cpu_matmul, weights[0].dtype)
+            matmul = resolve_cpu_gemm(self.cpu_gemm, weights[0].dtype)
         plan = _routing_plan(
             indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding, matmul
         )

@@ -133,7 +133,7 @@ class _PerExpertRows:
 
     def __init__(self, counts_L: Tensor, matmul: str = "torch") -> None:
         self.num_groups = counts_L.numel()
-        self.matmul = matmul  # the fp32 matmul kernel, "torch" or "onednn" (`cpu_matmul`)
+        self.matmul = matmul  # the fp32 matmul kernel, "torch" or "onednn" (`am_dtype.cpu_gemm`)
         ends = torch.cumsum(counts_L, 0).tolist()
         bounds = list(enumerate(zip([0, *ends[:-1]], ends, strict=True)))
         # (expert, first row, end row) of every expert that has rows.
@@ -331,7 +331,7 @@ def _routing_plan(
 ) -> _Plan:
     """Sort the (token, k) pairs by expert and lay the rows out as `layout` (on CPU; "auto"
     is resolved by `resolve_layout` for float32); "per_expert" runs its matmuls by the
-    resolved kernel `matmul` ("torch" or "onednn", `cpu_matmul.resolve`)."""
+    resolved kernel `matmul` ("torch" or "onednn", `am_dtype.cpu_gemm.resolve_cpu_gemm`)."""
     if layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout={layout!r} is not supported; accepted: {list(CPU_LAYOUTS)}")
     layout = resolve_layout(layout, torch.float32)
