@@ -235,21 +235,24 @@ def test_conv_gradients_match_autograd_conv1d():
     assert rel_err(ssd.causal_conv1d_silu(x, w, b), ref) < 1e-12
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("seq_len", [1, 3, 4, 70, 200])
-def test_unpacked_conv_gradients_match_conv1d_on_strided_input(seq_len):
+def test_unpacked_conv_gradients_match_conv1d_on_strided_input(seq_len, bias):
     # Lengths below, at and past K and across several weight-gradient blocks (with a
-    # ragged last one); x is a column slice like the in_proj output the mixer passes.
+    # ragged last one); x is a column slice like the in_proj output the mixer passes. The
+    # backward recomputes the pre-activation (bias included) block by block.
     gen = torch.Generator().manual_seed(seq_len)
     full = torch.randn(2, seq_len, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
     grad = torch.randn(2, seq_len, 6, generator=gen, dtype=torch.float64)
     x = full[..., 2:8]
     out = ssd.causal_conv1d_silu(x, w, b)
     ref = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None], b, padding=3, groups=6)
     ref = torch.nn.functional.silu(ref[..., :seq_len]).transpose(1, 2)
-    got = torch.autograd.grad(out, (full, w, b), grad)
-    want = torch.autograd.grad(ref, (full, w, b), grad)
+    inputs = (full, w, b) if bias else (full, w)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
     assert rel_err(out, ref) < 1e-12
     for g, g_ref in zip(got, want, strict=True):
         assert rel_err(g, g_ref) < 1e-12

@@ -57,21 +57,27 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_KC, bias, shift_masks):
         if shift_masks is None:
-            pre, out = _conv_forward_blocked(x, w_KC, bias)
+            # Unpacked rows save no pre-activation: the blocked backward recomputes each
+            # block of it (K fused multiply-adds on rows it reads anyway) while the block is
+            # in cache, instead of one [Bt, S, Ch] write here and one read there.
+            out = _conv_forward_blocked(x, w_KC, bias)
+            ctx.save_for_backward(x, w_KC, bias)
         else:
             pre = _conv_shifted(x, w_KC, bias, shift_masks)
             out = F.silu(pre)
-        ctx.save_for_backward(x, w_KC, pre, shift_masks)
+            ctx.save_for_backward(x, w_KC, pre, shift_masks)
         ctx.has_bias = bias is not None
+        ctx.packed = shift_masks is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w_KC, pre, masks = ctx.saved_tensors
-        if masks is None:
-            grad_x, grad_w, grad_b = _conv_backward_blocked(grad_out, x, w_KC, pre)
+        if not ctx.packed:
+            x, w_KC, bias = ctx.saved_tensors
+            grad_x, grad_w, grad_b = _conv_backward_blocked(grad_out, x, w_KC, bias)
             return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+        x, w_KC, pre, masks = ctx.saved_tensors
         width = w_KC.shape[0]
         grad_pre = torch.ops.aten.silu_backward(grad_out.contiguous(), pre)
         grad_x = grad_pre * w_KC[width - 1]
@@ -86,14 +92,14 @@ _BLOCK = 64
 
 
 def _conv_backward_blocked(
-    grad_out: Tensor, x: Tensor, w_KC: Tensor, pre: Tensor
+    grad_out: Tensor, x: Tensor, w_KC: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad x, grad w_KC, grad bias) of silu(causal depthwise conv), in cache-sized blocks.
 
-    Per block of positions: the SiLU gradient, its scatter to the K shifted input
-    positions, and all K weight-gradient taps (the K shifted windows of x are one
-    strided view) are computed while the block is in cache; done tap by tap over the
-    whole sequence these were a dozen memory-bound passes. grad w_KC[k] sums
+    Per block of positions: the pre-activation (recomputed, `_conv_block`), the SiLU
+    gradient, its scatter to the K shifted input positions, and all K weight-gradient taps
+    (the K shifted windows of x are one strided view) are computed while the block is in
+    cache; done tap by tap over the whole sequence these were a dozen memory-bound passes. grad w_KC[k] sums
     grad_pre[t] * x[t - (K-1-k)]; the first K-1 positions, whose windows reach
     before 0, are summed separately (no padded copy of x).
     """
@@ -111,8 +117,11 @@ def _conv_backward_blocked(
     for b in range(Bt):
         for t0 in starts:
             n = min(T, S - t0)
+            # The SiLU gradient overwrites the block's pre-activation (an elementwise op
+            # whose output is exactly its input), so one block buffer serves both.
+            pre = _conv_block(x, w_KC, bias, b, t0, t0 + n, gp_buf[:n])
             gp = torch.ops.aten.silu_backward.grad_input(
-                grad_out[b, t0 : t0 + n], pre[b, t0 : t0 + n], grad_input=gp_buf[:n]
+                grad_out[b, t0 : t0 + n], pre, grad_input=pre
             )
             torch.mul(gp, w_KC[K - 1], out=grad_x[b, t0 : t0 + n])
             for j in range(1, K):  # position t feeds the output at t + j through tap K-1-j
@@ -131,31 +140,39 @@ def _conv_backward_blocked(
     return grad_x, parts_w.sum(0), parts_b.sum(0)
 
 
-def _conv_forward_blocked(x: Tensor, w_KC: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(pre-activation, silu) of the causal depthwise conv, all K taps per cache-sized block.
+def _conv_block(
+    x: Tensor, w_KC: Tensor, bias: Tensor | None, b: int, t0: int, t1: int, blk: Tensor
+) -> Tensor:
+    """The conv's pre-activation at positions [t0, t1) of sequence b, written into blk."""
+    K = w_KC.shape[0]
+    if bias is None:
+        torch.mul(x[b, t0:t1], w_KC[K - 1], out=blk)
+    else:
+        torch.addcmul(bias, x[b, t0:t1], w_KC[K - 1], out=blk)
+    for j in range(1, K):  # output t reads x[t - j] through tap K-1-j
+        lo = max(t0, j)
+        if t1 > lo:
+            blk[lo - t0 :].addcmul_(x[b, lo - j : t1 - j], w_KC[K - 1 - j])
+    return blk
+
+
+def _conv_forward_blocked(x: Tensor, w_KC: Tensor, bias: Tensor | None) -> Tensor:
+    """silu of the causal depthwise conv, all K taps per cache-sized block.
 
     Tap by tap over the whole sequence each of the K + 1 passes streams [Bt, S, Ch] through
     memory; per block of positions the taps and the SiLU reuse what is already in cache.
+    The pre-activation lives in one block-sized buffer only (the backward recomputes it).
     """
     Bt, S, Ch = x.shape
-    K = w_KC.shape[0]
     T = min(_BLOCK, S)
-    pre = torch.empty(Bt, S, Ch, dtype=x.dtype, device=x.device)
-    out = torch.empty_like(pre)
+    out = torch.empty(Bt, S, Ch, dtype=x.dtype, device=x.device)
+    buf = x.new_empty(T, Ch)
     for b in range(Bt):
         for t0 in range(0, S, T):
             t1 = min(t0 + T, S)
-            blk = pre[b, t0:t1]
-            if bias is None:
-                torch.mul(x[b, t0:t1], w_KC[K - 1], out=blk)
-            else:
-                torch.addcmul(bias, x[b, t0:t1], w_KC[K - 1], out=blk)
-            for j in range(1, K):  # output t reads x[t - j] through tap K-1-j
-                lo = max(t0, j)
-                if t1 > lo:
-                    blk[lo - t0 :].addcmul_(x[b, lo - j : t1 - j], w_KC[K - 1 - j])
+            blk = _conv_block(x, w_KC, bias, b, t0, t1, buf[: t1 - t0])
             torch.ops.aten.silu.out(blk, out=out[b, t0:t1])
-    return pre, out
+    return out
 
 
 def _conv_weight_grad_masked(grad_pre: Tensor, x: Tensor, masks: Tensor) -> Tensor:
