@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from _gemma4_helpers import rel_err
 
+from am_dtype.cpu_gemm import onednn_available
 from am_models_gemma4.gemm_attention import gemm_attention
-from am_models_gemma4.onednn import onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 

@@ -37,6 +37,7 @@ __all__ = [
     "cpu_linear",
     "cpu_mm",
     "onednn_available",
+    "onednn_gemm",
     "resolve_cpu_gemm",
 ]
 
@@ -88,8 +89,8 @@ def resolve_cpu_gemm(name: str, dtype: torch.dtype) -> str:
     return _auto_kernel() if name == "auto" else name
 
 
-def _onednn_gemm(x_TK: Tensor, w_NK: Tensor, b_N: Tensor | None = None) -> Tensor:
-    """x @ w.T (+ b) on oneDNN (any strides)."""
+def onednn_gemm(x_TK: Tensor, w_NK: Tensor, b_N: Tensor | None = None) -> Tensor:
+    """x @ w.T (+ b) on oneDNN's fp32 GEMM (2-D, non-empty, any strides), no autograd."""
     return torch.ops.mkldnn._linear_pointwise(x_TK, w_NK, b_N, "none", [], "")
 
 
@@ -99,7 +100,7 @@ def cpu_mm(a: Tensor, b: Tensor, kernel: str, out: Tensor | None = None) -> Tens
     oneDNN has no out= form: a product that must land in `out` is copied there. Empty
     operands (which oneDNN rejects) take `torch.mm`."""
     if kernel == "onednn" and a.numel() > 0 and b.numel() > 0:
-        product = _onednn_gemm(a, b.t())
+        product = onednn_gemm(a, b.t())
         return product if out is None else out.copy_(product)
     return torch.mm(a, b, out=out)
 
@@ -109,7 +110,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_gemm(x, weight, bias)
+        return onednn_gemm(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -118,9 +119,9 @@ class _OneDNNLinear(torch.autograd.Function):
         g_TN = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_gemm(g_TN, weight.t()).view(x.shape)
+            grad_x = onednn_gemm(g_TN, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_gemm(g_TN.t(), x.reshape(-1, x.shape[-1]).t())
+            grad_w = onednn_gemm(g_TN.t(), x.reshape(-1, x.shape[-1]).t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_TN.sum(0)
         return grad_x, grad_w, grad_b

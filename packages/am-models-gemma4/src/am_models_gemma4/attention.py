@@ -37,10 +37,10 @@ from torch import Tensor
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 from am_dtype.backend import BackendConfig, initialize_linear_module
+from am_dtype.cpu_gemm import CpuGemmLinear, resolve_cpu_gemm
 from am_dtype.dtypes import config_dtype
 from am_models_gemma4.gemm_attention import gemm_attention
 from am_models_gemma4.norm import FusedGemma4RMSNorm
-from am_models_gemma4.onednn import OneDNNLinear
 from am_models_gemma4.windowed import chunked_masked_attention
 from am_utils.attention import AttentionKernel, VarlenSeqs, build_varlen_seqs, is_block_mask
 from am_utils.masks import causal_mask, to_additive_mask, to_bool_mask
@@ -58,14 +58,14 @@ def use_backend_linears(
     module: torch.nn.Module, names: tuple[str, ...], backend: BackendConfig, dtype: torch.dtype
 ) -> None:
     """Rebuild `module`'s `nn.Linear` children `names` with `backend.linear` (same shapes,
-    bias and names). "torch" keeps transformers' parameters in an `OneDNNLinear` (an
-    `nn.Linear` whose fp32 CPU GEMMs run on oneDNN, `am_models_gemma4.onednn`)."""
+    bias and names). "torch" keeps transformers' parameters in an `am_dtype.CpuGemmLinear`
+    (an `nn.Linear` whose fp32 CPU GEMMs run on `backend.cpu_gemm`'s kernel)."""
     for name in names:
         old = getattr(module, name, None)
         if old is None:
             continue
         if backend.linear == "torch":
-            setattr(module, name, OneDNNLinear.from_linear(old))
+            setattr(module, name, CpuGemmLinear.from_linear(old, backend.cpu_gemm))
             continue
         new = initialize_linear_module(
             backend.linear,
@@ -135,6 +135,7 @@ class Gemma4Attention(Gemma4TextAttention):
         heads = config.num_attention_heads
         kv_heads = heads // self.num_key_value_groups
         self.attn_backend = backend.attn
+        self.cpu_gemm = backend.cpu_gemm
         # Under "te" the window is the TE module's; the other kernels read it from the mask.
         window = self.sliding_window if backend.attn == "te" else None
         self.kernel = AttentionKernel(
@@ -225,7 +226,7 @@ class Gemma4Attention(Gemma4TextAttention):
             )
         if mask is not None and self.attn_backend == "eager" and mask.dtype == torch.bool:
             mask = to_additive_mask(mask, q.dtype)
-        if self.attn_backend == "sdpa":
+        if self.attn_backend == "sdpa" and resolve_cpu_gemm(self.cpu_gemm, q.dtype) == "onednn":
             # CPU fp32: the attention's GEMMs on oneDNN, per query chunk over its key range.
             out = gemm_attention(q, k, v, mask, self.scaling, self._dropout_active())
             if out is not None:

@@ -2,7 +2,7 @@
 
 PyTorch's CPU flash-attention kernel runs its score and value products on MKL's sgemm in
 small blocks; on the CPU this workspace is benchmarked on oneDNN's GEMM is about twice as
-fast (`am_models_gemma4.onednn`). `gemm_attention` computes softmax(q k^T * scale + mask) v
+fast (`am_dtype.cpu_gemm`; used where `BackendConfig.cpu_gemm` resolves to "onednn"). `gemm_attention` computes softmax(q k^T * scale + mask) v
 per query chunk of `CHUNK` rows with plain softmax, each chunk over only the contiguous key
 range its rows may attend to (causal: keys up to the chunk's last query; a bool mask: the
 ranges of `am_models_gemma4.windowed.key_ranges`), with one GEMM per (batch row, K/V head,
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from am_models_gemma4.onednn import onednn_available
+from am_dtype.cpu_gemm import onednn_available, onednn_gemm
 from am_models_gemma4.windowed import CHUNK, key_ranges
 
 __all__ = ["gemm_attention"]
@@ -35,9 +35,7 @@ _ROWS_OK: dict[int, tuple[Tensor, bool]] = {}
 _CACHE_SIZE = 4
 
 
-def _gemm(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T on oneDNN (any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+_gemm = onednn_gemm  # x @ w.T on oneDNN (any strides)
 
 
 def _rows_ok(mask: Tensor) -> bool:

@@ -39,6 +39,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 from transformers.models.gemma4.modeling_gemma4 import Gemma4Model as HFGemma4Model
 
 from am_dtype.backend import BackendConfig
+from am_dtype.cpu_gemm import CpuGemmLinear
 from am_dtype.dtypes import config_dtype
 from am_dtype.fp8 import fp8_autocast_forward
 from am_models_gemma4.attention import TE_MASK, Gemma4Attention, _TEBoundaries, use_backend_linears
@@ -51,7 +52,6 @@ from am_models_gemma4.layers import (
 )
 from am_models_gemma4.masks import _convert_bool_4d_mask_to_additive, _derive_padding_mask
 from am_models_gemma4.moe import Gemma4Gate
-from am_models_gemma4.onednn import OneDNNLinear
 from am_models_gemma4.state_dict_adapter import Gemma4StateDictAdapter
 from am_moe.config import MoEConfig
 from am_moe.experts import GroupedExperts
@@ -214,9 +214,9 @@ class Gemma4ForConditionalGeneration(
       the real tokens of a padded batch; batches that need another pattern (images,
       packed documents, custom masks) are rejected with the kernels that take them;
     - `linear`: the text layers' q/k/v/o and dense-MLP projections (the per-layer-input
-      projections and the towers stay torch Linear). "torch" builds `OneDNNLinear`s, as
+      projections and the towers stay torch Linear). "torch" builds `CpuGemmLinear`s, as
       are the lm_head and the MoE router's projection: `nn.Linear`s whose fp32 CPU GEMMs
-      run on oneDNN (`am_models_gemma4.onednn`), F.linear elsewhere;
+      run on `cpu_gemm`'s kernel (`am_dtype.cpu_gemm`), F.linear elsewhere;
     - `rope_fusion`: RoPE through `am_utils.rope` (TE's fused kernel when True);
     - `rms_norm`: only "torch_fp32" (Gemma 4's norms are transformers' fp32 math);
     - `te_fp8`: the forward runs under `am_dtype.fp8.fp8_autocast_forward`;
@@ -256,7 +256,9 @@ class Gemma4ForConditionalGeneration(
         text = config.get_text_config()
         text._attn_implementation = ATTN_IMPLEMENTATIONS[backend.attn]
         self.model = Gemma4MoEModel(config, backend, moe_config, moe_overrides)
-        self.lm_head = OneDNNLinear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = CpuGemmLinear(
+            text.hidden_size, text.vocab_size, bias=False, cpu_gemm=backend.cpu_gemm
+        )
         self.vocab_size = text.vocab_size
         self.pad_token_id = self._get_text_pad_token_id()
         self.post_init()

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from am_dtype.backend import BackendConfig
+from am_dtype.cpu_gemm import CpuGemmLinear
 from am_dtype.dtensor import to_local
 from am_dtype.dtypes import config_dtype
 from am_models_gemma4.norm import FusedGemma4RMSNorm
-from am_models_gemma4.onednn import OneDNNLinear
 from am_moe.config import MoEConfig
 from am_moe.layers import MoE
 
@@ -82,7 +82,9 @@ class Gemma4Gate(nn.Module):
     as transformers computes the softmax in fp32; `aux_loss` is always None.
     """
 
-    def __init__(self, config: Any, precision: torch.dtype | None = None) -> None:
+    def __init__(
+        self, config: Any, precision: torch.dtype | None = None, cpu_gemm: str = "auto"
+    ) -> None:
         super().__init__()
         dtype = config_dtype(config)
         self.precision = precision  # BackendConfig.gate_precision: the projection's dtype
@@ -91,7 +93,9 @@ class Gemma4Gate(nn.Module):
         self.topk = config.top_k_experts
         self.scalar_root_size = self.hidden_size**-0.5
         self.norm = FusedGemma4RMSNorm(self.hidden_size, eps=config.rms_norm_eps, with_scale=False)
-        self.proj = OneDNNLinear(self.hidden_size, self.num_experts, bias=False, dtype=dtype)
+        self.proj = CpuGemmLinear(
+            self.hidden_size, self.num_experts, bias=False, dtype=dtype, cpu_gemm=cpu_gemm
+        )
         self.scale = nn.Parameter(torch.ones(self.hidden_size, dtype=dtype))
         self.per_expert_scale = nn.Parameter(torch.ones(self.num_experts, dtype=dtype))
 
@@ -127,7 +131,7 @@ class Gemma4MoE(MoE):
     def __init__(self, moe_config: MoEConfig, backend: BackendConfig, text_config: Any) -> None:
         super().__init__(moe_config, backend)
         if not backend.fake_balanced_gate:  # else am-moe's balanced stand-in router stays
-            self.gate = Gemma4Gate(text_config, backend.gate_precision)
+            self.gate = Gemma4Gate(text_config, backend.gate_precision, backend.cpu_gemm)
 
     def forward(
         self,
