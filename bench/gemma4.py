@@ -5,7 +5,7 @@ Usage: python bench/gemma4.py [--quick] [--config small|a4b] [--repeats N] [--th
        python bench/gemma4.py --sweep [--quick] [--repeats N] [--points A,B]
 
 Runs, in one process and on the same weights (fp32, train mode):
-  (0) the machine's dense fp32 matmul rate (GFLOP/s): the ceiling;
+  (0) the machine's dense fp32 matmul rate (GFLOP/s), torch mm (MKL) and oneDNN: the ceiling;
   (a) the MoE block alone: am_models_gemma4.Gemma4MoE (am-moe grouped experts, "torch_mm")
       vs transformers' Gemma4TextRouter + Gemma4TextExperts, in the experts implementation
       transformers picks by default and in its "eager" per-expert loop;
@@ -158,8 +158,12 @@ def report(title: str, tokens: int, t: dict[str, float], names: list[str]) -> fl
 def bench_ceiling(quick: bool, repeats: int, clock: str) -> None:
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_times({"mm": lambda: a @ b}, repeats, clock)
-    print(f"\nceiling: dense matmul fp32 {n}x{n}: {2 * n**3 / t['mm'] / 1e9:.1f} GFLOP/s")
+    fns = {"mm": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():  # oneDNN's GEMM, which our CPU fp32 matmuls use
+        fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    t = median_times(fns, repeats, clock)
+    rates = ", ".join(f"{k} {2 * n**3 / v / 1e9:.1f}" for k, v in t.items())
+    print(f"\nceiling: dense matmul fp32 {n}x{n}, GFLOP/s: {rates}")
 
 
 def paired_models(quick: bool, config: str = "small", **overrides):
@@ -278,8 +282,16 @@ def bench_model(args, hf, ours) -> None:
 
 
 # Kernels doing the model's matrix products (their self time is the matmul time of a step).
+# mkldnn::_linear_pointwise: oneDNN's GEMM (our linears, attention and experts on CPU fp32).
 MATMUL_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_grouped_mm",
+        "mkldnn::_linear_pointwise",
+    }
 )
 
 
