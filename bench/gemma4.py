@@ -265,9 +265,19 @@ def bench_model(args, hf, ours) -> None:
 
         return loss
 
+    # Ours with cpu_gemm="torch": MKL's GEMMs (as transformers uses) and torch's sdpa, to show
+    # how much of the speedup is oneDNN's GEMM on this CPU (`am_dtype.cpu_gemm`).
+    from am_dtype.backend import BackendConfig
+
+    mkl = type(ours)(
+        ours.config, backend=BackendConfig(attn="sdpa", experts="torch_mm", cpu_gemm="torch")
+    )
+    mkl.load_state_dict(ours.state_dict(), strict=True)
+    mkl.train()
     fns = dict(step_fns("ours", run(ours), list(ours.parameters())))
     fns.update(step_fns(f"hf {default}", run(hf), list(hf.parameters())))
     fns.update(step_fns("hf eager", run(hf, "eager"), list(hf.parameters())))
+    fns.update(step_fns("ours torch gemm", run(mkl), list(mkl.parameters())))
     t = median_times(fns, args.repeats, args.clock)
     best = report(
         f"Whole MoE text model (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
@@ -279,6 +289,13 @@ def bench_model(args, hf, ours) -> None:
         ["ours", f"hf {default}", "hf eager"],
     )
     print(f"  goal fwd+bwd >= 1.5x transformers' best: {best:.2f}x")
+    phase = "forward+backward"
+    hf_best = min(t[f"hf {default} {phase}"], t[f"hf eager {phase}"])
+    print(
+        f"  ours with cpu_gemm='torch' (MKL GEMMs, torch sdpa): {phase} "
+        f"{batch * seq / t[f'ours torch gemm {phase}']:.0f} tokens/s, "
+        f"{hf_best / t[f'ours torch gemm {phase}']:.2f}x transformers' best"
+    )
 
 
 # Kernels doing the model's matrix products (their self time is the matmul time of a step).
