@@ -89,15 +89,17 @@ def model_config(quick: bool, **overrides):
     return NemotronHConfig(**kwargs)
 
 
-def paired_models(cfg):
-    """transformers' model and ours on the same weights, in train mode."""
+def paired_models(cfg, **backend):
+    """transformers' model and ours on the same weights, in train mode (ours with the
+    BackendConfig fields `backend` on top of the defaults)."""
     from transformers import NemotronHForCausalLM as Theirs
 
+    from am_dtype import BackendConfig
     from am_models_nemotron import NemotronHForCausalLM as Ours
 
     torch.manual_seed(0)
     hf = Theirs(cfg).float().train()
-    ours = Ours.from_config(cfg).float().train()
+    ours = Ours.from_config(cfg, backend=BackendConfig(**backend)).float().train()
     missing = ours.load_state_dict(ours.state_dict_adapter.from_hf(hf.state_dict()), strict=False)
     if missing.missing_keys:
         raise RuntimeError(f"weights not carried over: {missing.missing_keys[:5]}")
@@ -267,14 +269,22 @@ def moe_part_fns(moe, x_TD, grad_TD) -> dict:
         moe.zero_grad(set_to_none=True)
         moe.shared_experts(x_TD.clone().requires_grad_(True)).backward(grad_TD)
 
+    # The floors run on the GEMM our layers run (`BackendConfig.cpu_gemm`: oneDNN or MKL).
+    from am_dtype.cpu_gemm import cpu_mm, resolve_cpu_gemm
+
+    kernel = resolve_cpu_gemm(moe.backend.cpu_gemm, x_TD.dtype)
+
+    def mm(p, q):
+        return cpu_mm(p, q, kernel)
+
     def routed_floor():  # per expert: 2 forward, 4 backward matmuls
         for _ in range(E):
-            torch.mm(a, w_up), torch.mm(h, w_down), torch.mm(g, w_down.t())
-            torch.mm(h.t(), g), torch.mm(a.t(), h), torch.mm(h, w_up.t())
+            mm(a, w_up), mm(h, w_down), mm(g, w_down.t())
+            mm(h.t(), g), mm(a.t(), h), mm(h, w_up.t())
 
     def shared_floor():
-        torch.mm(xs, ws), torch.mm(hs, ws.t()), torch.mm(xs, ws)
-        torch.mm(hs.t(), xs), torch.mm(xs.t(), hs), torch.mm(hs, ws.t())
+        mm(xs, ws), mm(hs, ws.t()), mm(xs, ws)
+        mm(hs.t(), xs), mm(xs.t(), hs), mm(hs, ws.t())
 
     return {
         "router": gate,
@@ -338,6 +348,8 @@ def sweep_points(quick: bool, tokens: int = 1024) -> list[tuple[str, dict, int, 
 
 
 def bench_sweep(args) -> None:
+    from am_dtype import BackendConfig
+
     points = select_points(sweep_points(args.quick, args.tokens), args.points)
     print(
         "\nWhole-model forward+backward sweep (fp32; base: hidden 512, MEM*EM-E, chunk 128, "
@@ -346,15 +358,22 @@ def bench_sweep(args) -> None:
     print(f"  [{load_average()}]")
     clock = args.clock
     other = "wall" if clock == "cpu" else "cpu"
-    print(f"  tokens/s and speedup on median {clock} seconds; also the speedup on {other} seconds")
+    print(
+        f"  tokens/s and speedup on median {clock} seconds; also the speedup on {other} seconds, "
+        "and (MKL) ours with cpu_gemm='torch', on transformers' GEMM"
+    )
     print(
         f"  {'point':22s}{'tokens':>7s}{'ours tok/s':>11s}{'transformers':>13s}{'speedup':>9s}"
-        f"{other + ' speedup':>13s}   load (1 min) at the point's end"
+        f"{other + ' speedup':>13s}{'MKL speedup':>14s}   load (1 min) at the point's end"
     )
     ratios = []
     for label, overrides, batch, seq in points:
         cfg = model_config(args.quick, **overrides)
         hf, ours = paired_models(cfg)
+        # Ours on MKL's GEMMs (as transformers runs): the share of the speedup that is
+        # oneDNN's GEMM on this CPU (`am_dtype.cpu_gemm`).
+        mkl = type(ours).from_config(cfg, backend=BackendConfig(cpu_gemm="torch")).float().train()
+        mkl.load_state_dict(ours.state_dict())
         ids = torch.randint(
             0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)
         )
@@ -365,18 +384,20 @@ def bench_sweep(args) -> None:
         fns = {
             "ours": step_fns("ours", ours, inputs, lambda out: out.loss)["ours forward+backward"],
             "hf": step_fns("hf", hf, inputs, lambda out: out.loss)["hf forward+backward"],
+            "mkl": step_fns("mkl", mkl, inputs, lambda out: out.loss)["mkl forward+backward"],
         }
         t = interleaved(fns, args.repeats)
         tokens = batch * seq
         ours_s, hf_s = t["ours"].median(clock), t["hf"].median(clock)
         ratio, other_ratio = hf_s / ours_s, t["hf"].median(other) / t["ours"].median(other)
+        mkl_ratio = hf_s / t["mkl"].median(clock)
         ratios.append((ratio, other_ratio, label))
         print(
             f"  {label:22s}{tokens:7d}{tokens / ours_s:11.0f}{tokens / hf_s:13.0f}"
-            f"{ratio:8.2f}x{other_ratio:12.2f}x   {load_1min()}",
+            f"{ratio:8.2f}x{other_ratio:12.2f}x{mkl_ratio:13.2f}x   {load_1min()}",
             flush=True,
         )
-        del hf, ours
+        del hf, ours, mkl
     worst = min(ratios)
     worst_other = min(ratios, key=lambda r: r[1])
     print(
