@@ -168,20 +168,9 @@ def test_cp_2_x_dp_shard_2_matches_one_process(tmp_path) -> None:
     got = results[0][0]
     assert got["tied"]
     assert sorted(got["losses"]) == list(range(1, CP_DP_STEPS + 1))
-    assert abs(got["losses"][1] - single.losses[1]) <= TOL_STEP1
-    for step, loss in single.losses.items():
-        assert abs(got["losses"][step] - loss) <= TOL, (step, got["losses"][step], loss)
     assert sorted(got["eval"]) == sorted(single.eval_losses) == [5]
-    for step, loss in single.eval_losses.items():
-        assert abs(got["eval"][step] - loss) <= TOL, ("eval", step)
+    _assert_matches_one_process(tmp_path, got, single, ("single", "cp_dp"), "cp x dp_shard")
     assert (tmp_path / "cp_dp" / "hf" / "final" / "model.safetensors").is_file()
-    # Adam hides a wrong gradient scale in the losses (its update is scale-invariant); the
-    # grad norm (before clipping) shows it: a CP gradient averaged instead of summed reads 1/2.
-    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in ("single", "cp_dp")]
-    assert sorted(norms[1]) == sorted(norms[0])
-    for step, norm in norms[0].items():
-        rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
-        assert norms[1][step] == pytest.approx(norm, rel=rtol), ("grad_norm", step)
     _check_accumulation(tmp_path, results)
     _check_cp_x_ep(tmp_path, single, [r[2] for r in results])
 
@@ -200,16 +189,7 @@ def _check_cp_x_ep(tmp_path, single, results) -> None:
         assert r["losses"] == results[0]["losses"]
     got = results[0]
     assert sorted(got["losses"]) == list(range(1, CP_DP_STEPS + 1))
-    assert abs(got["losses"][1] - single.losses[1]) <= TOL_STEP1
-    for step, loss in single.losses.items():
-        assert abs(got["losses"][step] - loss) <= TOL, ("cp x ep", step, got["losses"][step], loss)
-    for step, loss in single.eval_losses.items():
-        assert abs(got["eval"][step] - loss) <= TOL, ("cp x ep eval", step)
-    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in ("single", "cp_ep")]
-    assert sorted(norms[1]) == sorted(norms[0])
-    for step, norm in norms[0].items():
-        rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
-        assert norms[1][step] == pytest.approx(norm, rel=rtol), ("cp x ep grad_norm", step)
+    _assert_matches_one_process(tmp_path, got, single, ("single", "cp_ep"), "cp x ep")
     # the export gathers the expert shards: all 8 experts, as the cp x dp_shard run's within
     # the Adam drift of 5 steps
     ours = read_hf_state_dict(got["export"])
@@ -233,16 +213,29 @@ def _check_accumulation(tmp_path, results) -> None:
     assert all(r[1]["losses"] == results[0][1]["losses"] for r in results)
     got = results[0][1]
     assert sorted(got["losses"]) == sorted(single.losses) == list(range(1, ACCUM_STEPS + 1))
+    dirs = ("single_accum", "cp_dp_accum")
+    _assert_matches_one_process(tmp_path, got, single, dirs, "accum")
+    assert sorted(_grad_norms(tmp_path / dirs[1] / "metrics.jsonl")) == list(
+        range(1, ACCUM_STEPS + 1)
+    )
+
+
+def _assert_matches_one_process(tmp_path, got, single, dirs, label) -> None:
+    """`got`'s losses (step 1 within TOL_STEP1, every step within TOL) and eval losses equal
+    the one-process run `single`'s, and so do the grad norms in the metrics of
+    tmp_path/dirs[1] against tmp_path/dirs[0]. Adam hides a wrong gradient scale in the losses
+    (its update is scale-invariant); the grad norm (before clipping) shows it: a CP gradient
+    averaged instead of summed reads 1/2."""
     assert abs(got["losses"][1] - single.losses[1]) <= TOL_STEP1
     for step, loss in single.losses.items():
-        assert abs(got["losses"][step] - loss) <= TOL, ("accum", step, got["losses"][step], loss)
+        assert abs(got["losses"][step] - loss) <= TOL, (label, step, got["losses"][step], loss)
     for step, loss in single.eval_losses.items():
-        assert abs(got["eval"][step] - loss) <= TOL, ("accum eval", step)
-    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in ("single_accum", "cp_dp_accum")]
-    assert sorted(norms[1]) == sorted(norms[0]) == list(range(1, ACCUM_STEPS + 1))
+        assert abs(got["eval"][step] - loss) <= TOL, (f"{label} eval", step)
+    norms = [_grad_norms(tmp_path / d / "metrics.jsonl") for d in dirs]
+    assert sorted(norms[1]) == sorted(norms[0])
     for step, norm in norms[0].items():
         rtol = GRAD_NORM_RTOL_STEP1 if step == 1 else GRAD_NORM_RTOL
-        assert norms[1][step] == pytest.approx(norm, rel=rtol), ("accum grad_norm", step)
+        assert norms[1][step] == pytest.approx(norm, rel=rtol), (f"{label} grad_norm", step)
 
 
 def _grad_norms(path) -> dict[int, float]:
