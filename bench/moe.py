@@ -12,7 +12,9 @@ One run prints:
    gelu_pytorch_tanh(gate) * up) for our "torch" and "torch_mm" backends and for
    transformers' experts module of that activation (`NemotronHExperts`, `Gemma4TextExperts`)
    with the same weights and routing, in its "grouped_mm" and "eager" implementations
-   (and "ours torch.mm": torch_mm with its matmuls on torch.mm, where they default to oneDNN):
+   (and "ours torch.mm": torch_mm with its matmuls on torch.mm, where they default to oneDNN;
+   "ours aten act": torch_mm with its activation as ATen ops, where it defaults to the fused C
+   kernels of `am_moe.experts.native`):
    milliseconds, tokens/s, GFLOP/s on the
    active FLOPs, fraction of the ceiling, ratios to transformers, and the bytes each keeps
    alive for backward;
@@ -153,7 +155,8 @@ def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExpe
 
 def _build(shape: Shape, dtype: torch.dtype):
     """The four implementations, plus "ours torch.mm" (torch_mm with its matmuls on torch.mm)
-    where the experts' fp32 matmuls default to oneDNN (`am_dtype.cpu_gemm`)."""
+    where the experts' fp32 matmuls default to oneDNN (`am_dtype.cpu_gemm`), and "ours aten
+    act" (torch_mm with its activation as ATen ops) where it defaults to the fused kernels."""
     torch.manual_seed(0)
     base, base_fwd = _ours(shape, dtype, "torch_mm", None)
     impls = {"ours torch_mm": (base, base_fwd)}
@@ -166,7 +169,22 @@ def _build(shape: Shape, dtype: torch.dtype):
         module.cpu_gemm = "torch"
         impls["ours torch.mm"] = (module, fwd)
         names.insert(2, "ours torch.mm")
+    if _native_activation(shape, dtype):
+        module, fwd = _ours(shape, dtype, "torch_mm", base)
+        module.cpu_kernels = "torch"
+        impls["ours aten act"] = (module, fwd)
+        names.insert(2, "ours aten act")
     return {name: impls[name] for name in names}
+
+
+def _native_activation(shape: Shape, dtype: torch.dtype) -> bool:
+    """Whether our experts' one-thread loop runs the activation on the fused C kernels
+    (`am_moe.experts.native`); then "ours aten act" times the same loop on ATen ops."""
+    from am_moe.experts import native
+
+    return torch.get_num_threads() == 1 and native.native_applies(
+        GroupedExperts.cpu_kernels, shape.activation, dtype, torch.device("cpu")
+    )
 
 
 def _expert_matmul_kind(dtype: torch.dtype) -> str:
@@ -322,7 +340,8 @@ def run(shape: Shape, dtypes: list[str], repeats: int, matmul_n: int, clock: str
         impls = _build(shape, dtype)
         inputs = _inputs(shape, dtype)
         diff = _check_agreement(impls, inputs, dtype)
-        extra = " (and ours torch.mm)" if "ours torch.mm" in impls else ""
+        extra = [name for name in ("ours torch.mm", "ours aten act") if name in impls]
+        extra = f" (and {', '.join(extra)})" if extra else ""
         print(f"[{dname}] all four implementations agree{extra}: max |diff| {diff:.2e}")
         for name, (module, fwd) in impls.items():
             for mode, backward in (("fwd", False), ("fwd+bwd", True)):
@@ -396,6 +415,13 @@ def report(results: dict, shape: Shape, threads: int, repeats: int, clock: str =
             f"{r['gflops'] / eager:9.2f} {r['gflops'] / gmm:8.2f} {r['saved_mb']:9.1f}"
         )
     if "fp32" in ceiling:
+        if any(r["impl"] == "ours aten act" for r in rows):
+            aten_fb = _rate(rows, "ours aten act", "fp32", "fwd+bwd")
+            print(
+                f"\nfused C activation kernels: fwd+bwd {_rate(rows, 'ours torch_mm', 'fp32', 'fwd+bwd') / aten_fb:.3f}x "
+                f"the same loop with the activation as ATen ops "
+                f"({100 * aten_fb / ceiling['fp32']:.1f}% of the ceiling on ATen ops)"
+            )
         fb = _rate(rows, "ours torch_mm", "fp32", "fwd+bwd")
         fwd = _rate(rows, "ours torch_mm", "fp32", "fwd")
         best_fwd = max(_rate(rows, "ours torch", "fp32", "fwd"), fwd)

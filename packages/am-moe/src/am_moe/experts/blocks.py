@@ -47,15 +47,19 @@ def _blocks_forward(x_RD, rows: _PerExpertRows, w_up, w_down, b_up, b_down, act,
     h_RF2 = _lasting(ws, (x_RD.shape[0], w_up.shape[-1]), x_RD)
     y_RD = x_RD
     w_up, w_down = _matmul_operand(w_up), _matmul_operand(w_down)
-    kind = rows.matmul
+    kind, native, f = rows.matmul, rows.native, w_down.shape[-2]
     for g, s, e in rows.blocks:
         h_BF2 = h_RF2[s:e]
         mm(x_RD[s:e], w_up[g], kind, out=h_BF2)
         if b_up is not None:
             h_BF2 += b_up[g]
-        a_BF = _activation(h_BF2, act, act_name, ws)
-        if w_R is not None:
-            a_BF.mul_(w_R[s:e].unsqueeze(-1))
+        if native is not None:
+            w_B = None if w_R is None else w_R[s:e]
+            a_BF = native.forward(act_name, h_BF2, w_B, _buffer(ws, "a", (e - s, f), h_BF2))
+        else:
+            a_BF = _activation(h_BF2, act, act_name, ws)
+            if w_R is not None:
+                a_BF.mul_(w_R[s:e].unsqueeze(-1))
         y_BD = y_RD[s:e]
         mm(a_BF, w_down[g], kind, out=y_BD)
         if b_down is not None:
@@ -85,6 +89,9 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
     kind = rows.matmul
     if want_w_R:
         grads["w_R"] = h_RF2.new_empty(h_RF2.shape[0])
+    if rows.native is not None:
+        _native_blocks_backward(ctx, grads, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws)
+        return grads
     for g, s, e in rows.blocks:
         x_BD, g_BD, h_BF2 = x_RD[s:e], g_RD[s:e], h_RF2[s:e]
         w_B1 = None if w_R is None else w_R[s:e].unsqueeze(-1)
@@ -123,6 +130,47 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
     if want["x"]:
         grads["x"] = x_RD
     return grads
+
+
+def _native_blocks_backward(ctx, grads, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws):
+    """The loop of `_blocks_backward` with the activation on the fused kernels (`native`):
+    one kernel call gives the weighted activation for the down projection's weight gradient,
+    one gives grad_h and the routing weight's gradient from the upstream gradient."""
+    want, native, kind, name = ctx.want, rows.native, rows.matmul, ctx.act_name
+    f, f2 = w_down.shape[-2], h_RF2.shape[-1]
+    want_w_R = w_R is not None and want["w_R"]
+    for g, s, e in rows.blocks:
+        x_BD, g_BD, h_BF2 = x_RD[s:e], g_RD[s:e], h_RF2[s:e]
+        w_B = None if w_R is None else w_R[s:e]
+        grad_a_out = _buffer(ws, "grad_a", (e - s, f), h_BF2)
+        if want["w_down"]:
+            scaled_BF = native.forward(name, h_BF2, w_B, grad_a_out)
+            mm(scaled_BF.t(), g_BD, kind, out=grads["w_down"][g])
+            del scaled_BF
+        if want["b_down"]:
+            grads["b_down"][g] = (g_BD if w_B is None else g_BD * w_B.unsqueeze(-1)).sum(0)
+        # grad_a_out is free again (the weighted activation was consumed above).
+        grad_a_BF = mm(g_BD, w_down[g].t(), kind, out=grad_a_out if kind == "torch" else None)
+        grad_w_B = grads["w_R"][s:e] if want_w_R else None
+        grad_h_BF2 = native.backward(
+            name, h_BF2, w_B, grad_a_BF, _buffer(ws, "grad_h", (e - s, f2), h_BF2), grad_w_B
+        )
+        if want_w_R and b_down is not None:
+            grad_w_B += g_BD @ b_down[g]
+        del grad_a_BF
+        if want["w_up"]:
+            mm(x_BD.t(), grad_h_BF2, kind, out=grads["w_up"][g])
+        if want["b_up"]:
+            grads["b_up"][g] = grad_h_BF2.sum(0)
+        if want["x"]:
+            mm(grad_h_BF2, w_up[g].t(), kind, out=x_BD)
+    if want["x"]:
+        grads["x"] = x_RD
+
+
+def _buffer(ws, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A workspace buffer (dead after the call), or a new tensor without a workspace."""
+    return like.new_empty(shape) if ws is None else ws.get(name, shape, like)
 
 
 def _per_expert_grad(w_LAB: Tensor, rows: _PerExpertRows, ws) -> Tensor:

@@ -23,6 +23,8 @@ from am_moe.dispatch import LocalDispatcher
 from am_moe.experts.activations import ACTIVATIONS
 from am_moe.experts.autograd import _LocalMoE
 from am_moe.experts.kernels import run_experts
+from am_moe.experts.native import check_cpu_kernels, native_applies
+from am_moe.experts.native import library as native_library
 from am_moe.experts.rows import _routing_plan, resolve_layout
 
 if TYPE_CHECKING:
@@ -63,6 +65,10 @@ class GroupedExperts(nn.Module):
     # large tensors that outlive a call (saved pre-activation, weight gradients, outputs) on
     # storage recycled once they are dead (`pool._TensorPool`; in the per-expert layout).
     reuse_cpu_buffers: bool = True
+    # The activation of the "per_expert" layout (fp32 CPU, one thread): on the fused C
+    # kernels of `native` ("auto": where they build; "native": an error where they do not)
+    # or as ATen ops ("torch"). See `native.CPU_KERNEL_CHOICES`.
+    cpu_kernels: str = "auto"
 
     def __init__(self, config: MoEConfig, backend: BackendConfig) -> None:
         super().__init__()
@@ -147,12 +153,19 @@ class GroupedExperts(nn.Module):
         if token_mask_T is None:
             token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
         layout = resolve_layout(self.cpu_layout, weights[0].dtype)
+        check_cpu_kernels(self.cpu_kernels)
         matmul = "torch"
         if x_TD.device.type == "cpu":
             matmul = resolve_cpu_gemm(self.cpu_gemm, weights[0].dtype)
+        native = None
+        if layout == "per_expert" and native_applies(
+            self.cpu_kernels, self.expert_activation, weights[0].dtype, x_TD.device
+        ):
+            native = native_library()
         plan = _routing_plan(
-            indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding, matmul
-        )
+            indices_TK, token_mask_T, self.n_routed_experts, layout, self.max_padding, matmul,
+            native,
+        )  # fmt: skip
         act = partial(
             ACTIVATIONS[self.expert_activation],
             alpha=self.activation_alpha,

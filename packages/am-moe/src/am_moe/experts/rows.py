@@ -131,9 +131,11 @@ class _GroupedRows:
 class _PerExpertRows:
     """Layout of N rows grouped by expert, run expert by expert (`blocks._blocks_forward`)."""
 
-    def __init__(self, counts_L: Tensor, matmul: str = "torch") -> None:
+    def __init__(self, counts_L: Tensor, matmul: str = "torch", native=None) -> None:
         self.num_groups = counts_L.numel()
         self.matmul = matmul  # the fp32 matmul kernel, "torch" or "onednn" (`am_dtype.cpu_gemm`)
+        # The fused activation kernels (`native.NativeKernels`), or None: ATen ops.
+        self.native = native
         ends = torch.cumsum(counts_L, 0).tolist()
         bounds = list(enumerate(zip([0, *ends[:-1]], ends, strict=True)))
         # (expert, first row, end row) of every expert that has rows.
@@ -328,10 +330,12 @@ def _routing_plan(
     layout: str,
     max_padding: float = 0.125,
     matmul: str = "torch",
+    native=None,
 ) -> _Plan:
     """Sort the (token, k) pairs by expert and lay the rows out as `layout` (on CPU; "auto"
     is resolved by `resolve_layout` for float32); "per_expert" runs its matmuls by the
-    resolved kernel `matmul` ("torch" or "onednn", `am_dtype.cpu_gemm.resolve_cpu_gemm`)."""
+    resolved kernel `matmul` ("torch" or "onednn", `am_dtype.cpu_gemm.resolve_cpu_gemm`)
+    and its activation on `native` (`native.NativeKernels`) when given."""
     if layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout={layout!r} is not supported; accepted: {list(CPU_LAYOUTS)}")
     layout = resolve_layout(layout, torch.float32)
@@ -352,7 +356,7 @@ def _routing_plan(
     if not on_cpu or n == 0 or layout == "grouped":
         plan = _Plan(row_N, pair_N, None, _GroupedRows(counts_L, indices_TK.device))
     elif layout == "per_expert":
-        plan = _Plan(row_N, pair_N, None, _PerExpertRows(counts_L, matmul))
+        plan = _Plan(row_N, pair_N, None, _PerExpertRows(counts_L, matmul, native))
     else:
         group_N = sorted_key[:n]
         rank_N = torch.arange(n) - (torch.cumsum(counts_L, 0) - counts_L).index_select(0, group_N)

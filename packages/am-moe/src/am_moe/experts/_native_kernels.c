@@ -1,0 +1,118 @@
+/* Fused fp32 CPU kernels for the routed experts' activations (am_moe.experts.native).
+ *
+ * Each kernel makes one pass over a block of rows where the ATen path makes five to sixteen
+ * (one per elementwise op). Rows are the expert's routed rows; h holds the first
+ * projection's output, gate half [0, f) then up half [f, 2f) for "geglu" (f columns for
+ * "relu2"); w is the per-row routing weight (NULL: 1). All pointers are fp32, rows are
+ * `ld*` floats apart, columns contiguous. No allocation, no threads, no global state.
+ *
+ * gelu_tanh(g) = g * sigmoid(z), z = 2 sqrt(2/pi) (g + 0.044715 g^3) (tanh(u) =
+ * 2 sigmoid(2u) - 1), and d gelu_tanh / dg = s + g s (1 - s) dz/dg with s = sigmoid(z).
+ * The exponential is a range reduction plus a degree-7 Taylor polynomial (relative error
+ * ~1e-7, the rounding of fp32) written in plain arithmetic so the compiler vectorizes it.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define AM_C2 1.5957691216057308f  /* 2 sqrt(2/pi) */
+#define AM_C2K 0.0713548162726f    /* 2 sqrt(2/pi) * 0.044715 */
+
+static inline float am_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: x + magic - magic rounds x to an integer */
+    float n = (x * 1.44269504088896341f + magic) - magic;
+    float r = x - n * 0.693145751953125f; /* ln 2 in two parts, exact product first */
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.984126984126984e-04f;
+    p = p * r + 1.388888888888889e-03f;
+    p = p * r + 8.333333333333333e-03f;
+    p = p * r + 4.166666666666667e-02f;
+    p = p * r + 1.666666666666667e-01f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23; /* 2^n, n in [-126, 127] after the clamp */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float am_gelu_sigmoid(float g) {
+    return 1.0f / (1.0f + am_exp(-(g * (AM_C2 + AM_C2K * g * g))));
+}
+
+/* a[r, j] = gelu_tanh(gate) * up * w[r]. */
+void am_geglu_fwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  float *a, int64_t lda) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = h + r * ldh, *u = g + f;
+        float *o = a + r * lda;
+        const float wr = w ? w[r] : 1.0f;
+#pragma omp simd
+        for (int64_t j = 0; j < f; ++j) {
+            const float x = g[j];
+            o[j] = ((x * am_gelu_sigmoid(x)) * u[j]) * wr;
+        }
+    }
+}
+
+/* From the upstream gradient ga of a = gelu_tanh(gate) * up (before the routing weight):
+ * gw[r] = sum_j a * ga (the routing weight's gradient; skipped when gw is NULL), and
+ * gh = d(a * w[r]) / d(gate, up) . ga, gate half then up half. */
+void am_geglu_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = h + r * ldh, *u = g + f, *d = ga + r * ldga;
+        float *og = gh + r * ldgh, *ou = og + f;
+        const float wr = w ? w[r] : 1.0f;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < f; ++j) {
+            const float x = g[j], up = u[j], dj = d[j];
+            const float s = am_gelu_sigmoid(x);
+            const float gl = x * s;
+            acc += (gl * up) * dj;
+            const float dw = dj * wr;
+            ou[j] = dw * gl;
+            og[j] = (dw * up) * (s + gl * (1.0f - s) * (AM_C2 + 3.0f * AM_C2K * x * x));
+        }
+        if (gw) gw[r] = acc;
+    }
+}
+
+/* a[r, j] = relu(h)^2 * w[r]. */
+void am_relu2_fwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  float *a, int64_t lda) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = h + r * ldh;
+        float *o = a + r * lda;
+        const float wr = w ? w[r] : 1.0f;
+#pragma omp simd
+        for (int64_t j = 0; j < f; ++j) {
+            const float p = x[j] > 0.0f ? x[j] : 0.0f;
+            o[j] = (p * p) * wr;
+        }
+    }
+}
+
+/* gw[r] = sum_j relu(h)^2 * ga (NULL: skipped); gh = 2 relu(h) * ga * w[r]. */
+void am_relu2_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = h + r * ldh, *d = ga + r * ldga;
+        float *o = gh + r * ldgh;
+        const float wr = w ? w[r] : 1.0f;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < f; ++j) {
+            const float p = x[j] > 0.0f ? x[j] : 0.0f;
+            acc += (p * p) * d[j];
+            o[j] = ((d[j] * wr) * p) * 2.0f;
+        }
+        if (gw) gw[r] = acc;
+    }
+}
+
+/* Lets the loader check that the library it opened is the one built from this source. */
+int am_native_kernels_abi(void) { return 1; }
