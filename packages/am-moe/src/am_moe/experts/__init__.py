@@ -42,7 +42,8 @@ Files, one job each: `activations` (activation functions and their gradients), `
 layouts, routing plan, CPU workspace), `autograd` (the custom autograd functions),
 `blocks` (the expert-by-expert CPU loop), its fp32 matmul is `am_dtype.cpu_gemm`'s (torch.mm or
 oneDNN's, `BackendConfig.cpu_gemm`), `kernels` (kernels by name, `run_experts`),
-`module` (`GroupedExperts`). Every public name
+`module` (`GroupedExperts`), `native` (fused C kernels for the geglu / relu2 activation of
+the expert-by-expert loop, built on first use; `GroupedExperts.cpu_kernels`). Every public name
 is re-exported here, so `am_moe.experts.GroupedExperts` and friends keep working.
 """
 
