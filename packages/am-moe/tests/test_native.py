@@ -10,8 +10,10 @@ at least 2e-9: in the clamped tails the kernels give ~1e-36 where float64 gives 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,3 +286,48 @@ def test_a_library_with_wrong_numbers_is_refused_by_the_self_test(
     y_auto, *_ = _run(_experts("geglu", "auto"))
     y_torch, *_ = _run(_experts("geglu", "torch"))
     torch.testing.assert_close(y_auto, y_torch, rtol=0, atol=0)
+
+
+@needs_cc
+def test_an_unwritable_default_cache_falls_back_to_a_temporary_directory(
+    fresh_state, monkeypatch, tmp_path
+):
+    """A read-only home must not turn the kernels off: the build goes to a per-user temporary
+    directory. An explicit $AM_KERNEL_CACHE that cannot be written is reported instead."""
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.delenv("AM_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # mkdir under a file fails
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = native.library()
+    assert lib is not None, native.build_error()
+    assert lib.path.parent.parent == tmp_path / "tmp"
+    native._reset()
+    monkeypatch.setenv("AM_KERNEL_CACHE", str(blocked / "kernels"))
+    assert native.library() is None
+    assert "no writable kernel cache" in native.build_error()
+    assert "AM_KERNEL_CACHE" in native.build_error()
+
+
+@needs_cc
+def test_processes_building_at_once_all_load_a_complete_library(tmp_path):
+    """Ranks of one job starting together on an empty cache: each builds into its own
+    temporary file and renames it into place, so every process loads a whole library (none
+    reads another's half-written file) and no temporary file is left."""
+    code = (
+        "from am_moe.experts import native\n"
+        "lib = native.library()\n"
+        "assert lib is not None, native.build_error()\n"
+        "print(lib.path)\n"
+    )
+    env = {**os.environ, "AM_KERNEL_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    assert len({out.strip() for out, _ in outs}) == 1
+    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob(".*"))

@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -216,11 +217,30 @@ class _BuildError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built libraries are kept: `$AM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/am/kernels`,
-    else `~/.cache/am/kernels`."""
+    else `~/.cache/am/kernels` (a per-user temporary directory if that cannot be written)."""
     if os.environ.get("AM_KERNEL_CACHE"):
         return Path(os.environ["AM_KERNEL_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "am" / "kernels"
+
+
+def _writable_cache_dir() -> Path:
+    """`cache_dir()`, created; without `$AM_KERNEL_CACHE`, a per-user temporary directory
+    where the default one cannot be written (a read-only home)."""
+    candidates = [cache_dir()]
+    if not os.environ.get("AM_KERNEL_CACHE"):
+        user = os.getuid() if hasattr(os, "getuid") else os.getpid()
+        candidates.append(Path(tempfile.gettempdir()) / f"am-kernels-{user}")
+    errors = []
+    for directory in candidates:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.access(directory, os.W_OK):
+                return directory
+            errors.append(f"{str(directory)!r} is not writable")
+        except OSError as e:
+            errors.append(f"{str(directory)!r}: {e}")
+    raise _BuildError(f"no writable kernel cache: {'; '.join(errors)} (set AM_KERNEL_CACHE)")
 
 
 def _cpu_identity() -> str:
@@ -268,11 +288,7 @@ def _load() -> NativeKernels:
             ]
         )  # fmt: skip
     ).hexdigest()[:20]
-    directory = cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _BuildError(f"kernel cache {str(directory)!r} is not writable: {e}") from e
+    directory = _writable_cache_dir()
     path = directory / f"am_moe_native_{key}.so"
     if path.exists():
         try:
