@@ -174,12 +174,10 @@ def test_grouped_experts_on_native_kernels_equal_the_aten_path(
     assert spy.calls == []
     y_n, gx_n, gw_n, gp_n = _run(_experts(activation, "auto", cpu_gemm))
     assert ("forward", activation) in spy.calls and ("backward", activation) in spy.calls
-    tol = dict(rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(y_n, y_t, **tol)
-    torch.testing.assert_close(gx_n, gx_t, **tol)
-    torch.testing.assert_close(gw_n, gw_t, **tol)
-    for name, grad in gp_t.items():
-        torch.testing.assert_close(gp_n[name], grad, **tol, msg=name)
+    pairs = [(y_n, y_t, "output"), (gx_n, gx_t, "grad x"), (gw_n, gw_t, "grad weights")]
+    pairs += [(gp_n[name], grad, name) for name, grad in gp_t.items()]
+    for got, want, what in pairs:
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6, msg=what)
 
 
 @needs_cc

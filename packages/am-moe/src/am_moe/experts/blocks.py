@@ -121,12 +121,7 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
         del a_BF
         grad_h_BF2 = act_grad(grad_a_BF)
         del grad_a_BF
-        if want["w_up"]:
-            mm(x_BD.t(), grad_h_BF2, kind, out=grads["w_up"][g])
-        if want["b_up"]:
-            grads["b_up"][g] = grad_h_BF2.sum(0)
-        if want["x"]:
-            mm(grad_h_BF2, w_up[g].t(), kind, out=x_BD)
+        _up_projection_grads(grads, want, g, x_BD, grad_h_BF2, w_up, kind)
     if want["x"]:
         grads["x"] = x_RD
     return grads
@@ -158,14 +153,20 @@ def _native_blocks_backward(ctx, grads, g_RD, x_RD, h_RF2, rows, w_up, w_down, b
         if want_w_R and b_down is not None:
             grad_w_B += g_BD @ b_down[g]
         del grad_a_BF
-        if want["w_up"]:
-            mm(x_BD.t(), grad_h_BF2, kind, out=grads["w_up"][g])
-        if want["b_up"]:
-            grads["b_up"][g] = grad_h_BF2.sum(0)
-        if want["x"]:
-            mm(grad_h_BF2, w_up[g].t(), kind, out=x_BD)
+        _up_projection_grads(grads, want, g, x_BD, grad_h_BF2, w_up, kind)
     if want["x"]:
         grads["x"] = x_RD
+
+
+def _up_projection_grads(grads, want, g, x_BD, grad_h_BF2, w_up, kind) -> None:
+    """Expert g's up-projection weight and bias gradients, and its rows' input gradient
+    (written into x_BD, dead once the weight gradient is taken)."""
+    if want["w_up"]:
+        mm(x_BD.t(), grad_h_BF2, kind, out=grads["w_up"][g])
+    if want["b_up"]:
+        grads["b_up"][g] = grad_h_BF2.sum(0)
+    if want["x"]:
+        mm(grad_h_BF2, w_up[g].t(), kind, out=x_BD)
 
 
 def _buffer(ws, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
