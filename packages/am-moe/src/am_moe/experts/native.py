@@ -89,7 +89,7 @@ class NativeKernels:
     def forward(self, name: str, h_BF2: Tensor, w_B: Tensor | None, out_BF: Tensor) -> Tensor:
         """out_BF = act(h_BF2) * w_B[:, None] (w_B None: 1); returns out_BF."""
         f = out_BF.shape[1]
-        _check(name, h_BF2, f, w_B, out_BF)
+        _check(name, f, w_B, h=h_BF2, out=out_BF)
         self._fwd[name](
             h_BF2.data_ptr(), h_BF2.shape[0], f, h_BF2.stride(0), _ptr(w_B),
             out_BF.data_ptr(), out_BF.stride(0),
@@ -109,7 +109,7 @@ class NativeKernels:
         d(act(h) * w_B)/dh . grad_a and, if given, grad_w_B = sum(act(h) * grad_a, -1).
         Returns grad_h_BF2."""
         f = grad_a_BF.shape[1]
-        _check(name, h_BF2, f, w_B, grad_a_BF, grad_h_BF2)
+        _check(name, f, w_B, h=h_BF2, grad_a=grad_a_BF, grad_h=grad_h_BF2)
         if grad_w_B is not None:
             _check_vector(grad_w_B, h_BF2.shape[0], "grad_w_B")
         self._bwd[name](
@@ -137,18 +137,16 @@ def _check_vector(t: Tensor, rows: int, what: str) -> None:
         )
 
 
-def _check(name: str, h: Tensor, f: int, w: Tensor | None, *blocks: Tensor) -> None:
-    """The kernels read raw pointers: shapes, dtype, device and inner strides must hold."""
+def _check(name: str, f: int, w: Tensor | None, **blocks: Tensor) -> None:
+    """The kernels read raw pointers: shapes, dtype, device and inner strides must hold.
+    `blocks` maps each 2-D argument's name to it; h and grad_h are 2f wide for "geglu"."""
     if name not in NATIVE_ACTIVATIONS:
         raise ValueError(
             f"no native kernel for activation={name!r}; have {sorted(NATIVE_ACTIVATIONS)}"
         )
-    width = 2 * f if name == "geglu" else f
-    rows = h.shape[0]
-    expected = {"h": (h, width)} | {f"block {i}": (b, f) for i, b in enumerate(blocks)}
-    if len(blocks) == 2:
-        expected["block 1"] = (blocks[1], width)
-    for what, (t, cols) in expected.items():
+    rows = blocks["h"].shape[0]
+    for what, t in blocks.items():
+        cols = 2 * f if name == "geglu" and what in ("h", "grad_h") else f
         if (
             t.dtype != torch.float32
             or t.device.type != "cpu"
