@@ -84,6 +84,12 @@ def test_kernels_match_float64_autograd(kernels, name, rows, f):
     _close(a, want_a, "forward")
     _close(grad_h, want_gh, "grad_h")
     _close(grad_w, want_gw, "grad_w")
+    # The backward's optional weighted activation (the same pass over h): equal to the
+    # forward's, and asking for it changes nothing else.
+    scaled, grad_h3, grad_w3 = torch.empty(rows, f), torch.empty(rows, width), torch.empty(rows)
+    kernels.backward(name, h, w, grad_a, grad_h3, grad_w3, scaled)
+    _close(scaled, want_a, "backward's weighted activation")
+    assert torch.equal(grad_h3, grad_h) and torch.equal(grad_w3, grad_w)
     # No weight: the weight is 1; no grad_w: the rest is unchanged.
     ones_a, ones_gh, _ = _reference(name, h, torch.ones(rows), grad_a)
     _close(kernels.forward(name, h, None, torch.empty(rows, f)), ones_a, "forward, w=None")
@@ -118,6 +124,9 @@ def test_kernels_refuse_what_they_cannot_read(kernels):
         kernels.forward("geglu", h, torch.rand(3), torch.empty(4, 8))
     with pytest.raises(ValueError, match="no native kernel for activation='swiglu'"):
         kernels.forward("swiglu", h, None, torch.empty(4, 8))
+    grad_a, grad_h = torch.randn(4, 8), torch.empty(4, 16)
+    with pytest.raises(ValueError, match=r"scaled must be fp32 CPU \[4, 8\].*\(4, 7\)"):
+        kernels.backward("geglu", h, None, grad_a, grad_h, None, torch.empty(4, 7))
 
 
 def _experts(activation, cpu_kernels, cpu_gemm="torch"):

@@ -58,13 +58,17 @@ void am_geglu_fwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const fl
 }
 
 /* From the upstream gradient ga of a = gelu_tanh(gate) * up (before the routing weight):
- * gw[r] = sum_j a * ga (the routing weight's gradient; skipped when gw is NULL), and
- * gh = d(a * w[r]) / d(gate, up) . ga, gate half then up half. */
-void am_geglu_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
-                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw) {
+ * gw[r] = sum_j a * ga (the routing weight's gradient; skipped when gw is NULL),
+ * gh = d(a * w[r]) / d(gate, up) . ga, gate half then up half, and, when sa is not NULL,
+ * sa = a * w[r] (the forward's output, which the down projection's weight gradient needs:
+ * computed here it costs no second pass over h). */
+static inline void am_geglu_bwd_rows(const float *h, int64_t rows, int64_t f, int64_t ldh,
+                                     const float *w, const float *ga, int64_t ldga, float *gh,
+                                     int64_t ldgh, float *gw, float *sa, int64_t ldsa,
+                                     const int store_a) {
     for (int64_t r = 0; r < rows; ++r) {
         const float *g = h + r * ldh, *u = g + f, *d = ga + r * ldga;
-        float *og = gh + r * ldgh, *ou = og + f;
+        float *og = gh + r * ldgh, *ou = og + f, *oa = store_a ? sa + r * ldsa : 0;
         const float wr = w ? w[r] : 1.0f;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -73,12 +77,23 @@ void am_geglu_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const fl
             const float s = am_gelu_sigmoid(x);
             const float gl = x * s;
             acc += (gl * up) * dj;
+            if (store_a) oa[j] = (gl * up) * wr;
             const float dw = dj * wr;
             ou[j] = dw * gl;
             og[j] = (dw * up) * (s + gl * (1.0f - s) * (AM_C2 + 3.0f * AM_C2K * x * x));
         }
         if (gw) gw[r] = acc;
     }
+}
+
+void am_geglu_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw, float *sa,
+                  int64_t ldsa) {
+    /* Two instantiations, so the inner loop carries no per-element branch. */
+    if (sa)
+        am_geglu_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 1);
+    else
+        am_geglu_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 0);
 }
 
 /* a[r, j] = relu(h)^2 * w[r]. */
@@ -96,23 +111,36 @@ void am_relu2_fwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const fl
     }
 }
 
-/* gw[r] = sum_j relu(h)^2 * ga (NULL: skipped); gh = 2 relu(h) * ga * w[r]. */
-void am_relu2_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
-                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw) {
+/* gw[r] = sum_j relu(h)^2 * ga (NULL: skipped); gh = 2 relu(h) * ga * w[r]; and, when sa
+ * is not NULL, sa = relu(h)^2 * w[r] (as in am_geglu_bwd). */
+static inline void am_relu2_bwd_rows(const float *h, int64_t rows, int64_t f, int64_t ldh,
+                                     const float *w, const float *ga, int64_t ldga, float *gh,
+                                     int64_t ldgh, float *gw, float *sa, int64_t ldsa,
+                                     const int store_a) {
     for (int64_t r = 0; r < rows; ++r) {
         const float *x = h + r * ldh, *d = ga + r * ldga;
-        float *o = gh + r * ldgh;
+        float *o = gh + r * ldgh, *oa = store_a ? sa + r * ldsa : 0;
         const float wr = w ? w[r] : 1.0f;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t j = 0; j < f; ++j) {
             const float p = x[j] > 0.0f ? x[j] : 0.0f;
             acc += (p * p) * d[j];
+            if (store_a) oa[j] = (p * p) * wr;
             o[j] = ((d[j] * wr) * p) * 2.0f;
         }
         if (gw) gw[r] = acc;
     }
 }
 
+void am_relu2_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
+                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw, float *sa,
+                  int64_t ldsa) {
+    if (sa)
+        am_relu2_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 1);
+    else
+        am_relu2_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 0);
+}
+
 /* Lets the loader check that the library it opened is the one built from this source. */
-int am_native_kernels_abi(void) { return 1; }
+int am_native_kernels_abi(void) { return 2; }

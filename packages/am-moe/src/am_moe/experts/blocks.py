@@ -129,30 +129,31 @@ def _blocks_backward(ctx, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws
 
 def _native_blocks_backward(ctx, grads, g_RD, x_RD, h_RF2, rows, w_up, w_down, b_down, w_R, ws):
     """The loop of `_blocks_backward` with the activation on the fused kernels (`native`):
-    one kernel call gives the weighted activation for the down projection's weight gradient,
-    one gives grad_h and the routing weight's gradient from the upstream gradient."""
+    one kernel call per expert reads h once and gives grad_h, the routing weight's gradient
+    and the weighted activation the down projection's weight gradient needs."""
     want, native, kind, name = ctx.want, rows.native, rows.matmul, ctx.act_name
     f, f2 = w_down.shape[-2], h_RF2.shape[-1]
     want_w_R = w_R is not None and want["w_R"]
     for g, s, e in rows.blocks:
         x_BD, g_BD, h_BF2 = x_RD[s:e], g_RD[s:e], h_RF2[s:e]
         w_B = None if w_R is None else w_R[s:e]
-        grad_a_out = _buffer(ws, "grad_a", (e - s, f), h_BF2)
+        # oneDNN has no out= form: its product is a fresh tensor, not written into the buffer.
+        grad_a_out = _buffer(ws, "grad_a", (e - s, f), h_BF2) if kind == "torch" else None
+        grad_a_BF = mm(g_BD, w_down[g].t(), kind, out=grad_a_out)
+        scaled_BF = _buffer(ws, "a", (e - s, f), h_BF2) if want["w_down"] else None
+        grad_w_B = grads["w_R"][s:e] if want_w_R else None
+        grad_h_BF2 = native.backward(
+            name, h_BF2, w_B, grad_a_BF, _buffer(ws, "grad_h", (e - s, f2), h_BF2), grad_w_B,
+            scaled_BF,
+        )  # fmt: skip
+        del grad_a_BF
         if want["w_down"]:
-            scaled_BF = native.forward(name, h_BF2, w_B, grad_a_out)
             mm(scaled_BF.t(), g_BD, kind, out=grads["w_down"][g])
             del scaled_BF
         if want["b_down"]:
             grads["b_down"][g] = (g_BD if w_B is None else g_BD * w_B.unsqueeze(-1)).sum(0)
-        # grad_a_out is free again (the weighted activation was consumed above).
-        grad_a_BF = mm(g_BD, w_down[g].t(), kind, out=grad_a_out if kind == "torch" else None)
-        grad_w_B = grads["w_R"][s:e] if want_w_R else None
-        grad_h_BF2 = native.backward(
-            name, h_BF2, w_B, grad_a_BF, _buffer(ws, "grad_h", (e - s, f2), h_BF2), grad_w_B
-        )
         if want_w_R and b_down is not None:
             grad_w_B += g_BD @ b_down[g]
-        del grad_a_BF
         _up_projection_grads(grads, want, g, x_BD, grad_h_BF2, w_up, kind)
     if want["x"]:
         grads["x"] = x_RD

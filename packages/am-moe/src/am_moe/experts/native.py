@@ -56,12 +56,17 @@ NATIVE_ACTIVATIONS = frozenset({"geglu", "relu2"})
 
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c11", "-fPIC")
-_ABI = 1
+# GCC tunes Intel server CPUs (Ice Lake, Sapphire Rapids) for 256-bit vectors even where
+# AVX-512 is there; the activation is arithmetic-bound and runs faster 512 wide (one thread,
+# 512 x 512 gate block on a Sapphire Rapids: forward 0.246 -> 0.215 ms, backward 0.361 ->
+# 0.296 ms). x86 only: other compilers' targets do not know the flag.
+_X86_FLAGS = ("-mprefer-vector-width=512",)
+_ABI = 2
 _BUILD_TIMEOUT_S = 120
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FORWARD_ARGS = [_P, _I, _I, _I, _P, _P, _I]
-_BACKWARD_ARGS = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _P]
+_BACKWARD_ARGS = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I]
 
 
 def check_cpu_kernels(name: str) -> str:
@@ -104,18 +109,24 @@ class NativeKernels:
         grad_a_BF: Tensor,
         grad_h_BF2: Tensor,
         grad_w_B: Tensor | None,
+        scaled_BF: Tensor | None = None,
     ) -> Tensor:
         """From grad_a (the gradient of act(h) * w_B before the weight), grad_h_BF2 =
-        d(act(h) * w_B)/dh . grad_a and, if given, grad_w_B = sum(act(h) * grad_a, -1).
+        d(act(h) * w_B)/dh . grad_a and, if given, grad_w_B = sum(act(h) * grad_a, -1) and
+        scaled_BF = act(h) * w_B (what `forward` gives, in the same pass over h).
         Returns grad_h_BF2."""
         f = grad_a_BF.shape[1]
-        _check(name, f, w_B, h=h_BF2, grad_a=grad_a_BF, grad_h=grad_h_BF2)
+        blocks = dict(h=h_BF2, grad_a=grad_a_BF, grad_h=grad_h_BF2)
+        if scaled_BF is not None:
+            blocks["scaled"] = scaled_BF
+        _check(name, f, w_B, **blocks)
         if grad_w_B is not None:
             _check_vector(grad_w_B, h_BF2.shape[0], "grad_w_B")
         self._bwd[name](
             h_BF2.data_ptr(), h_BF2.shape[0], f, h_BF2.stride(0), _ptr(w_B),
             grad_a_BF.data_ptr(), grad_a_BF.stride(0), grad_h_BF2.data_ptr(),
-            grad_h_BF2.stride(0), _ptr(grad_w_B),
+            grad_h_BF2.stride(0), _ptr(grad_w_B), _ptr(scaled_BF),
+            0 if scaled_BF is None else scaled_BF.stride(0),
         )  # fmt: skip
         return grad_h_BF2
 
@@ -257,6 +268,12 @@ def _cpu_identity() -> str:
     return platform.machine() + platform.processor() + "".join(lines)
 
 
+def _flags() -> tuple[str, ...]:
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+        return _FLAGS + _X86_FLAGS
+    return _FLAGS
+
+
 def _compiler() -> tuple[str, str]:
     cc = os.environ.get("CC") or "cc"
     exe = shutil.which(cc)
@@ -281,7 +298,7 @@ def _load() -> NativeKernels:
                 source,
                 exe.encode(),
                 version.encode(),
-                " ".join(_FLAGS).encode(),
+                " ".join(_flags()).encode(),
                 _cpu_identity().encode(),
             ]
         )  # fmt: skip
@@ -297,7 +314,7 @@ def _load() -> NativeKernels:
     try:
         try:
             done = subprocess.run(
-                [exe, *_FLAGS, "-shared", str(_SOURCE), "-o", str(tmp)],
+                [exe, *_flags(), "-shared", str(_SOURCE), "-o", str(tmp)],
                 capture_output=True,
                 text=True,
                 timeout=_BUILD_TIMEOUT_S,
@@ -349,11 +366,13 @@ def _self_test(kernels: NativeKernels) -> None:
         out = kernels.forward(name, h32, w32, torch.empty(rows, f))
         grad_h = torch.empty(rows, width)
         grad_w = torch.empty(rows)
-        kernels.backward(name, h32, w32, grad_a.float(), grad_h, grad_w)
+        scaled = torch.empty(rows, f)
+        kernels.backward(name, h32, w32, grad_a.float(), grad_h, grad_w, scaled)
         for what, ours, ref in (
             ("forward", out, a * w[:, None]),
             ("grad_h", grad_h, h.grad),
             ("grad_w", grad_w, w.grad),
+            ("backward's forward", scaled, a * w[:, None]),
         ):
             err = (ours.double() - ref.detach()).abs().max() / ref.detach().abs().max()
             if not torch.isfinite(err) or err > 1e-5:
