@@ -112,6 +112,43 @@ def test_kernels_read_strided_row_blocks(kernels):
 
 
 @needs_cc
+@pytest.mark.parametrize("width", [1, 16, 37, 1024])
+def test_gather_rows_equals_index_select(kernels, width):
+    """Bit-identical to index_select: streamed (64-byte aligned rows, whole vectors) and
+    copied (ragged widths, unaligned rows) parts, repeated and unsorted indices, a source
+    that is a row block of a larger buffer and a destination with a leading stride."""
+    g = torch.Generator().manual_seed(width)
+    big = torch.randn(12, width + 5, generator=g)
+    src = big[1:11, :width]  # rows width + 5 floats apart
+    idx = torch.randint(0, 10, (33,), generator=g)
+    idx[:3] = torch.tensor([9, 9, 0])
+    out_big = torch.full((40, width + 3), 7.0)
+    out = kernels.gather_rows(src, idx, out_big[2:35, :width])
+    assert torch.equal(out, src.index_select(0, idx))
+    assert torch.all(out_big[:2] == 7) and torch.all(out_big[35:] == 7)
+    assert torch.all(out_big[:, width:] == 7)
+    # No rows, and a contiguous destination of the aligned kind the loop hands it.
+    assert kernels.gather_rows(src, idx[:0], torch.empty(0, width)).shape == (0, width)
+    dense = kernels.gather_rows(src.contiguous(), idx, torch.empty(33, width))
+    assert torch.equal(dense, src.index_select(0, idx))
+
+
+@needs_cc
+def test_gather_rows_refuses_bad_indices_and_tensors(kernels):
+    src, out = torch.randn(5, 8), torch.empty(3, 8)
+    with pytest.raises(IndexError, match=r"idx\[1\] = 5 is outside the 5 source rows"):
+        kernels.gather_rows(src, torch.tensor([0, 5, 1]), out)
+    with pytest.raises(IndexError, match=r"idx\[2\] = -1"):
+        kernels.gather_rows(src, torch.tensor([0, 1, -1]), out)
+    with pytest.raises(ValueError, match="idx must be a contiguous int64"):
+        kernels.gather_rows(src, torch.tensor([0, 1, 2], dtype=torch.int32), out)
+    with pytest.raises(ValueError, match=r"out must be fp32 CPU \[3, 8\]"):
+        kernels.gather_rows(src, torch.tensor([0, 1, 2]), torch.empty(3, 7))
+    with pytest.raises(ValueError, match="src must be fp32 CPU"):
+        kernels.gather_rows(src.double(), torch.tensor([0, 1, 2]), out)
+
+
+@needs_cc
 def test_kernels_refuse_what_they_cannot_read(kernels):
     h = torch.randn(4, 16)
     with pytest.raises(ValueError, match="fp32 CPU"):
@@ -160,12 +197,13 @@ def _run(module, seed=3):
 class _Spy:
     def __init__(self, monkeypatch):
         self.calls = []
-        for method in ("forward", "backward"):
+        for method in ("forward", "backward", "gather_rows"):
             real = getattr(native.NativeKernels, method)
 
-            def spy(obj, name, *args, _real=real, _method=method):
-                self.calls.append((_method, name))
-                return _real(obj, name, *args)
+            def spy(obj, first, *args, _real=real, _method=method):
+                # (method, activation name); the gather takes no name.
+                self.calls.append((_method, first if isinstance(first, str) else None))
+                return _real(obj, first, *args)
 
             monkeypatch.setattr(native.NativeKernels, method, spy)
 
@@ -184,6 +222,8 @@ def test_grouped_experts_on_native_kernels_equal_the_aten_path(
     assert spy.calls == []
     y_n, gx_n, gw_n, gp_n = _run(_experts(activation, "auto", cpu_gemm))
     assert ("forward", activation) in spy.calls and ("backward", activation) in spy.calls
+    # The routed rows of x (forward, backward) and of the upstream gradient.
+    assert spy.calls.count(("gather_rows", None)) == 3
     pairs = [(y_n, y_t, "output"), (gx_n, gx_t, "grad x"), (gw_n, gw_t, "grad weights")]
     pairs += [(gp_n[name], grad, name) for name, grad in gp_t.items()]
     for got, want, what in pairs:

@@ -135,7 +135,7 @@ class _LocalMoE(torch.autograd.Function):
         if plan.slot_N is not None:
             w_R = w_N.new_zeros(plan.src_R.numel()).index_copy_(0, plan.slot_N, w_N)
         ws = _Scratch(act_name) if reuse else None
-        x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
+        x_RD = _gather_rows(x_TD, plan, ws, "x")
         if isinstance(plan.rows, _PerExpertRows):
             y_RD, h_RF2 = _blocks_forward(
                 x_RD, plan.rows, w_up, w_down, b_up, b_down, act, act_name, w_R, ws
@@ -159,8 +159,8 @@ class _LocalMoE(torch.autograd.Function):
         x_TD, h_RF2, w_R, w_up, w_down, b_down = ctx.saved_tensors
         plan = ctx.plan
         ws = ctx.ws
-        g_RD = _gather_rows(grad_out_TD.contiguous(), plan.src_R, ws, "g")
-        x_RD = _gather_rows(x_TD, plan.src_R, ws, "x")
+        g_RD = _gather_rows(grad_out_TD.contiguous(), plan, ws, "g")
+        x_RD = _gather_rows(x_TD, plan, ws, "x")
         backward = _blocks_backward if isinstance(plan.rows, _PerExpertRows) else _mlp_backward
         g = backward(ctx, g_RD, x_RD, h_RF2, plan.rows, w_up, w_down, b_down, w_R, ws)
         del g_RD, x_RD
@@ -187,8 +187,14 @@ class _LocalMoE(torch.autograd.Function):
         )
 
 
-def _gather_rows(v_TD: Tensor, src_R: Tensor, ws: _Scratch | None, name: str) -> Tensor:
+def _gather_rows(v_TD: Tensor, plan, ws: _Scratch | None, name: str) -> Tensor:
+    """v_TD's rows in the plan's routed order (`plan.src_R`), into the workspace buffer
+    `name` when there is a workspace; on the native kernels' gather where the loop runs them."""
+    src_R = plan.src_R
     if ws is None:
         return v_TD.index_select(0, src_R)
     out_RD = ws.get(name, (src_R.numel(), v_TD.shape[1]), v_TD)
+    native = getattr(plan.rows, "native", None)
+    if native is not None and v_TD.dtype == torch.float32 and v_TD.device.type == "cpu":
+        return native.gather_rows(v_TD, src_R, out_RD)
     return torch.index_select(v_TD, 0, src_R, out=out_RD)
