@@ -231,6 +231,26 @@ def test_grouped_experts_on_native_kernels_equal_the_aten_path(
 
 
 @needs_cc
+def test_column_strided_tokens_take_the_aten_gather(kernels):
+    """Tokens whose rows are not contiguous (x.t() of a [D, T] buffer) are gathered by
+    index_select, with the same results as the all-ATen path."""
+    g = torch.Generator().manual_seed(5)
+    x_dt = torch.randn(32, 40, generator=g)
+    logits = torch.randn(40, 4, generator=g)
+    top = logits.topk(2, dim=-1)
+    outs = []
+    for choice in ("auto", "torch"):
+        module = _experts("geglu", choice)
+        x = x_dt.clone().t().requires_grad_(True)  # stride (1, 40)
+        weights = top.values.softmax(-1).requires_grad_(True)
+        y = module(x, torch.ones(40, dtype=torch.bool), weights, top.indices)
+        y.sum().backward()
+        outs.append((y.detach(), x.grad, weights.grad))
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+@needs_cc
 def test_native_only_where_it_applies(kernels, monkeypatch):
     """swiglu (no kernel), float64 and other layouts stay on ATen ops even under "native"."""
     spy = _Spy(monkeypatch)

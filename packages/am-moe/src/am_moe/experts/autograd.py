@@ -195,6 +195,11 @@ def _gather_rows(v_TD: Tensor, plan, ws: _Scratch | None, name: str) -> Tensor:
         return v_TD.index_select(0, src_R)
     out_RD = ws.get(name, (src_R.numel(), v_TD.shape[1]), v_TD)
     native = getattr(plan.rows, "native", None)
-    if native is not None and v_TD.dtype == torch.float32 and v_TD.device.type == "cpu":
+    if (
+        native is not None
+        and v_TD.dtype == torch.float32
+        and v_TD.device.type == "cpu"
+        and (v_TD.shape[1] <= 1 or v_TD.stride(1) == 1)  # the gather reads whole rows
+    ):
         return native.gather_rows(v_TD, src_R, out_RD)
     return torch.index_select(v_TD, 0, src_R, out=out_RD)
