@@ -136,13 +136,18 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     Step 1 (same weights) runs the same bf16 ops on the same rows, only fp32 sums (the
     gradient reduce-scatter, the loss reduction) in another order: loss within 1e-6, grad
     norm within 1e-5 relative (measured 6e-8 and 0; a stage computing in fp32 is ~1e-3 off,
-    a bf16 gradient reduction 1.1e-4). Later steps: losses within 1e-4, grad norms 2e-4
-    relative (measured <= 1.4e-5 and 2.3e-5, at step 4): the stages attend plain causal over
-    a whole row (they get no seq_idx; rows hold one document each), the single process per
-    document through am-utils' sdpa, and those bf16 kernels round differently. The export
-    holds the fp32 master weights, within 1e-4 of the single bf16 process's after 4 Adam
-    steps (measured 1.5e-5), and almost none of them bf16-representable (1 of 41 measured; a
-    bf16 copy saved as fp32 would be all of them). Resume from step 2 of the same layout:
+    a bf16 gradient reduction 1.1e-4). Later steps: losses within 5e-4 (1e-4 of the ~5.0
+    loss), grad norms 1e-3 relative: the stages attend plain causal over a whole row (they
+    get no seq_idx; rows hold one document each), the single process per document through
+    am-utils' sdpa, and those bf16 kernels round differently, by how much depends on the
+    CPU's bf16 GEMM (measured: AMD EPYC <= 1.4e-5 and 2.3e-5, at step 4; Intel Sapphire
+    Rapids, AMX, 1.9e-4 at step 3 and 2.3e-4 at step 4). The export holds the fp32 master
+    weights: per tensor, at most 1% of the entries more than 1e-4 from the single bf16
+    process's after 4 Adam steps and none more than the learning rate (an entry whose
+    gradient is near zero moves up to about lr a step, in either direction, on rounding
+    alone; measured: AMD all within 1.5e-5; Intel at most 0.34% beyond 1e-4, largest 2.2e-3),
+    and almost none of them bf16-representable (1 of 41 measured; a bf16 copy saved as fp32
+    would be all of them). Resume from step 2 of the same layout:
     steps 3-4 bit-identical."""
     from am_utils.checkpointing import read_hf_state_dict
 
@@ -157,8 +162,8 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     assert abs(got["bf16"][1] - single.losses[1]) <= 1e-6, (got["bf16"][1], single.losses[1])
     assert norms[1] == pytest.approx(ref_norms[1], rel=1e-5), (norms[1], ref_norms[1])
     for step, loss in single.losses.items():
-        assert abs(got["bf16"][step] - loss) <= 1e-4, ("bf16", step, got["bf16"][step], loss)
-        assert norms[step] == pytest.approx(ref_norms[step], rel=2e-4), ("grad norm", step)
+        assert abs(got["bf16"][step] - loss) <= 5e-4, ("bf16", step, got["bf16"][step], loss)
+        assert norms[step] == pytest.approx(ref_norms[step], rel=1e-3), ("grad norm", step)
 
     assert got["start"] == 2 and sorted(got["resumed"]) == [3, 4]
     assert all(got["resumed"][s] == got["bf16"][s] for s in (3, 4)), (got["resumed"], got["bf16"])
@@ -168,6 +173,8 @@ def _check_bf16(tmp_path, results: list[dict]) -> None:
     rounded = 0
     for key in ref:
         assert ours[key].dtype == torch.float32, (key, ours[key].dtype)
-        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-4, msg=f"bf16 {key}")
+        diff = (ours[key] - ref[key]).abs()
+        assert float(diff.max()) <= ref_raw["optimizer"]["lr"], (key, float(diff.max()))
+        assert float((diff > 1e-4).float().mean()) <= 0.01, (key, float((diff > 1e-4).sum()))
         rounded += int(torch.equal(ours[key], ours[key].bfloat16().float()))
     assert rounded <= len(ref) // 8, f"{rounded} of {len(ref)} exported tensors are bf16 values"
