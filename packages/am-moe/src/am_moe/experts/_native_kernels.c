@@ -90,15 +90,19 @@ static inline void am_geglu_bwd_rows(const float *h, int64_t rows, int64_t f, in
     }
 }
 
-void am_geglu_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
-                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw, float *sa,
-                  int64_t ldsa) {
-    /* Two instantiations, so the inner loop carries no per-element branch. */
-    if (sa)
-        am_geglu_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 1);
-    else
-        am_geglu_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 0);
-}
+/* The exported backward of activation NAME: two instantiations of its row loop, with and
+ * without the weighted activation's store, so the inner loop carries no per-element branch. */
+#define AM_BACKWARD_ENTRY(NAME)                                                              \
+    void am_##NAME##_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w, \
+                         const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw,    \
+                         float *sa, int64_t ldsa) {                                           \
+        if (sa)                                                                               \
+            am_##NAME##_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 1);     \
+        else                                                                                  \
+            am_##NAME##_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 0);     \
+    }
+
+AM_BACKWARD_ENTRY(geglu)
 
 /* a[r, j] = relu(h)^2 * w[r]. */
 void am_relu2_fwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
@@ -137,14 +141,7 @@ static inline void am_relu2_bwd_rows(const float *h, int64_t rows, int64_t f, in
     }
 }
 
-void am_relu2_bwd(const float *h, int64_t rows, int64_t f, int64_t ldh, const float *w,
-                  const float *ga, int64_t ldga, float *gh, int64_t ldgh, float *gw, float *sa,
-                  int64_t ldsa) {
-    if (sa)
-        am_relu2_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 1);
-    else
-        am_relu2_bwd_rows(h, rows, f, ldh, w, ga, ldga, gh, ldgh, gw, sa, ldsa, 0);
-}
+AM_BACKWARD_ENTRY(relu2)
 
 /* dst[r, :] = src[idx[r], :] for r < n, d floats per row (rows lds / ldd floats apart).
  * The routed rows (tens of MB) are written once and read back by the next matmul from
