@@ -16,8 +16,8 @@ One run prints:
    transformers' experts module of that activation (`NemotronHExperts`, `Gemma4TextExperts`)
    with the same weights and routing, in its "grouped_mm" and "eager" implementations
    (and "ours torch.mm": torch_mm with its matmuls on torch.mm, where they default to oneDNN;
-   "ours aten act": torch_mm with its activation as ATen ops, where it defaults to the fused C
-   kernels of `am_moe.experts.native`):
+   "ours aten act": torch_mm with its activation and row gathers as ATen ops, where they
+   default to the fused C kernels of `am_moe.experts.native`):
    milliseconds, tokens/s, GFLOP/s on the
    active FLOPs, fraction of the ceiling, ratios to transformers, and the bytes each keeps
    alive for backward;
@@ -162,7 +162,8 @@ def _transformers(shape: Shape, dtype: torch.dtype, impl: str, ours: GroupedExpe
 def _build(shape: Shape, dtype: torch.dtype):
     """The four implementations, plus "ours torch.mm" (torch_mm with its matmuls on torch.mm)
     where the experts' fp32 matmuls default to oneDNN (`am_dtype.cpu_gemm`), and "ours aten
-    act" (torch_mm with its activation as ATen ops) where it defaults to the fused kernels."""
+    act" (torch_mm with its activation and row gathers as ATen ops) where it defaults to the
+    fused kernels."""
     torch.manual_seed(0)
     base, base_fwd = _ours(shape, dtype, "torch_mm", None)
     impls = {"ours torch_mm": (base, base_fwd)}
@@ -482,8 +483,8 @@ def report(results: dict, shape: Shape, threads: int, repeats: int, clock: str =
                 )
             ]
             print(
-                f"\nfused C activation kernels: fwd+bwd {native_fb / aten_fb:.3f}x the same loop "
-                f"with the activation as ATen ops (paired per repeat: median "
+                f"\nfused C kernels: fwd+bwd {native_fb / aten_fb:.3f}x the same loop "
+                f"with the activation and row gathers as ATen ops (paired per repeat: median "
                 f"{statistics.median(pair):.3f}x; {100 * aten_fb / ceiling['fp32']:.1f}% of the "
                 f"ceiling on ATen ops)"
             )

@@ -1,5 +1,5 @@
-"""The fused C activation kernels (`am_moe.experts.native`): numerics against float64
-autograd, argument checks, their use by `GroupedExperts` (`cpu_kernels`), and the build:
+"""The fused C activation kernels and row gather (`am_moe.experts.native`): numerics against
+float64 autograd and index_select, argument checks, their use by `GroupedExperts` (`cpu_kernels`), and the build:
 cache reuse, a damaged cached library, a compiler that is missing or fails, and a library
 whose numbers are wrong (the self-test must refuse it).
 

@@ -102,19 +102,10 @@ class NativeKernels:
     def gather_rows(self, src_TD: Tensor, idx_R: Tensor, out_RD: Tensor) -> Tensor:
         """out_RD = src_TD[idx_R] (`torch.index_select` on dim 0, bit-identical) with
         streaming stores; returns out_RD. An index outside src_TD's rows is an IndexError."""
-        rows, d = idx_R.shape[0], src_TD.shape[1] if src_TD.dim() == 2 else -1
-        for what, t, shape in (("src", src_TD, (src_TD.shape[0], d)), ("out", out_RD, (rows, d))):
-            if (
-                t.dtype != torch.float32
-                or t.device.type != "cpu"
-                or t.dim() != 2
-                or tuple(t.shape) != shape
-                or (d > 1 and t.stride(1) != 1)
-            ):
-                raise ValueError(
-                    f"native gather: {what} must be fp32 CPU {list(shape)} with unit column "
-                    f"stride, got {t.dtype} {t.device} {tuple(t.shape)} stride {t.stride()}"
-                )
+        rows = idx_R.shape[0]
+        src_rows, d = (src_TD.shape[0], src_TD.shape[1]) if src_TD.dim() == 2 else (-1, -1)
+        _check_matrix("native gather", "src", src_TD, src_rows, d)
+        _check_matrix("native gather", "out", out_RD, rows, d)
         if idx_R.dtype != torch.int64 or idx_R.dim() != 1 or (rows > 1 and idx_R.stride(0) != 1):
             raise ValueError(
                 f"native gather: idx must be a contiguous int64 vector, got {idx_R.dtype} "
@@ -198,19 +189,25 @@ def _check(name: str, f: int, w: Tensor | None, **blocks: Tensor) -> None:
     rows = blocks["h"].shape[0]
     for what, t in blocks.items():
         cols = 2 * f if name == "geglu" and what in ("h", "grad_h") else f
-        if (
-            t.dtype != torch.float32
-            or t.device.type != "cpu"
-            or t.dim() != 2
-            or tuple(t.shape) != (rows, cols)
-            or (cols > 1 and t.stride(1) != 1)
-        ):
-            raise ValueError(
-                f"native {name} kernel: {what} must be fp32 CPU [{rows}, {cols}] with unit "
-                f"column stride, got {t.dtype} {t.device} {tuple(t.shape)} stride {t.stride()}"
-            )
+        _check_matrix(f"native {name} kernel", what, t, rows, cols)
     if w is not None:
         _check_vector(w, rows, "w_B")
+
+
+def _check_matrix(kernel: str, what: str, t: Tensor, rows: int, cols: int) -> None:
+    """t must be an fp32 CPU [rows, cols] matrix with contiguous rows (the kernels read raw
+    pointers with a leading stride only)."""
+    if (
+        t.dtype != torch.float32
+        or t.device.type != "cpu"
+        or t.dim() != 2
+        or tuple(t.shape) != (rows, cols)
+        or (cols > 1 and t.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"{kernel}: {what} must be fp32 CPU [{rows}, {cols}] with unit column stride, "
+            f"got {t.dtype} {t.device} {tuple(t.shape)} stride {t.stride()}"
+        )
 
 
 def native_applies(choice: str, activation: str, dtype: torch.dtype, device: torch.device) -> bool:
