@@ -1,7 +1,7 @@
 """The fused C activation kernels and row gather (`am_moe.experts.native`): numerics against
-float64 autograd and index_select, argument checks, their use by `GroupedExperts` (`cpu_kernels`), and the build:
-cache reuse, a damaged cached library, a compiler that is missing or fails, and a library
-whose numbers are wrong (the self-test must refuse it).
+float64 autograd and index_select, argument checks, their use by `GroupedExperts`
+(`cpu_kernels`), and the build: cache reuse, a damaged cached library, a compiler that is
+missing or fails, and a library whose numbers are wrong (the self-test must refuse it).
 
 Tolerance: fp32 kernels against float64 autograd, 2e-6 of the largest entry (the exponential
 polynomial and the fp32 products round at ~1e-7; the backward's row sums have <= 512 terms;
